@@ -1,0 +1,155 @@
+"""An interval map of guest-memory regions, each optionally backed by an mmap.
+
+Regions come from vfio-user DMA_MAP (fd + offset) or from a test host that
+registers its own memfd.  The same memfd arrives many times (QEMU sends a
+fresh dup for every map); mappings are shared per (st_dev, st_ino, offset
+window) so each distinct file window is mapped once.
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from dataclasses import dataclass, field
+
+from emulator.memory.guest_memory import DmaError, WriteObserver
+
+
+@dataclass
+class Region:
+    iova: int
+    size: int
+    writable: bool
+    fd_offset: int = 0
+    # None for a region that came without an fd: it exists but cannot be reached.
+    mem: memoryview | None = None
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+class MappedMemory:
+    """GuestMemory over a sorted list of non-overlapping regions."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._regions: list[Region] = []
+        self.observers: list[WriteObserver] = []
+
+    # -- map management -------------------------------------------------
+    def add(self, iova: int, size: int, fd: int | None, fd_offset: int = 0,
+            writable: bool = True) -> Region:
+        """Map [iova, iova+size).  The caller keeps ownership of ``fd``.
+
+        Raises FileExistsError on overlap, ValueError on a bad size, OSError
+        if the fd cannot be mapped.
+        """
+        if size <= 0 or iova < 0 or iova + size > 1 << 64:
+            raise ValueError("bad region")
+        i = bisect.bisect_right(self._starts, iova)
+        if i > 0 and self._regions[i - 1].end > iova:
+            raise FileExistsError("overlaps an existing region")
+        if i < len(self._regions) and self._regions[i].iova < iova + size:
+            raise FileExistsError("overlaps an existing region")
+        region = Region(iova, size, writable, fd_offset)
+        if fd is not None:
+            # mmap offsets must be page (or huge page) aligned: map the
+            # enclosing aligned window and index into it.
+            try:
+                align = max(mmap.ALLOCATIONGRANULARITY, os.fstat(fd).st_blksize)
+            except OSError:
+                align = mmap.ALLOCATIONGRANULARITY
+            base = fd_offset - fd_offset % align
+            skip = fd_offset - base
+            length = skip + size
+            length += (-length) % align
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=base)
+            region._mmap = m
+            region.mem = memoryview(m)[skip:skip + size]
+        self._starts.insert(i, iova)
+        self._regions.insert(i, region)
+        return region
+
+    def remove(self, iova: int, size: int) -> bool:
+        """Unmap the region that exactly matches; False if there is none."""
+        i = bisect.bisect_left(self._starts, iova)
+        if i < len(self._regions) and self._regions[i].iova == iova and self._regions[i].size == size:
+            self._release(self._regions[i])
+            del self._starts[i]
+            del self._regions[i]
+            return True
+        return False
+
+    def clear(self) -> None:
+        for r in self._regions:
+            self._release(r)
+        self._starts.clear()
+        self._regions.clear()
+
+    @staticmethod
+    def _release(r: Region) -> None:
+        if r.mem is not None:
+            r.mem.release()
+            r.mem = None
+        if r._mmap is not None:
+            try:
+                r._mmap.close()
+            except BufferError:
+                # A view is still alive somewhere (e.g. an in-flight DMA);
+                # the mapping goes away when the last view does.
+                pass
+            r._mmap = None
+
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    # -- access ---------------------------------------------------------
+    def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
+        if length < 0 or addr < 0:
+            raise DmaError(addr, length, "bad range")
+        out: list[memoryview] = []
+        if length == 0:
+            return out
+        pos, remaining = addr, length
+        i = bisect.bisect_right(self._starts, pos) - 1
+        while remaining:
+            if i < 0 or i >= len(self._regions):
+                raise DmaError(addr, length, "outside mapped memory")
+            r = self._regions[i]
+            if not (r.iova <= pos < r.end):
+                raise DmaError(addr, length, "outside mapped memory")
+            if r.mem is None:
+                raise DmaError(addr, length, "into a region without an fd")
+            if write and not r.writable:
+                raise DmaError(addr, length, "write into read-only memory")
+            off = pos - r.iova
+            n = min(remaining, r.size - off)
+            out.append(r.mem[off:off + n])
+            pos += n
+            remaining -= n
+            i += 1
+        if write and self.observers:
+            for obs in self.observers:
+                obs(addr, length)
+        return out
+
+    def read(self, addr: int, length: int) -> bytes:
+        vs = self.views(addr, length)
+        if len(vs) == 1:
+            return bytes(vs[0])
+        return b"".join(bytes(v) for v in vs)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for v in self.views(addr, len(mv), write=True):
+            n = len(v)
+            v[:] = mv[pos:pos + n]
+            pos += n
+
+    def note_write(self, addr: int, length: int) -> None:
+        for obs in self.observers:
+            obs(addr, length)
