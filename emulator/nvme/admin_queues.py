@@ -1,0 +1,96 @@
+"""Create/Delete I/O Submission and Completion Queues (Base 2.1 §5.2.1-5.2.4),
+Abort (§5.1.1) and Keep Alive (§5.1.15)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from emulator.nvme.controller import Result, admin_command
+from emulator.nvme.spec import (
+    CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK, CC_IOSQES_SHIFT, CQES_LOG2, SQES_LOG2,
+    AdminOpcode, Command, CommandSpecific, Generic, generic, invalid_field, specific,
+)
+from emulator.nvme.state import CQState, SQState
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller
+
+
+def _qid_qsize(cmd: Command) -> tuple[int, int]:
+    return cmd.cdw10 & 0xFFFF, ((cmd.cdw10 >> 16) & 0xFFFF) + 1
+
+
+def _check_base(ctrl: "Controller", prp1: int) -> None:
+    if prp1 == 0 or prp1 & (ctrl.page_size - 1):
+        # PRP1 of a physically contiguous queue must be page aligned (§5.2.1)
+        raise generic(Generic.PRP_OFFSET_INVALID, "queue base not page aligned")
+
+
+@admin_command(AdminOpcode.CREATE_IO_CQ)
+def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
+    qid, qsize = _qid_qsize(cmd)
+    pc, ien, iv = bool(cmd.cdw11 & 0x1), bool(cmd.cdw11 & 0x2), cmd.cdw11 >> 16
+    if qid == 0 or qid > ctrl.state.granted_cqs + 1 or qid in ctrl.cqs:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"CQ {qid}")
+    if qsize < 2 or qsize > ctrl.config.mqes + 1:
+        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"CQ size {qsize}")
+    if not pc:
+        raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
+    if (ctrl.state.regs.cc >> CC_IOCQES_SHIFT) & CC_IOCQES_MASK != CQES_LOG2:
+        raise invalid_field("CC.IOCQES")
+    if iv >= ctrl.config.msix_vectors:
+        raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"IV {iv}")
+    _check_base(ctrl, cmd.prp1)
+    ctrl.cqs[qid] = CQState(qid=qid, base=cmd.prp1, size=qsize, iv=iv, ien=ien, pc=pc)
+    return 0, 0
+
+
+@admin_command(AdminOpcode.CREATE_IO_SQ)
+def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
+    qid, qsize = _qid_qsize(cmd)
+    pc, qprio, cqid = bool(cmd.cdw11 & 0x1), (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
+    if qid == 0 or qid > ctrl.state.granted_sqs + 1 or qid in ctrl.sqs:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
+    if qsize < 2 or qsize > ctrl.config.mqes + 1:
+        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"SQ size {qsize}")
+    if cqid == 0 or cqid not in ctrl.cqs:
+        raise specific(CommandSpecific.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
+    if not pc:
+        raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
+    if (ctrl.state.regs.cc >> CC_IOSQES_SHIFT) & CC_IOSQES_MASK != SQES_LOG2:
+        raise invalid_field("CC.IOSQES")
+    _check_base(ctrl, cmd.prp1)
+    ctrl.sqs[qid] = SQState(qid=qid, base=cmd.prp1, size=qsize, cqid=cqid, qprio=qprio, pc=pc)
+    return 0, 0
+
+
+@admin_command(AdminOpcode.DELETE_IO_SQ)
+def delete_io_sq(ctrl: "Controller", cmd: Command) -> Result:
+    qid = cmd.cdw10 & 0xFFFF
+    if qid == 0 or qid not in ctrl.sqs:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
+    # Commands run to completion when fetched: nothing is left to abort.
+    del ctrl.sqs[qid]
+    return 0, 0
+
+
+@admin_command(AdminOpcode.DELETE_IO_CQ)
+def delete_io_cq(ctrl: "Controller", cmd: Command) -> Result:
+    qid = cmd.cdw10 & 0xFFFF
+    if qid == 0 or qid not in ctrl.cqs:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"CQ {qid}")
+    if any(sq.cqid == qid for sq in ctrl.sqs.values()):
+        raise specific(CommandSpecific.INVALID_QUEUE_DELETION, f"CQ {qid} has SQs")
+    del ctrl.cqs[qid]
+    return 0, 0
+
+
+@admin_command(AdminOpcode.ABORT)
+def abort(ctrl: "Controller", cmd: Command) -> Result:
+    # Every fetched command has already completed, except held AERs, which
+    # this controller does not abort: DW0 bit 0 = 1 "command not aborted".
+    return 1, 0
+
+
+@admin_command(AdminOpcode.KEEP_ALIVE)
+def keep_alive(ctrl: "Controller", cmd: Command) -> Result:
+    return 0, 0

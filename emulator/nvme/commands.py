@@ -1,0 +1,2 @@
+"""Importing this module registers every command handler of the base controller."""
+from emulator.nvme import admin_queues, aer, features, identify, io_cmds, logpages  # noqa: F401

@@ -1,0 +1,457 @@
+"""The NVMe controller: registers, doorbells, queue processing, dispatch.
+
+It sees a GuestMemory, an InterruptSink and a Scheduler; nothing of PCI or
+vfio-user.  Commands run to completion when their doorbell is written (the
+single-threaded event loop makes every fetched command finish before the
+next message is read), except Asynchronous Event Requests, which are held.
+Command handlers live in small modules and register in the dispatch tables.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
+
+from emulator.memory import DmaError, GuestMemory
+from emulator.nvme import queues as q
+from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
+from emulator.nvme.prp import prp_segments
+from emulator.nvme.spec import (
+    CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK,
+    CC_IOSQES_SHIFT, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT, CSTS_RDY,
+    CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA, REG_ASQ,
+    REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS, REG_VS, SHST_COMPLETE, Command, Generic,
+    NvmeError, generic, status_field,
+)
+from emulator.nvme.state import ControllerState, CQState, SQState
+
+if TYPE_CHECKING:
+    from emulator.nvme.namespace import Namespace
+    from emulator.subsystem.subsystem import Subsystem
+
+log = logging.getLogger("nvme.ctrl")
+
+# A handler returns (DW0, DW1) on success, None to hold the command (AER),
+# or raises NvmeError.
+Result = Optional[tuple[int, int]]
+Handler = Callable[["Controller", Command], Result]
+
+_REGS = struct.Struct("<QIIIIIIIIQQ")
+
+ADMIN_HANDLERS: dict[int, Handler] = {}
+IO_HANDLERS: dict[int, Handler] = {}
+
+
+def admin_command(opcode: int) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        ADMIN_HANDLERS[opcode] = fn
+        return fn
+    return deco
+
+
+def io_command(opcode: int) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        IO_HANDLERS[opcode] = fn
+        return fn
+    return deco
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    cntlid: int
+    kind: str = "io"  # "io" (migratable) or "mmc" (Migration Management Controller)
+    nsids: tuple[int, ...] = ()
+    max_io_queues: int = 16
+    mqes: int = 1023  # CAP.MQES, 0's based
+    mdts: int = 5  # 2^mdts * 4 KiB
+    msix_vectors: int = 64
+
+    @property
+    def is_mmc(self) -> bool:
+        return self.kind == "mmc"
+
+
+@dataclass
+class _IrqState:
+    pending: int = 0  # CQEs posted since the last interrupt
+    timer: Optional[TimerHandle] = None
+
+
+@dataclass
+class Observers:
+    """Hooks for extensions (TP4159 logging, tracking)."""
+    on_write: list[Callable[["Controller", int, int, int, bool], None]] = field(default_factory=list)
+    on_reset: list[Callable[["Controller"], None]] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, subsystem: "Subsystem",
+                 irq: InterruptSink | None = None, scheduler: Scheduler | None = None) -> None:
+        self.config = config
+        self.cntlid = config.cntlid
+        self.subsystem = subsystem
+        self.irq = irq
+        self.scheduler = scheduler
+        self.memory: GuestMemory | None = None
+        self.state = ControllerState(cntlid=config.cntlid)
+        self.sqs: dict[int, SQState] = {}
+        self.cqs: dict[int, CQState] = {}
+        self._irq: dict[int, _IrqState] = {}
+        self._intx_pending = 0
+        self.observers = Observers()
+        self.started = time.monotonic()
+        self.stats = {"data_units_read": 0, "data_units_written": 0,
+                      "host_read_commands": 0, "host_write_commands": 0}
+        from emulator.nvme import commands  # noqa: F401  (registers the handlers)
+        from emulator.nvme import features
+        features.reset_features(self)
+
+    # ------------------------------------------------------------------ wiring
+    def set_memory(self, memory: GuestMemory | None) -> None:
+        self.memory = memory
+        if memory is not None:
+            self.kick()
+
+    def namespace(self, nsid: int) -> "Namespace":
+        """The attached namespace ``nsid`` or Invalid Namespace or Format."""
+        if nsid in self.config.nsids:
+            ns = self.subsystem.namespaces.get(nsid)
+            if ns is not None:
+                return ns
+        raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid} not attached")
+
+    def attached_namespaces(self) -> list["Namespace"]:
+        return [self.subsystem.namespaces[n] for n in sorted(self.config.nsids)
+                if n in self.subsystem.namespaces]
+
+    @property
+    def page_size(self) -> int:
+        return 1 << (12 + ((self.state.regs.cc >> CC_MPS_SHIFT) & CC_MPS_MASK))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.state.regs.csts & CSTS_RDY)
+
+    @property
+    def max_transfer(self) -> int:
+        return (1 << self.config.mdts) * 4096
+
+    # ------------------------------------------------------------------ registers
+    def cap(self) -> int:
+        # Base 2.1 §3.1.4.1: MQES, CQR=1, TO=15 (7.5 s), DSTRD=0, CSS bit0 (NVM),
+        # MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB)
+        return (self.config.mqes | (1 << 16) | (15 << 24) | (1 << 37)
+                | ((MPS_MAX_LOG2 - 12) << 52))
+
+    def _register_file(self) -> bytes:
+        r = self.state.regs
+        # CAP VS INTMS INTMC CC rsvd CSTS NSSR AQA ASQ ACQ (Base 2.1 Figure 35)
+        return _REGS.pack(self.cap(), NVME_VERSION, r.intms, r.intms, r.cc, 0, r.csts, 0,
+                          r.aqa, r.asq, r.acq)
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        if offset >= DOORBELL_BASE or offset + size > DOORBELL_BASE:
+            return 0  # doorbells read as zero
+        regs = self._register_file()
+        if offset >= len(regs):
+            return 0
+        chunk = regs[offset:offset + size].ljust(size, b"\0")
+        return int.from_bytes(chunk, "little")
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        if offset >= DOORBELL_BASE:
+            self._doorbell(offset - DOORBELL_BASE, value & 0xFFFFFFFF)
+            return
+        regs = bytearray(self._register_file())
+        old = bytes(regs)
+        data = value.to_bytes(size, "little")
+        regs[offset:offset + size] = data
+        regs = regs[:len(old)]
+        r = self.state.regs
+        touched = range(offset, offset + size)
+
+        def hit(start: int, width: int) -> bool:
+            return any(start <= b < start + width for b in touched)
+
+        def get(start: int, width: int) -> int:
+            return int.from_bytes(regs[start:start + width], "little")
+
+        if hit(REG_INTMS, 4):  # writing 1 sets mask bits (§3.1.4.3)
+            r.intms |= get(REG_INTMS, 4)
+        if hit(REG_INTMC, 4):  # writing 1 clears mask bits (§3.1.4.4)
+            cleared = get(REG_INTMC, 4)
+            r.intms &= ~cleared
+            self._unmasked(cleared)
+        if hit(REG_AQA, 4):
+            r.aqa = get(REG_AQA, 4) & 0x0FFF0FFF
+        if hit(REG_ASQ, 8):
+            r.asq = get(REG_ASQ, 8) & ~0xFFF
+        if hit(REG_ACQ, 8):
+            r.acq = get(REG_ACQ, 8) & ~0xFFF
+        if hit(REG_CC, 4):
+            self._write_cc(get(REG_CC, 4))
+
+    def _write_cc(self, new: int) -> None:
+        r = self.state.regs
+        old = r.cc
+        if (old & CC_EN) and not (new & CC_EN):
+            r.cc = new
+            self.controller_level_reset()
+            r.csts &= ~CSTS_RDY
+            r.csts &= ~(0x3 << CSTS_SHST_SHIFT)
+            return
+        r.cc = new
+        if not (old & CC_EN) and (new & CC_EN):
+            self._enable()
+        shn = (new >> CC_SHN_SHIFT) & CC_SHN_MASK
+        old_shn = (old >> CC_SHN_SHIFT) & CC_SHN_MASK
+        if shn and not old_shn:
+            self.shutdown()
+        elif not shn and old_shn:
+            r.csts &= ~(0x3 << CSTS_SHST_SHIFT)
+
+    def _enable(self) -> None:
+        r = self.state.regs
+        css = (r.cc >> CC_CSS_SHIFT) & CC_CSS_MASK
+        mps = (r.cc >> CC_MPS_SHIFT) & CC_MPS_MASK
+        asqs = (r.aqa & 0xFFF) + 1
+        acqs = ((r.aqa >> 16) & 0xFFF) + 1
+        if (css not in (0, 7) or mps > MPS_MAX_LOG2 - 12 or not r.asq or not r.acq
+                or asqs < 2 or acqs < 2):
+            log.warning("ctrl %d: enable refused (CC=%#x AQA=%#x ASQ=%#x ACQ=%#x)",
+                        self.cntlid, r.cc, r.aqa, r.asq, r.acq)
+            return  # CSTS.RDY stays 0: the host times out (§3.5.1)
+        self.cqs[0] = CQState(qid=0, base=r.acq, size=acqs, iv=0, ien=True)
+        self.sqs[0] = SQState(qid=0, base=r.asq, size=asqs, cqid=0)
+        r.csts = (r.csts | CSTS_RDY) & ~(0x3 << CSTS_SHST_SHIFT)
+
+    def shutdown(self) -> None:
+        """CC.SHN: flush everything; report shutdown complete (§3.6.1)."""
+        for ns in self.attached_namespaces():
+            ns.flush()
+        r = self.state.regs
+        r.csts = (r.csts & ~(0x3 << CSTS_SHST_SHIFT)) | (SHST_COMPLETE << CSTS_SHST_SHIFT)
+
+    def controller_level_reset(self) -> None:
+        """Controller Level Reset (§3.7.2): queues deleted, AERs dropped, features default."""
+        from emulator.nvme import features
+        for st in self._irq.values():
+            if st.timer:
+                st.timer.cancel()
+        self._irq.clear()
+        self.sqs.clear()
+        self.cqs.clear()
+        self.state.aer.outstanding.clear()
+        self.state.aer.pending.clear()
+        self.state.aer.masked_types.clear()
+        self.state.suspended = False
+        features.reset_features(self)
+        for hook in self.observers.on_reset:
+            hook(self)
+
+    def function_reset(self) -> None:
+        """PCI function reset: CLR plus all registers to their power-on values."""
+        self.controller_level_reset()
+        self.state.regs.__init__()  # type: ignore[misc]
+        self._intx_pending = 0
+
+    # ------------------------------------------------------------------ doorbells
+    def _doorbell(self, offset: int, value: int) -> None:
+        idx = offset >> 2  # CAP.DSTRD = 0
+        qid, is_cq = idx >> 1, bool(idx & 1)
+        if is_cq:
+            cq = self.cqs.get(qid)
+            if cq is None or value >= cq.size:
+                self._doorbell_error(0x00 if cq is None else 0x01)
+                return
+            cq.head = value
+            self.kick()  # SQs that waited for CQ space can go on
+            return
+        sq = self.sqs.get(qid)
+        if sq is None or value >= sq.size:
+            self._doorbell_error(0x00 if sq is None else 0x01)
+            return
+        sq.tail = value
+        self.process_sq(sq)
+        self.flush_interrupts()
+
+    def _doorbell_error(self, aei: int) -> None:
+        """Invalid Doorbell Register (00h) / Write Value (01h): an Error event (§5.1.2.1)."""
+        from emulator.nvme import aer
+        aer.post_event(self, aer.AET_ERROR, aei, 0)
+
+    def kick(self) -> None:
+        """Process every SQ that has work (after resume, CQ space, memory attach)."""
+        for sq in list(self.sqs.values()):
+            if sq.qid in self.sqs:
+                self.process_sq(sq)
+        from emulator.nvme import aer
+        aer.deliver(self)
+        self.flush_interrupts()
+
+    # ------------------------------------------------------------------ execution
+    def can_fetch(self) -> bool:
+        return self.ready and not self.state.suspended and self.memory is not None
+
+    def process_sq(self, sq: SQState) -> None:
+        memory = self.memory
+        while sq.head != sq.tail and self.can_fetch() and memory is not None:
+            cq = self.cqs.get(sq.cqid)
+            if cq is None:
+                return
+            if q.cq_full(cq):
+                return  # resumes when the host frees CQ slots (CQ head doorbell)
+            try:
+                raw = q.sq_fetch(sq, memory)
+            except DmaError as e:
+                log.error("ctrl %d: SQ %d fetch failed: %s", self.cntlid, sq.qid, e)
+                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
+                return
+            cmd = Command(raw, sq.qid)
+            self.execute(cmd)
+            if sq.qid not in self.sqs:
+                return  # deleted by the command itself
+
+    def execute(self, cmd: Command) -> None:
+        table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
+        handler = table.get(cmd.opc)
+        dw0 = dw1 = 0
+        try:
+            if handler is None:
+                raise generic(Generic.INVALID_OPCODE, f"opcode {cmd.opc:#x}")
+            if cmd.fuse:
+                raise generic(Generic.INVALID_FIELD, "fused operations not supported")
+            if cmd.psdt:
+                raise generic(Generic.INVALID_FIELD, "SGLs not supported (SGLS=0)")
+            result = handler(self, cmd)
+            if result is None:
+                return  # held (Asynchronous Event Request)
+            dw0, dw1 = result
+            status = 0
+        except NvmeError as e:
+            status, dw0, dw1 = e.status, e.dw0, e.dw1
+            self.record_error(cmd, status)
+        except DmaError as e:
+            log.info("ctrl %d: cid %d: %s", self.cntlid, cmd.cid, e)
+            status = status_field(0, Generic.DATA_TRANSFER_ERROR)
+            self.record_error(cmd, status)
+        except Exception:  # a bug must not take the process down
+            log.exception("ctrl %d: opcode %#x failed", self.cntlid, cmd.opc)
+            status = status_field(0, Generic.INTERNAL_ERROR)
+            self.record_error(cmd, status)
+        self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+
+    def complete(self, sqid: int, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> bool:
+        """Post a CQE for a command of ``sqid``; False if the CQ is gone or full."""
+        sq = self.sqs.get(sqid)
+        if sq is None or self.memory is None:
+            return False
+        cq = self.cqs.get(sq.cqid)
+        if cq is None or q.cq_full(cq):
+            return False
+        q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
+        self._irq.setdefault(cq.qid, _IrqState()).pending += 1
+        return True
+
+    def record_error(self, cmd: Command, status: int) -> None:
+        s = self.state
+        s.error_count += 1
+        s.error_log.insert(0, [s.error_count, cmd.sqid, cmd.cid, status, 0, cmd.nsid])
+        del s.error_log[64:]
+
+    # ------------------------------------------------------------------ data transfer
+    def data_views(self, cmd: Command, length: int, to_host: bool) -> list[memoryview]:
+        """Views of the command's PRP data buffer; to_host = controller writes memory."""
+        if self.memory is None:
+            raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
+        segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        views: list[memoryview] = []
+        for addr, n in segs:
+            views.extend(self.memory.views(addr, n, write=to_host))
+        return views
+
+    def data_to_host(self, cmd: Command, payload: bytes, length: int | None = None) -> None:
+        """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer."""
+        if length is None:
+            length = len(payload)
+        if len(payload) < length:
+            payload = payload + bytes(length - len(payload))
+        pos = 0
+        for v in self.data_views(cmd, length, to_host=True):
+            n = len(v)
+            v[:] = payload[pos:pos + n]
+            pos += n
+
+    def data_from_host(self, cmd: Command, length: int) -> bytes:
+        return b"".join(bytes(v) for v in self.data_views(cmd, length, to_host=False))
+
+    # ------------------------------------------------------------------ interrupts
+    def flush_interrupts(self) -> None:
+        """Signal the vectors of CQs that got entries, honouring coalescing (FID 08h/09h)."""
+        if not self._irq:
+            return
+        from emulator.nvme.spec import FID
+        coalesce = self.state.features.get(FID.INTERRUPT_COALESCING, 0)
+        thr, atime = (coalesce & 0xFF) + 1, (coalesce >> 8) & 0xFF
+        for cqid, st in self._irq.items():
+            if not st.pending:
+                continue
+            cq = self.cqs.get(cqid)
+            if cq is None:
+                st.pending = 0
+                continue
+            if not cq.ien:
+                st.pending = 0
+                continue
+            disabled = cqid == 0 or bool(self.state.ivc.get(cq.iv, 0) & (1 << 16))
+            if disabled or coalesce == 0 or st.pending >= thr or self.scheduler is None:
+                self._fire(cq.iv)
+                st.pending = 0
+                if st.timer:
+                    st.timer.cancel()
+                    st.timer = None
+            elif st.timer is None:
+                st.timer = self.scheduler.call_later(atime * 100e-6, self._coalesce_timeout, cqid)
+
+    def _coalesce_timeout(self, cqid: int) -> None:
+        st = self._irq.get(cqid)
+        cq = self.cqs.get(cqid)
+        if st is None:
+            return
+        st.timer = None
+        if st.pending and cq is not None:
+            st.pending = 0
+            self._fire(cq.iv)
+
+    def _fire(self, vector: int) -> None:
+        if self.irq is None or self.state.suspended:
+            return
+        if not self.irq.msix_enabled() and self.state.regs.intms & (1 << vector):
+            self._intx_pending |= 1 << vector  # masked by INTMS: hold it
+            return
+        self.irq.fire(vector)
+
+    def _unmasked(self, bits: int) -> None:
+        due = self._intx_pending & bits
+        self._intx_pending &= ~bits
+        v = 0
+        while due:
+            if due & 1:
+                self._fire(v)
+            due >>= 1
+            v += 1
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self) -> ControllerState:
+        """The serialisable state (queues copied in ascending id order)."""
+        self.state.sqs = [self.sqs[k] for k in sorted(self.sqs)]
+        self.state.cqs = [self.cqs[k] for k in sorted(self.cqs)]
+        return self.state
+
+    def restore(self, state: ControllerState) -> None:
+        self.state = state
+        self.sqs = {s.qid: s for s in state.sqs}
+        self.cqs = {c.qid: c for c in state.cqs}
+        self._irq.clear()

@@ -1,0 +1,206 @@
+"""Identify (Base 2.1 §5.1.13; NVM Command Set 1.2 §4.1.5).
+
+The data structures are built as 4096-byte buffers with their fields written
+at the offsets the specs give.  Extensions (TP4159 CNS 20h, TP4165 fields)
+register their own CNS builders or field patchers.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from emulator.nvme.controller import Result, admin_command
+from emulator.nvme.spec import (
+    BROADCAST_NSID, CNS, CSI_NVM, AdminOpcode, Command, Generic, NVME_VERSION, SQES_LOG2,
+    CQES_LOG2, generic, invalid_field,
+)
+from emulator.nvme.features import WCTEMP
+from emulator.nvme.aer import AERL
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller
+    from emulator.nvme.namespace import Namespace
+
+IDENTIFY_SIZE = 4096
+FIRMWARE_REVISION = "0.1"
+IEEE_OUI = b"\x00\x00\x00"
+
+# OACS bits (Identify Controller bytes 257:256)
+OACS_SECURITY, OACS_FORMAT, OACS_FW, OACS_NS_MGMT = 0x1, 0x2, 0x4, 0x8
+OACS_SELF_TEST, OACS_DIRECTIVES, OACS_NVME_MI, OACS_VIRT = 0x10, 0x20, 0x40, 0x80
+OACS_DBBUF, OACS_GLSS, OACS_CMD_FEAT_LOCKDOWN, OACS_HMLMS = 0x100, 0x200, 0x400, 0x800
+
+# ONCS bits (bytes 521:520): DSM, Write Zeroes, Save/Select, Timestamp
+ONCS = 0x4 | 0x8 | 0x10 | 0x40
+
+CnsBuilder = Callable[["Controller", Command], bytes]
+CtrlPatcher = Callable[["Controller", bytearray], None]
+NsPatcher = Callable[["Controller", "Namespace", bytearray], None]
+
+CNS_BUILDERS: dict[int, CnsBuilder] = {}
+CTRL_PATCHERS: list[CtrlPatcher] = []  # tweak Identify Controller (e.g. TP4159 fields)
+NVM_CTRL_PATCHERS: list[CtrlPatcher] = []  # tweak CNS 06h
+NVM_NS_PATCHERS: list[NsPatcher] = []  # tweak CNS 05h
+
+
+def cns(value: int) -> Callable[[CnsBuilder], CnsBuilder]:
+    def deco(fn: CnsBuilder) -> CnsBuilder:
+        CNS_BUILDERS[value] = fn
+        return fn
+    return deco
+
+
+def _ascii(text: str, size: int) -> bytes:
+    return text.encode("ascii", "replace")[:size].ljust(size, b" ")
+
+
+def _put(buf: bytearray, off: int, fmt: str, *values: int) -> None:
+    struct.pack_into("<" + fmt, buf, off, *values)
+
+
+@admin_command(AdminOpcode.IDENTIFY)
+def identify(ctrl: "Controller", cmd: Command) -> Result:
+    cns_value = cmd.cdw10 & 0xFF
+    builder = CNS_BUILDERS.get(cns_value)
+    if builder is None:
+        raise invalid_field(f"CNS {cns_value:#x} not supported")
+    data = builder(ctrl, cmd)
+    ctrl.data_to_host(cmd, data, IDENTIFY_SIZE)
+    return 0, 0
+
+
+def _check_csi(cmd: Command) -> None:
+    if (cmd.cdw11 >> 24) & 0xFF != CSI_NVM:
+        raise invalid_field("CSI not supported")
+
+
+@cns(CNS.CONTROLLER)
+def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
+    sub = ctrl.subsystem
+    cfg = ctrl.config
+    b = bytearray(IDENTIFY_SIZE)
+    _put(b, 0, "HH", sub.vendor_id, sub.vendor_id)  # VID, SSVID
+    b[4:24] = _ascii(sub.serial, 20)
+    b[24:64] = _ascii(sub.model, 40)
+    b[64:72] = _ascii(sub.firmware or FIRMWARE_REVISION, 8)
+    b[72] = 6  # RAB
+    b[73:76] = IEEE_OUI
+    b[76] = 0x2  # CMIC: the NVM subsystem may contain two or more controllers
+    b[77] = cfg.mdts
+    _put(b, 78, "H", cfg.cntlid)
+    _put(b, 80, "I", NVME_VERSION)
+    _put(b, 92, "I", 0x100)  # OAES: Namespace Attribute Notices
+    b[111] = 1  # CNTRLTYPE: I/O controller
+    _put(b, 256, "H", 0)  # OACS (extensions OR in their bits)
+    b[258] = 3  # ACL: 4 concurrent Abort commands (0's based)
+    b[259] = AERL
+    b[260] = 0x3  # FRMW: slot 1 read only, 1 slot
+    b[261] = 0x2 | 0x4 | 0x20  # LPA: CSE log, extended data, Supported Log Pages
+    b[262] = 63  # ELPE: 64 Error Information entries
+    b[263] = 0  # NPSS: one power state
+    _put(b, 266, "HH", WCTEMP, WCTEMP + 30)  # WCTEMP, CCTEMP
+    _put(b, 272, "I", 0)  # HMPRE = 0 (Base 2.1 §8.1.12: no HMB in a subsystem with an MMC)
+    total = sum(ns.config.size for ns in ctrl.attached_namespaces())
+    b[280:296] = total.to_bytes(16, "little")  # TNVMCAP
+    b[512] = (SQES_LOG2 << 4) | SQES_LOG2  # SQES
+    b[513] = (CQES_LOG2 << 4) | CQES_LOG2  # CQES
+    _put(b, 514, "H", 0)  # MAXCMD (fabrics only)
+    _put(b, 516, "I", sub.max_nsid())  # NN
+    _put(b, 520, "H", ONCS)
+    b[525] = 0x7  # VWC present; Flush with NSID FFFFFFFFh supported
+    _put(b, 540, "I", 0)  # MNAN
+    b[768:1024] = sub.nqn.encode()[:255].ljust(256, b"\0")  # SUBNQN
+    # Power State 0 descriptor (§5.1.13.2.1 Fig. 313): MP 25 W (centiwatts), ENLAT/EXLAT
+    _put(b, 2048, "HxBII", 2500, 0, 10, 10)
+    for patch in CTRL_PATCHERS:
+        patch(ctrl, b)
+    return bytes(b)
+
+
+def _namespace_for_identify(ctrl: "Controller", nsid: int) -> "Namespace | None":
+    """None for a valid but inactive NSID; Invalid Namespace for an invalid one."""
+    if nsid == 0 or (nsid > ctrl.subsystem.max_nsid() and nsid != BROADCAST_NSID):
+        raise generic(Generic.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+    if nsid in ctrl.config.nsids:
+        return ctrl.subsystem.namespaces.get(nsid)
+    return None
+
+
+@cns(CNS.NAMESPACE)
+def identify_namespace(ctrl: "Controller", cmd: Command) -> bytes:
+    b = bytearray(IDENTIFY_SIZE)
+    if cmd.nsid == BROADCAST_NSID:
+        # Capabilities common to all namespaces: only the format list.
+        nss = ctrl.attached_namespaces()
+        if nss:
+            _put(b, 128, "I", nss[0].lba_shift << 16)
+        return bytes(b)
+    ns = _namespace_for_identify(ctrl, cmd.nsid)
+    if ns is None:
+        return bytes(b)
+    nuse = ns.nuse()
+    _put(b, 0, "QQQ", ns.nsze, ns.nsze, nuse)  # NSZE, NCAP, NUSE
+    b[24] = 0x1  # NSFEAT: THINP (NUSE reflects allocation)
+    b[25] = 0  # NLBAF: one format
+    b[26] = 0  # FLBAS: format 0, no metadata
+    b[30] = 0x1 if ctrl.subsystem.shared(ns.nsid) else 0  # NMIC: may be attached to 2+ ctrls
+    b[33] = 0x1 | 0x8  # DLFEAT: deallocated blocks read as zeroes; Write Zeroes DEAC supported
+    _put(b, 46, "H", 0)  # NOIOB
+    b[48:64] = ns.config.size.to_bytes(16, "little")  # NVMCAP
+    b[104:120] = ns.nguid
+    b[120:128] = ns.eui64
+    _put(b, 128, "I", ns.lba_shift << 16)  # LBAF0: LBADS, MS=0, RP=0 (best)
+    return bytes(b)
+
+
+@cns(CNS.ACTIVE_NSID_LIST)
+def active_nsid_list(ctrl: "Controller", cmd: Command) -> bytes:
+    if cmd.nsid in (0xFFFFFFFE, BROADCAST_NSID):
+        raise generic(Generic.INVALID_NAMESPACE, "NSID for CNS 02h")
+    ids = [n for n in sorted(ctrl.config.nsids) if n > cmd.nsid][:1024]
+    return struct.pack(f"<{len(ids)}I", *ids)
+
+
+@cns(CNS.NS_ID_DESCRIPTORS)
+def ns_id_descriptors(ctrl: "Controller", cmd: Command) -> bytes:
+    ns = _namespace_for_identify(ctrl, cmd.nsid)
+    if ns is None or cmd.nsid == BROADCAST_NSID:
+        raise generic(Generic.INVALID_NAMESPACE, "inactive namespace")
+    out = bytearray()
+    for nidt, nid in ((0x1, ns.eui64), (0x2, ns.nguid), (0x3, bytes(ns.uuid)),
+                      (0x4, bytes([CSI_NVM]))):
+        out += bytes([nidt, len(nid), 0, 0]) + nid  # Fig. 315 descriptor
+    return bytes(out)
+
+
+@cns(CNS.CSI_NAMESPACE)
+def identify_nvm_namespace(ctrl: "Controller", cmd: Command) -> bytes:
+    """I/O Command Set specific Identify Namespace, NVM (NVM CS 1.2 Figure 118)."""
+    _check_csi(cmd)
+    ns = _namespace_for_identify(ctrl, cmd.nsid)
+    b = bytearray(IDENTIFY_SIZE)
+    if ns is None or cmd.nsid == BROADCAST_NSID:
+        return bytes(b)
+    for patch in NVM_NS_PATCHERS:
+        patch(ctrl, ns, b)
+    return bytes(b)
+
+
+@cns(CNS.CSI_CONTROLLER)
+def identify_nvm_controller(ctrl: "Controller", cmd: Command) -> bytes:
+    """I/O Command Set specific Identify Controller, NVM (NVM CS 1.2 Figure 120)."""
+    _check_csi(cmd)
+    b = bytearray(IDENTIFY_SIZE)
+    b[0] = 0  # VSL: no Verify size limit
+    b[1] = ctrl.config.mdts  # WZSL: Write Zeroes size limit
+    b[3] = 0  # DMRL: no limit on ranges beyond 256
+    _put(b, 20, "I", (1 << 16) | (2 << 8))  # VER: NVM Command Set 1.2
+    for patch in NVM_CTRL_PATCHERS:
+        patch(ctrl, b)
+    return bytes(b)
+
+
+@cns(CNS.CSI_ACTIVE_NSID_LIST)
+def csi_active_nsid_list(ctrl: "Controller", cmd: Command) -> bytes:
+    _check_csi(cmd)
+    return active_nsid_list(ctrl, cmd)

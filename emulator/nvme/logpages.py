@@ -1,0 +1,112 @@
+"""Get Log Page (Base 2.1 §5.1.12)."""
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Callable
+
+from emulator.nvme import aer
+from emulator.nvme.controller import ADMIN_HANDLERS, IO_HANDLERS, Result, admin_command
+from emulator.nvme.identify import FIRMWARE_REVISION
+from emulator.nvme.spec import (
+    LID, AdminOpcode, Command, CommandSpecific, IoOpcode, invalid_field, specific,
+)
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller
+
+LogBuilder = Callable[["Controller", Command], bytes]
+LOG_PAGES: dict[int, LogBuilder] = {}
+# Which asynchronous event type a log page read (RAE=0) re-arms.
+LOG_EVENT_TYPE = {LID.ERROR_INFORMATION: aer.AET_ERROR, LID.SMART_HEALTH: aer.AET_SMART}
+
+
+def log_page(lid: int) -> Callable[[LogBuilder], LogBuilder]:
+    def deco(fn: LogBuilder) -> LogBuilder:
+        LOG_PAGES[lid] = fn
+        return fn
+    return deco
+
+
+@admin_command(AdminOpcode.GET_LOG_PAGE)
+def get_log_page(ctrl: "Controller", cmd: Command) -> Result:
+    lid = cmd.cdw10 & 0xFF
+    rae = bool(cmd.cdw10 & (1 << 15))
+    numd = ((cmd.cdw10 >> 16) | ((cmd.cdw11 & 0xFFFF) << 16)) + 1  # 0's based
+    offset = cmd.cdw12 | (cmd.cdw13 << 32)
+    builder = LOG_PAGES.get(lid)
+    if builder is None:
+        raise specific(CommandSpecific.INVALID_LOG_PAGE, f"LID {lid:#x}")
+    if offset & 0x3:
+        raise invalid_field("log page offset not dword aligned")
+    data = builder(ctrl, cmd)
+    if offset > len(data):
+        raise invalid_field("log page offset beyond the log")
+    length = numd * 4
+    ctrl.data_to_host(cmd, data[offset:offset + length], length)
+    if not rae and lid in LOG_EVENT_TYPE:
+        aer.clear_type(ctrl, LOG_EVENT_TYPE[lid])
+    return 0, 0
+
+
+@log_page(LID.SUPPORTED_LOG_PAGES)
+def supported_log_pages(ctrl: "Controller", cmd: Command) -> bytes:
+    entries = [0] * 256
+    for lid in LOG_PAGES:
+        entries[lid] = 0x1  # LSUPP
+    return struct.pack("<256I", *entries)
+
+
+@log_page(LID.ERROR_INFORMATION)
+def error_information(ctrl: "Controller", cmd: Command) -> bytes:
+    out = bytearray(64 * 64)
+    for i, (count, sqid, cid, status, lba, nsid) in enumerate(ctrl.state.error_log[:64]):
+        # Fig. 206: Error Count, SQID, CID, Status (with phase bit 0), PEL, LBA, NSID
+        struct.pack_into("<QHHHHQI", out, i * 64, count, sqid, cid, status << 1, 0xFFFF, lba, nsid)
+    return bytes(out)
+
+
+@log_page(LID.SMART_HEALTH)
+def smart_health(ctrl: "Controller", cmd: Command) -> bytes:
+    b = bytearray(512)
+    st = ctrl.stats
+    b[0] = 0  # Critical Warning
+    struct.pack_into("<H", b, 1, 0x13E)  # Composite Temperature: 318 K
+    b[3], b[4], b[5] = 100, 10, 0  # Available Spare, threshold, Percentage Used
+    units = lambda n: (n + 999) // 1000  # noqa: E731 - thousands of 512-byte units, rounded up
+    hours = int((time.monotonic() - ctrl.started) // 3600)
+    for off, value in ((32, units(st["data_units_read"])), (48, units(st["data_units_written"])),
+                       (64, st["host_read_commands"]), (80, st["host_write_commands"]),
+                       (128, hours), (176, ctrl.state.error_count)):
+        b[off:off + 16] = value.to_bytes(16, "little")
+    return bytes(b)
+
+
+@log_page(LID.FIRMWARE_SLOT)
+def firmware_slot(ctrl: "Controller", cmd: Command) -> bytes:
+    b = bytearray(512)
+    b[0] = 0x1  # AFI: slot 1 active
+    rev = ctrl.subsystem.firmware or FIRMWARE_REVISION
+    b[8:16] = rev.encode()[:8].ljust(8, b" ")
+    return bytes(b)
+
+
+@log_page(LID.CHANGED_NAMESPACES)
+def changed_namespaces(ctrl: "Controller", cmd: Command) -> bytes:
+    return bytes(4096)
+
+
+# Commands Supported and Effects (Fig. 211): CSUPP bit 0, LBCC bit 1, NCC bit 2
+CSUPP, LBCC, NCC, NIC, CCC = 0x1, 0x2, 0x4, 0x8, 0x10
+IO_EFFECTS = {IoOpcode.WRITE: LBCC, IoOpcode.WRITE_ZEROES: LBCC, IoOpcode.DATASET_MANAGEMENT: LBCC}
+
+
+@log_page(LID.COMMANDS_SUPPORTED_EFFECTS)
+def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
+    acs = [0] * 256
+    iocs = [0] * 256
+    for opc in ADMIN_HANDLERS:
+        acs[opc] = CSUPP
+    for opc in IO_HANDLERS:
+        iocs[opc] = CSUPP | IO_EFFECTS.get(opc, 0)
+    return struct.pack("<256I256I", *acs, *iocs) + bytes(2048)

@@ -1,0 +1,37 @@
+"""An NVM subsystem: namespaces shared by several controllers (Base 2.1 §1.5.x)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller
+    from emulator.nvme.namespace import Namespace
+
+DEFAULT_VENDOR_ID = 0x1DE5  # see emulator/pci for the choice of IDs
+
+
+@dataclass
+class Subsystem:
+    nqn: str = "nqn.2026-11.io.nvme-emu:subsys0"
+    serial: str = "NVMEEMU0001"
+    model: str = "nvme-emu"
+    firmware: str = "0.1"
+    vendor_id: int = DEFAULT_VENDOR_ID
+    namespaces: dict[int, "Namespace"] = field(default_factory=dict)
+    controllers: dict[int, "Controller"] = field(default_factory=dict)
+
+    def max_nsid(self) -> int:
+        """NN in Identify Controller: the largest NSID the subsystem may use."""
+        return max(self.namespaces, default=1)
+
+    def shared(self, nsid: int) -> bool:
+        """True when more than one controller may attach the namespace (NMIC)."""
+        return sum(1 for c in self.controllers.values() if nsid in c.config.nsids) > 1
+
+    def controller(self, cntlid: int) -> "Controller | None":
+        return self.controllers.get(cntlid)
+
+    def close(self) -> None:
+        for ns in self.namespaces.values():
+            ns.close()
