@@ -48,7 +48,7 @@ class EmulatorProcess:
     def __init__(self, config: Path | str | None, log_path: Path | str, *, name: str = "emulator",
                  args: Sequence[str] = (), expect: int | None = None,
                  command: Sequence[str] | None = None, cwd: Path | str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, settle: float = 0.0) -> None:
         self.config = Path(config) if config is not None else None
         self.log_path = Path(log_path)
         self.name = name
@@ -59,6 +59,7 @@ class EmulatorProcess:
             expect = count_controllers(self.config)
         self.expect = expect or 1
         self.extra_env = dict(env or {})
+        self.settle = settle   # after `expect` lines, keep collecting lines this long
         self.sockets: list[Path] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -73,7 +74,7 @@ class EmulatorProcess:
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.update(self.extra_env)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "wb")
         log.write(f"# {' '.join(self.argv)}  (cwd {self.cwd})\n".encode())
         log.flush()
         self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -88,7 +89,17 @@ class EmulatorProcess:
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.5))
-        if len(self.sockets) < self.expect:
+        if self.settle > 0 and len(self.sockets) >= self.expect:
+            end = time.monotonic() + self.settle
+            with self._cond:
+                while not self._eof and (left := end - time.monotonic()) > 0:
+                    self._cond.wait(left)
+        if len(self.sockets) < self.expect or self._eof:
+            if self._eof:
+                try:
+                    self._proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
             why = (f"exited with status {self._proc.poll()}" if self._eof
                    else f"printed {len(self.sockets)} of {self.expect} 'listening on' lines in {timeout:.0f} s")
             self.kill()

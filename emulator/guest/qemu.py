@@ -103,6 +103,14 @@ class QemuNvme:
     serial: str = "QEMUNVME0001"
     id: str | None = None
     props: dict[str, Any] = field(default_factory=dict)   # e.g. {"logical_block_size": 4096}
+    size: int | None = None      # create a sparse image of this size if it does not exist
+
+    def ensure_image(self) -> None:
+        img = Path(self.image)
+        if self.size is not None and not img.exists():
+            img.parent.mkdir(parents=True, exist_ok=True)
+            with open(img, "wb") as f:
+                f.truncate(self.size)
 
 
 @dataclass
@@ -281,6 +289,8 @@ class Guest:
 
     # -- lifecycle
     def start(self) -> "Guest":
+        for nv in self.spec.qemu_nvme:
+            nv.ensure_image()
         init = self.spec.init if self.spec.raw_init else wrap_init(self.spec.init)
         build_initramfs(self.env, init, self.initrd, self.spec.extra_files)
         (self.workdir / "qemu.cmd").write_text(format_command(self.command, self.env.qemu_env) + "\n")
