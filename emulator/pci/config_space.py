@@ -20,7 +20,7 @@ class ConfigSpace:
 
     # -- raw access (ignores masks: for building and for device state) -----
     def get(self, offset: int, width: int) -> int:
-        return BY_WIDTH[width].unpack_from(self.data, offset)[0]
+        return int(BY_WIDTH[width].unpack_from(self.data, offset)[0])
 
     def set(self, offset: int, width: int, value: int) -> None:
         BY_WIDTH[width].pack_into(self.data, offset, value)

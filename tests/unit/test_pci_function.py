@@ -503,3 +503,41 @@ def test_large_msix_table_grows_bar0() -> None:
             NvmePciFunction(msix_vectors=bad)
     with pytest.raises(ValueError):
         NvmePciFunction(vendor_id=0xFFFF)
+
+
+# -- with the real NVMe controller behind BAR0 -----------------------------------------------------
+def test_nvme_controller_behind_bar0(fn: NvmePciFunction, irqs: FakeIrqLines) -> None:
+    from emulator.nvme.controller import Controller, ControllerConfig
+    from emulator.subsystem.subsystem import Subsystem
+
+    ctrl = Controller(ControllerConfig(cntlid=1), Subsystem(), irq=fn)
+    fn.bind(ctrl)
+    ram = os.memfd_create("guest-ram")
+    try:
+        os.ftruncate(ram, 1 << 20)
+        mem = MappedMemory()
+        mem.add(0, 1 << 20, ram)
+        vector0 = irqs.assign(PCI_MSIX_IRQ_INDEX, 0)
+        fn.attach(mem, irqs)
+        cfg_write(fn, r.PCI_COMMAND, 2, r.PCI_COMMAND_MEMORY | r.PCI_COMMAND_MASTER)
+        enable_msix(fn)
+
+        def mmio_write(offset: int, size: int, value: int) -> None:
+            fn.region_write(BAR0, offset, value.to_bytes(size, "little"))
+
+        mmio_write(0x24, 4, 3 << 16 | 3)  # AQA: 4-entry admin queues
+        mmio_write(0x28, 8, 0x10000)  # ASQ, one qword as QEMU forwards it
+        mmio_write(0x30, 8, 0x20000)  # ACQ
+        mmio_write(0x14, 4, 0x00460001)  # CC.EN, IOSQES 6, IOCQES 4
+        assert int.from_bytes(fn.region_read(BAR0, 0x1C, 4), "little") & 1  # CSTS.RDY
+        identify = struct.pack("<BBHI16xQQI20x", 0x06, 0, 7, 0, 0x30000, 0, 1)  # CNS 1
+        mem.write(0x10000, identify)
+        mmio_write(0x1000, 4, 1)  # SQ0 tail doorbell
+        dw0, dw1, sqhd, sqid, cid, status = struct.unpack("<IIHHHH", mem.read(0x20000, 16))
+        assert (sqhd, sqid, cid, status >> 1) == (1, 0, 7, 0)
+        assert signals(vector0) == 1
+        fn.reset()
+        assert not int.from_bytes(fn.region_read(BAR0, 0x1C, 4), "little") & 1  # CLR: not ready
+    finally:
+        fn.detach()
+        os.close(ram)
