@@ -327,8 +327,9 @@ class NvmePciFunction:
             raise ValueError("MSI-X table size differs from this function's")
         for off, width in ((r.PCI_VENDOR_ID, 4), (r.PCI_REVISION_ID, 4), (r.PCI_SUBSYSTEM_VENDOR_ID, 4),
                            (_MSIX_CTRL, 2)):
-            mask = ~int.from_bytes(self.config.wmask[off:off + width], "little") & ((1 << 8 * width) - 1)
-            if int.from_bytes(state.config[off:off + width], "little") & mask != self._defaults.get(off, width) & mask:
+            read_only = ~int.from_bytes(self.config.wmask[off:off + width], "little")
+            saved = int.from_bytes(state.config[off:off + width], "little")
+            if (saved ^ self._defaults.get(off, width)) & read_only:
                 raise ValueError(f"saved function differs from this one at config 0x{off:x}")
         with self._lock:
             self.config.data[:] = state.config
