@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
     from emulator.nvme.namespace import Namespace
 
-DEFAULT_VENDOR_ID = 0x1DE5  # see emulator/pci for the choice of IDs
+DEFAULT_VENDOR_ID = 0x4E56  # emulator/pci/ids.py explains the choice
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""Wiring: a SubsystemConfig becomes namespaces, controllers, PCI functions
+and vfio-user servers on one asyncio event loop.
+
+Everything runs on that loop's thread: socket messages, doorbells, command
+execution and timers.  ``RuntimeThread`` runs a whole subsystem in a
+background thread (tests and tools); ``serve`` runs it in the foreground.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from emulator.nvme.controller import Controller, ControllerConfig
+from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.pci.function import NvmePciFunction
+from emulator.pci.ids import NVME_EMU_VENDOR_ID
+from emulator.subsystem.config import SubsystemConfig
+from emulator.subsystem.subsystem import Subsystem
+from emulator.vfio_user.server import VfioUserServer
+
+log = logging.getLogger("nvme-emu")
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, config: SubsystemConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        info = config.subsystem
+        self.subsystem = Subsystem(nqn=info.nqn, serial=info.serial, model=info.model,
+                                   firmware=info.firmware, vendor_id=NVME_EMU_VENDOR_ID)
+        self.functions: dict[int, NvmePciFunction] = {}
+        self.servers: dict[int, VfioUserServer] = {}
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        for nsc in config.namespaces:
+            self.subsystem.namespaces[nsc.nsid] = Namespace(
+                NamespaceConfig(nsc.nsid, Path(nsc.file), nsc.size, nsc.lba_size, nsc.tlbaag),
+                info.nqn)
+        for cc in config.controllers:
+            fn = NvmePciFunction(msix_vectors=cc.msix_vectors)
+            ctrl = Controller(
+                ControllerConfig(cc.cntlid, kind=cc.type, nsids=tuple(cc.namespaces),
+                                 max_io_queues=cc.max_io_queues, mqes=cc.mqes, mdts=cc.mdts,
+                                 msix_vectors=cc.msix_vectors),
+                self.subsystem, irq=fn, scheduler=loop)
+            fn.bind(ctrl)
+            self.subsystem.controllers[cc.cntlid] = ctrl
+            self.functions[cc.cntlid] = fn
+            Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
+            self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
+                                                     logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"))
+
+    def start(self) -> list[str]:
+        """Listen on every controller socket; returns the socket paths."""
+        paths = []
+        for cntlid, server in self.servers.items():
+            server.start()
+            paths.append(str(server.path))
+        return paths
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            try:
+                server.close()
+            except Exception:
+                log.exception("closing server")
+        for ctrl in self.subsystem.controllers.values():
+            for ns in ctrl.attached_namespaces():
+                ns.flush()
+        self.subsystem.close()
+
+
+class RuntimeThread:
+    """A Runtime on its own event loop in a background thread."""
+
+    def __init__(self, config: SubsystemConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._ready: Future[Runtime] = Future()
+        self._thread = threading.Thread(target=self._main, name="nvme-emu", daemon=True)
+        self.runtime: Runtime | None = None
+        self.sockets: list[str] = []
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            rt = Runtime(self.config, self.loop)
+            self.sockets = rt.start()
+            self.runtime = rt
+            self._ready.set_result(rt)
+        except BaseException as e:
+            self._ready.set_exception(e)
+            return
+        self.loop.run_forever()
+        try:
+            rt.close()
+        finally:
+            self.loop.close()
+
+    def start(self, timeout: float = 10.0) -> "RuntimeThread":
+        self._thread.start()
+        self._ready.result(timeout)
+        return self
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
+        """Run ``fn`` on the loop thread and return its result."""
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+
+    def socket(self, cntlid: int) -> str:
+        for cc in self.config.controllers:
+            if cc.cntlid == cntlid:
+                return str(cc.socket)
+        raise KeyError(cntlid)

@@ -1,0 +1,52 @@
+"""`nvme-emu serve [CONFIG.yaml]`: run an NVM subsystem in the foreground.
+
+Prints ``listening on <socket path>`` once per controller when every socket
+listens; SIGINT or SIGTERM flushes the namespaces and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from emulator.subsystem.config import ConfigError, default_config, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="subsystem YAML (default: embedded default)")
+    p.add_argument("--state-dir", type=Path,
+                   help="state directory for the embedded default (namespaces, sockets)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.config) if args.config else default_config(args.state_dir)
+    except ConfigError as e:
+        print(f"nvme-emu: config error: {e}", file=sys.stderr)
+        return 2
+    from emulator.subsystem.runtime import Runtime
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        runtime = Runtime(config, loop)
+    except (OSError, ValueError) as e:
+        print(f"nvme-emu: cannot start: {e}", file=sys.stderr)
+        return 1
+    for path in runtime.start():
+        print(f"listening on {path}", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, loop.stop)
+    try:
+        loop.run_forever()
+    finally:
+        runtime.close()
+        loop.close()
+    logging.getLogger("nvme-emu").info("stopped; namespaces flushed")
+    return 0
