@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         command = shlex.split(args.emulator_cmd) if args.emulator_cmd else None
         emu = EmulatorProcess(None, workdir / "emulator.log", name="emulator", command=command,
-                              cwd=workdir, settle=1.0)
+                              args=["--state-dir", str(workdir / "state")], cwd=workdir, settle=1.0)
         _say(f"starting the emulator: {' '.join(emu.argv)}  (log {emu.log_path})")
         try:
             sockets = emu.start(timeout=60)

@@ -1,6 +1,6 @@
 """A stand-in for `python -m emulator serve [CONFIG]` that keeps the process contract only.
 
-It listens on every controller socket of the config (or ./ctrl1.sock without one),
+It listens on every controller socket of the config (or <--state-dir or .>/ctrl1.sock without one),
 prints `listening on <path>` per controller, and exits 0 on SIGTERM.  It never answers
 vfio-user messages.  FAKE_EMU_EXIT=N exits with status N before listening;
 FAKE_EMU_SILENT=1 listens but prints nothing.
@@ -18,7 +18,14 @@ import yaml
 
 
 def main(argv: list[str]) -> int:
-    args = [a for a in argv if a != "serve"]
+    args: list[str] = []
+    state_dir = Path(".")
+    it = iter(a for a in argv if a != "serve")
+    for a in it:
+        if a == "--state-dir":
+            state_dir = Path(next(it))
+        elif not a.startswith("--"):
+            args.append(a)
     print("fake emulator starting", file=sys.stderr, flush=True)
     if os.environ.get("FAKE_EMU_EXIT"):
         print("fake emulator: failing as asked", file=sys.stderr, flush=True)
@@ -29,7 +36,7 @@ def main(argv: list[str]) -> int:
         state = cfg_path.parent / cfg.get("state_dir", ".")
         paths = [state / c["socket"] for c in cfg.get("controllers") or []]
     else:
-        paths = [Path("ctrl1.sock")]
+        paths = [state_dir / "ctrl1.sock"]
     socks = []
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
