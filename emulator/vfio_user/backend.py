@@ -11,31 +11,14 @@ from typing import Callable, Protocol
 
 from emulator.memory import MappedMemory
 
-# linux/vfio.h values used on the wire (vfio-user-protocol.md §8)
-DEVICE_FLAGS_RESET = 0x1
-DEVICE_FLAGS_PCI = 0x2
-
-REGION_FLAG_READ = 0x1
-REGION_FLAG_WRITE = 0x2
-REGION_FLAG_MMAP = 0x4
-REGION_FLAG_CAPS = 0x8
-
-IRQ_INFO_EVENTFD = 0x1
-IRQ_INFO_MASKABLE = 0x2
-IRQ_INFO_AUTOMASKED = 0x4
-IRQ_INFO_NORESIZE = 0x8
-
-PCI_BAR0_REGION_INDEX = 0
-PCI_ROM_REGION_INDEX = 6
-PCI_CONFIG_REGION_INDEX = 7
-PCI_NUM_REGIONS = 9
-
-PCI_INTX_IRQ_INDEX = 0
-PCI_MSI_IRQ_INDEX = 1
-PCI_MSIX_IRQ_INDEX = 2
-PCI_ERR_IRQ_INDEX = 3
-PCI_REQ_IRQ_INDEX = 4
-PCI_NUM_IRQS = 5
+# linux/vfio.h values used on the wire (vfio-user-protocol.md §8), declared in
+# protocol.py and re-exported here for device backends.
+from emulator.vfio_user.protocol import (  # noqa: F401  (re-exports)
+    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE, PCI_BAR0_REGION_INDEX, PCI_CONFIG_REGION_INDEX, PCI_ERR_IRQ_INDEX,
+    PCI_INTX_IRQ_INDEX, PCI_MSI_IRQ_INDEX, PCI_MSIX_IRQ_INDEX, PCI_NUM_IRQS, PCI_NUM_REGIONS,
+    PCI_REQ_IRQ_INDEX, PCI_ROM_REGION_INDEX, REGION_FLAG_CAPS, REGION_FLAG_MMAP, REGION_FLAG_READ,
+    REGION_FLAG_WRITE)
 
 
 @dataclass

@@ -1,0 +1,273 @@
+"""Sans-IO vfio-user connection: bytes and fds in, typed messages out, and back.
+
+Modelled on h11: the :class:`Connection` never touches a socket.  The
+transport feeds it what ``recvmsg`` returned (:meth:`receive_data`, an empty
+``data`` meaning end of stream) and asks :meth:`next_read_size` how much to
+read next -- never more than what remains of the current message, because
+Linux hands out SCM_RIGHTS fds with the first byte of the sender's
+``sendmsg``: reading exactly the 16 header bytes, then exactly the body,
+keeps every fd with its message.  (If data of several messages does arrive in
+one chunk, the chunk's fds go to the message holding its last byte, which is
+where the kernel stops a read that picked up fds.)
+
+:meth:`next_event` returns a request or reply message, an
+:class:`InvalidMessage` (the message was skipped, the stream is still in
+sync; answer it with an error reply if ``needs_reply``), ``NEED_DATA``, or
+``CLOSED``.  A header that cannot be trusted (msg_size < 16 or above the
+limit, unknown type bits) raises :class:`FatalProtocolError`, now and on every
+later call: drop the peer.  fds of anything that is not handed out inside a
+message are closed here.
+
+:meth:`send` turns a message into ``(bytes, fds)``, assigning request ids
+and enforcing the reply rules: only requests that asked for a reply get one,
+exactly once, and only a GET_REGION_INFO reply may carry an fd (one).
+"""
+from __future__ import annotations
+
+import errno
+import enum
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+from emulator.vfio_user import protocol as p
+from emulator.vfio_user.messages import REPLY_TYPES, REQUEST_TYPES, SERVER_REQUESTS, ErrorReply, Message
+from emulator.vfio_user.protocol import FatalProtocolError, LocalProtocolError, MessageError
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+CLOSED = _Sentinel("CLOSED")
+
+
+@dataclass(slots=True)
+class InvalidMessage:
+    """A message that was received whole but could not be accepted."""
+
+    msg_id: int
+    command: int
+    errno: int
+    reason: str
+    is_reply: bool = False
+    no_reply: bool = False
+
+    @property
+    def needs_reply(self) -> bool:
+        return not (self.is_reply or self.no_reply)
+
+
+Event = Message | InvalidMessage | _Sentinel
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Connection:
+    """One end of a vfio-user stream, as ``role``."""
+
+    def __init__(self, role: Role, *, max_fds: int = p.MAX_MSG_FDS, max_msg_size: int = p.MAX_MSG_SIZE) -> None:
+        self.role = role
+        self.max_fds = max_fds
+        self.max_msg_size = max_msg_size
+        self._accepts = {cmd: cls for cmd, cls in REQUEST_TYPES.items()
+                         if (cmd in SERVER_REQUESTS) == (role is Role.CLIENT)}
+        self._sends = frozenset(REQUEST_TYPES.keys() - self._accepts.keys())
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0]
+        self._size = 0  # msg_size of the message at _buf[0] once its header is in, else 0
+        # (stream offset of the last byte of the chunk they came with, fds, control data truncated)
+        self._fds: deque[tuple[int, list[int], bool]] = deque()
+        self._eof = False
+        self._error: FatalProtocolError | None = None
+        self._next_id = 0
+        self.awaiting_reply: dict[int, int] = {}  # our requests: msg_id -> command
+        self._owed: dict[int, int] = {}  # the peer's requests that want a reply: msg_id -> how many
+
+    # -- receiving ----------------------------------------------------------------
+    def receive_data(self, data: bytes, fds: Iterable[int] = (), fds_truncated: bool = False) -> None:
+        """Feed what one recvmsg returned; ``data == b""`` is the end of the stream."""
+        fds = list(fds)
+        if self._error is not None or self._eof:
+            close_fds(fds)
+            return
+        if not data:
+            self._eof = True
+            close_fds(fds)
+            return
+        if fds or fds_truncated:
+            self._fds.append((self._base + len(self._buf) + len(data) - 1, fds, fds_truncated))
+        self._buf += data
+        if not self._size:
+            self._parse_header()
+
+    def next_read_size(self) -> int:
+        """Bytes to ask recvmsg for: what remains of the current header or body (0: none now)."""
+        if self._error is not None or self._eof:
+            return 0
+        if not self._size:
+            return p.HEADER_SIZE - len(self._buf)
+        return max(0, self._size - len(self._buf))
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Nothing of a message is buffered (a connection may be handed over now)."""
+        return not self._buf and not self._fds and self._error is None
+
+    def _parse_header(self) -> None:
+        if len(self._buf) < p.HEADER_SIZE:
+            return
+        msg_id, command, size, flags, _ = p.HEADER.unpack_from(self._buf)
+        kind = flags & p.FLAGS_TYPE_MASK
+        if size < p.HEADER_SIZE or size > self.max_msg_size or kind not in (p.TYPE_COMMAND, p.TYPE_REPLY):
+            self._fail(f"bad header (msg_id {msg_id}, command {command}, msg_size {size}, flags 0x{flags:x})")
+        else:
+            self._size = size
+
+    def _fail(self, reason: str) -> None:
+        self._error = FatalProtocolError(reason)
+        self._discard()
+
+    def _discard(self) -> None:
+        self._buf.clear()
+        self._size = 0
+        while self._fds:
+            close_fds(self._fds.popleft()[1])
+
+    def next_event(self) -> Event:
+        if self._error is not None:
+            raise self._error
+        size, buf = self._size, self._buf
+        if not size or len(buf) < size:
+            if self._eof:
+                self._discard()  # a partial message and its fds
+                return CLOSED
+            return NEED_DATA
+        msg_id, command, _, flags, err = p.HEADER.unpack_from(buf)
+        if len(buf) == size:
+            raw = bytes(buf)
+            buf.clear()
+        else:
+            raw = bytes(buf[:size])
+            del buf[:size]
+        self._base += size
+        fds: list[int] = []
+        truncated = False
+        while self._fds and self._fds[0][0] < self._base:
+            _, more, cut = self._fds.popleft()
+            fds += more
+            truncated |= cut
+        self._size = 0
+        self._parse_header()
+        payload = memoryview(raw)[p.HEADER_SIZE:]
+        if flags & p.FLAGS_TYPE_MASK == p.TYPE_REPLY:
+            return self._reply(msg_id, flags, err, payload, fds, truncated)
+        return self._request(msg_id, command, flags, payload, fds, truncated)
+
+    def _request(self, msg_id: int, command: int, flags: int, payload: memoryview,
+                 fds: list[int], truncated: bool) -> Event:
+        no_reply = bool(flags & p.FLAG_NO_REPLY)
+        if not no_reply:
+            self._owed[msg_id] = self._owed.get(msg_id, 0) + 1
+        cls = self._accepts.get(command)
+        if cls is None and command in p.KNOWN_COMMANDS:
+            err = MessageError(f"{p.command_name(command)} is not a request a {self.role.value} accepts",
+                               errno.ENOTSUP if command not in REQUEST_TYPES else errno.EINVAL)
+        elif cls is None:
+            err = MessageError(f"unknown command {command}")
+        elif flags & ~(p.FLAGS_TYPE_MASK | p.FLAG_NO_REPLY):
+            err = MessageError(f"request flags 0x{flags:x}")
+        else:
+            return self._decode(cls, msg_id, command, payload, fds, truncated, no_reply=no_reply)
+        return self._invalid(msg_id, command, fds, err, no_reply=no_reply)
+
+    def _reply(self, msg_id: int, flags: int, err: int, payload: memoryview,
+               fds: list[int], truncated: bool) -> Event:
+        command = self.awaiting_reply.pop(msg_id, None)
+        if command is None:
+            return self._invalid(msg_id, 0, fds, MessageError(f"reply {msg_id} answers no request"), is_reply=True)
+        if flags & p.FLAG_ERROR:
+            close_fds(fds)
+            return ErrorReply(command, err, msg_id=msg_id)
+        return self._decode(REPLY_TYPES[command], msg_id, command, payload, fds, truncated, is_reply=True)
+
+    def _decode(self, cls: type[Message], msg_id: int, command: int, payload: memoryview, fds: list[int],
+                truncated: bool, is_reply: bool = False, no_reply: bool = False) -> Event:
+        try:
+            self._check_fds(cls, fds, truncated)
+            msg = cls.decode(payload, fds)
+        except MessageError as e:
+            return self._invalid(msg_id, command, fds, e, is_reply, no_reply)
+        msg.msg_id = msg_id
+        msg.no_reply = no_reply
+        return msg
+
+    @staticmethod
+    def _invalid(msg_id: int, command: int, fds: list[int], err: MessageError,
+                 is_reply: bool = False, no_reply: bool = False) -> InvalidMessage:
+        close_fds(fds)
+        return InvalidMessage(msg_id, command, err.errno, err.reason, is_reply, no_reply)
+
+    def _check_fds(self, cls: type[Message], fds: list[int], truncated: bool) -> None:
+        if truncated:
+            raise MessageError("control data truncated: more fds than the receiver accepts")
+        if len(fds) > min(cls.MAX_FDS, self.max_fds):
+            raise MessageError(f"{cls.__name__} with {len(fds)} fds")
+
+    # -- sending -----------------------------------------------------------------------
+    def send(self, msg: Message) -> tuple[bytes, list[int]]:
+        """Encode ``msg``; a request without an id (-1) gets the next one."""
+        fds = msg.attached_fds()
+        command = msg.COMMAND
+        errno_ = 0
+        if msg.IS_REPLY:
+            owed = self._owed.get(msg.msg_id, 0)
+            if not owed:
+                raise LocalProtocolError(f"no request {msg.msg_id} is waiting for a reply")
+            flags = p.TYPE_REPLY
+            if type(msg) is ErrorReply:
+                command, errno_, flags = msg.command, msg.errno, p.TYPE_REPLY | p.FLAG_ERROR
+            if fds and (command != p.Command.DEVICE_GET_REGION_INFO or len(fds) > 1):
+                raise LocalProtocolError(f"a {p.command_name(command)} reply cannot carry {len(fds)} fds")
+            if owed == 1:
+                del self._owed[msg.msg_id]
+            else:
+                self._owed[msg.msg_id] = owed - 1
+        else:
+            if command not in self._sends:
+                raise LocalProtocolError(f"a {self.role.value} does not send {p.command_name(command)} requests")
+            if len(fds) > msg.MAX_FDS:
+                raise LocalProtocolError(f"{type(msg).__name__} with {len(fds)} fds")
+            if msg.msg_id < 0:
+                msg.msg_id = self._next_id
+                self._next_id = (self._next_id + 1) & 0xFFFF
+            flags = p.FLAG_NO_REPLY if msg.no_reply else p.TYPE_COMMAND
+            if not msg.no_reply:
+                self.awaiting_reply[msg.msg_id] = command
+        parts = msg.parts()
+        size = p.HEADER_SIZE + sum(len(part) for part in parts)
+        if size > self.max_msg_size:
+            raise LocalProtocolError(f"{type(msg).__name__} of {size} bytes is over the message size limit")
+        return b"".join((p.HEADER.pack(msg.msg_id, command, size, flags, errno_), *parts)), fds
+
+    def close(self) -> None:
+        """Drop buffered data and close the fds that came with it."""
+        self._eof = True
+        self._discard()

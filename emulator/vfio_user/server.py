@@ -1,0 +1,298 @@
+"""The vfio-user server: a UNIX socket on an asyncio loop, one client at a time.
+
+The socket layer reads exactly what the codec asks for (header, then body)
+with one non-blocking ``recvmsg`` each, so fds stay with their message; it
+drains everything available per wakeup (up to a budget, so that device
+timers on the same loop still run), hands each message to the
+:class:`~emulator.vfio_user.session.Session` strictly in arrival order and
+sends the replies.  Output that does not fit the socket is queued and reading
+pauses until it drains.  Any fatal protocol error, socket error or internal
+error drops that client only; the server then accepts the next one.  Device
+state lives in the backend and survives clients.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from collections import deque
+
+from emulator.vfio_user import protocol as p
+from emulator.vfio_user.backend import DeviceBackend
+from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessage, Role
+from emulator.vfio_user.messages import Message
+from emulator.vfio_user.session import HandoverState, Session
+from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
+
+
+class _Client:
+    __slots__ = ("sock", "fd", "conn", "session", "out")
+
+    def __init__(self, sock: socket.socket, conn: Connection, session: Session) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self.session = session
+        self.out: deque[tuple[memoryview, list[int]]] = deque()  # unsent output, fds with its first byte
+
+
+class VfioUserServer:
+    """Serves one :class:`DeviceBackend` on the UNIX socket ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str], backend: DeviceBackend, loop: asyncio.AbstractEventLoop,
+                 log: logging.Logger | None = None, *, max_msg_fds: int = p.MAX_MSG_FDS,
+                 max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE, budget: int = 256) -> None:
+        self.path = os.fspath(path)
+        self.backend = backend
+        self.loop = loop
+        self.log = log or logging.getLogger(__name__)
+        self.max_msg_fds = max_msg_fds
+        self.max_data_xfer_size = max_data_xfer_size
+        self._budget = budget  # socket reads per wakeup
+        self._ancsize = ancillary_size(max_msg_fds)
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._client: _Client | None = None
+        self._closed = False
+
+    # -- listening -------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind (mode 0600, replacing a stale socket file) and start accepting."""
+        if self._listener is not None:
+            raise RuntimeError("server already started")
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o177)  # never world-accessible, not even between bind and chmod
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            sock.listen(4)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self._closed = False
+        self._accept(True)
+        self.log.info("vfio-user server listening on %s", self.path)
+
+    def _remove_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", self.path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except ConnectionRefusedError:
+                os.unlink(self.path)
+                self.log.info("removed stale socket %s", self.path)
+                return
+            except FileNotFoundError:
+                return
+            except TimeoutError:
+                pass
+        raise OSError(errno.EADDRINUSE, "another server is listening", self.path)
+
+    def _accept(self, on: bool) -> None:
+        if self._listener is None:
+            return
+        if on:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
+        else:
+            self.loop.remove_reader(self._listener.fileno())
+
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # e.g. EMFILE: back off instead of spinning on a readable listener
+            self.log.error("accept failed: %s", e)
+            self._accept(False)
+            self.loop.call_later(0.1, self._accept, True)
+            return
+        if self._client is not None:
+            sock.close()
+            return
+        self._accept(False)
+        self._serve(sock, None)
+
+    def _serve(self, sock: socket.socket, state: HandoverState | None) -> None:
+        sock.setblocking(False)
+        session = None
+        try:
+            session = Session(self.backend, self.log, watch=self.loop.add_reader, unwatch=self.loop.remove_reader,
+                              max_msg_fds=self.max_msg_fds, max_data_xfer_size=self.max_data_xfer_size)
+            session.attach()
+            if state is not None:
+                session.restore(state)
+        except Exception:
+            self.log.exception("cannot attach the device to a new client")
+            if session is not None:
+                session.close()
+            sock.close()
+            self._accept(not self._closed)
+            if state is not None:
+                state.close()
+                raise
+            return
+        client = _Client(sock, Connection(Role.SERVER, max_fds=self.max_msg_fds), session)
+        self._client = client
+        self.loop.add_reader(client.fd, self._on_readable)
+        self.log.info("vfio-user client connected")
+
+    # -- the receive path ------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        c = self._client
+        if c is None:
+            return
+        conn = c.conn
+        try:
+            for _ in range(self._budget):
+                try:
+                    data, fds, truncated = recv_chunk(c.sock, conn.next_read_size(), self._ancsize)
+                except (BlockingIOError, InterruptedError):
+                    return
+                conn.receive_data(data, fds, truncated)
+                while True:
+                    ev = conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        self._drop(c, None)
+                        return
+                    if type(ev) is InvalidMessage:
+                        reply = c.session.invalid(ev)
+                    else:
+                        reply = c.session.handle(ev)  # type: ignore[arg-type]
+                    if reply is not None:
+                        self._send(c, reply)
+                if c.out:
+                    return  # paused until the output drains
+        except Exception as e:  # fatal protocol error, socket error, or a bug: drop this client only
+            self._drop(c, e)
+
+    # -- the send path ---------------------------------------------------------------------
+    def _send(self, c: _Client, msg: Message) -> None:
+        data, fds = c.conn.send(msg)
+        if c.out:
+            c.out.append((memoryview(data), fds))
+            return
+        try:
+            sent = send_chunk(c.sock, data, fds)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            c.out.append((memoryview(data)[sent:], [] if sent else fds))
+            self.loop.remove_reader(c.fd)
+            self.loop.add_writer(c.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        c = self._client
+        if c is None:
+            return
+        try:
+            while c.out:
+                data, fds = c.out[0]
+                try:
+                    sent = send_chunk(c.sock, data, fds)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if sent < len(data):
+                    c.out[0] = (data[sent:], [])
+                    return
+                c.out.popleft()
+        except OSError as e:
+            self._drop(c, e)
+            return
+        self.loop.remove_writer(c.fd)
+        self.loop.add_reader(c.fd, self._on_readable)
+
+    # -- disconnect, close, hand-over ------------------------------------------------------
+    def _release(self, c: _Client) -> None:
+        """Forget client ``c`` (socket left open) and accept the next one."""
+        self._client = None
+        self.loop.remove_reader(c.fd)
+        self.loop.remove_writer(c.fd)
+        c.conn.close()
+        c.session.close()
+        self._accept(not self._closed)
+
+    def _drop(self, c: _Client, exc: BaseException | None) -> None:
+        if self._client is not c:
+            return
+        if exc is None:
+            self.log.info("vfio-user client disconnected")
+        elif isinstance(exc, (p.ProtocolError, OSError)):
+            self.log.warning("dropping vfio-user client: %s", exc)
+        else:
+            self.log.error("dropping vfio-user client after an internal error", exc_info=exc)
+        self._release(c)
+        c.sock.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def session(self) -> Session | None:
+        return self._client.session if self._client is not None else None
+
+    def disconnect(self) -> None:
+        """Drop the current client (if any) as if it had gone away."""
+        if self._client is not None:
+            self._drop(self._client, None)
+
+    def close(self) -> None:
+        """Drop the client, stop listening, remove the socket file (if still ours)."""
+        self._closed = True
+        self.disconnect()
+        if self._listener is not None:
+            self._accept(False)
+            self._listener.close()
+            self._listener = None
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def detach_connection(self) -> tuple[socket.socket, HandoverState]:
+        """Stop serving the live client at a message boundary and hand back its socket and state.
+
+        The session is torn down here as on a disconnect (backend detached,
+        device state kept); the returned state holds duplicates of the DMA and
+        interrupt fds.  Raises RuntimeError when no client is connected or a
+        message is half read / a reply half sent (call again later).
+        """
+        c = self._client
+        if c is None:
+            raise RuntimeError("no client connected")
+        if not c.conn.at_message_boundary or c.out:
+            raise RuntimeError("not at a message boundary")
+        state = c.session.export()
+        self._release(c)
+        self.log.info("vfio-user client detached for hand-over")
+        return c.sock, state
+
+    def adopt_connection(self, sock: socket.socket, state: HandoverState) -> None:
+        """Serve a live, negotiated connection detached elsewhere (consumes ``state``'s fds)."""
+        if self._client is not None:
+            state.close()
+            raise RuntimeError("a client is already connected")
+        self._accept(False)
+        self._serve(sock, state)

@@ -1,0 +1,41 @@
+"""The only socket calls of the package: one recvmsg with fds, one sendmsg with fds."""
+from __future__ import annotations
+
+import array
+import socket
+from typing import Sequence
+
+_FD_SIZE = array.array("i").itemsize
+
+
+def ancillary_size(max_fds: int) -> int:
+    """Room for ``max_fds`` SCM_RIGHTS fds in one recvmsg."""
+    return socket.CMSG_SPACE(max_fds * _FD_SIZE)
+
+
+def recv_chunk(sock: socket.socket, size: int, ancsize: int) -> tuple[bytes, list[int], bool]:
+    """One recvmsg of at most ``size`` bytes: (data, fds, control data truncated).
+
+    fds arrive close-on-exec.  ``data == b""`` is the end of the stream.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(size, ancsize, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += array.array("i", payload[:len(payload) - len(payload) % _FD_SIZE])
+    return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+def send_chunk(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int] = ()) -> int:
+    """One sendmsg; the fds travel with the first byte.  Returns the bytes sent."""
+    if fds:
+        return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                            socket.MSG_NOSIGNAL)
+    return sock.send(data, socket.MSG_NOSIGNAL)
+
+
+def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Blocking send of a whole message, fds with its first byte."""
+    sent = send_chunk(sock, data, fds)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:], socket.MSG_NOSIGNAL)
