@@ -42,6 +42,17 @@ _REGS = struct.Struct("<QIIIIIIIIQQ")
 
 ADMIN_HANDLERS: dict[int, Handler] = {}
 IO_HANDLERS: dict[int, Handler] = {}
+# Admin opcodes that exist on some controllers only (TP4159: MMC-only commands):
+# execute() answers Invalid Opcode elsewhere and the Commands Supported and
+# Effects log leaves them out.
+ADMIN_AVAILABLE: dict[int, Callable[["Controller"], bool]] = {}
+# Called with every new Controller (extensions install their observers).
+CONTROLLER_HOOKS: list[Callable[["Controller"], None]] = []
+
+
+def admin_available(ctrl: "Controller", opcode: int) -> bool:
+    pred = ADMIN_AVAILABLE.get(opcode)
+    return pred is None or pred(ctrl)
 
 
 def admin_command(opcode: int) -> Callable[[Handler], Handler]:
@@ -84,6 +95,7 @@ class Observers:
     """Hooks for extensions (TP4159 logging, tracking)."""
     on_write: list[Callable[["Controller", int, int, int, bool], None]] = field(default_factory=list)
     on_reset: list[Callable[["Controller"], None]] = field(default_factory=list)
+    on_memory: list[Callable[["Controller"], None]] = field(default_factory=list)  # set_memory
 
 
 class Controller:
@@ -107,10 +119,14 @@ class Controller:
         from emulator.nvme import commands  # noqa: F401  (registers the handlers)
         from emulator.nvme import features
         features.reset_features(self)
+        for init_hook in CONTROLLER_HOOKS:
+            init_hook(self)
 
     # ------------------------------------------------------------------ wiring
     def set_memory(self, memory: GuestMemory | None) -> None:
         self.memory = memory
+        for hook in self.observers.on_memory:
+            hook(self)
         if memory is not None:
             self.kick()
 
@@ -233,6 +249,7 @@ class Controller:
             ns.flush()
         r = self.state.regs
         r.csts = (r.csts & ~(0x3 << CSTS_SHST_SHIFT)) | (SHST_COMPLETE << CSTS_SHST_SHIFT)
+        log.info("ctrl %d: shutdown complete (CC.SHN), namespaces flushed", self.cntlid)
 
     def controller_level_reset(self) -> None:
         """Controller Level Reset (§3.7.2): queues deleted, AERs dropped, features default."""
@@ -319,7 +336,7 @@ class Controller:
         handler = table.get(cmd.opc)
         dw0 = dw1 = 0
         try:
-            if handler is None:
+            if handler is None or (cmd.sqid == 0 and not admin_available(self, cmd.opc)):
                 raise generic(Generic.INVALID_OPCODE, f"opcode {cmd.opc:#x}")
             if cmd.fuse:
                 raise generic(Generic.INVALID_FIELD, "fused operations not supported")
@@ -414,6 +431,13 @@ class Controller:
                     st.timer = None
             elif st.timer is None:
                 st.timer = self.scheduler.call_later(atime * 100e-6, self._coalesce_timeout, cqid)
+
+    def rearm_interrupts(self) -> None:
+        """Signal every CQ holding entries the host has not consumed (TP4159 Resume)."""
+        for cq in self.cqs.values():
+            if cq.tail != cq.head:
+                self._irq.setdefault(cq.qid, _IrqState()).pending += 1
+        self.flush_interrupts()
 
     def _coalesce_timeout(self, cqid: int) -> None:
         st = self._irq.get(cqid)

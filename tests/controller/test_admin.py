@@ -52,7 +52,9 @@ def test_identify_namespaces(emu):
 
 
 def test_queue_creation_and_deletion(emu):
-    h = emu(TWO).host(cntlid=7, io_queues=1)
+    h = emu(TWO).host(cntlid=7, io_queues=2)
+    assert h.write(1, 0, bytes(512), qid=2).ok
+    h.delete_io_queue_pair(2)
     h.create_io_queue_pair(2, 16)
     assert h.write(1, 0, bytes(512), qid=2).ok
     h.delete_io_queue_pair(2)
