@@ -1,38 +1,109 @@
 """LBA allocation tracking at TLBAAG granularity (NVM CS 1.2, TP4165).
 
-One bit per Tracked LBA Allocation Granularity granule, packed in a numpy
-uint8 array (bit g lives in byte g >> 3, bit g & 7).  The array is a memory
-map of a sidecar file beside the backing file, so it survives restarts; at
-open it is also OR-ed with the backing file's data extents (SEEK_DATA /
-SEEK_HOLE), so writes that reached the file but not the sidecar are never
-forgotten.
+One bit per Tracked LBA Allocation Granularity granule (bit g lives in byte
+g >> 3, bit g & 7; equivalently in little-endian 64-bit word g >> 6, bit
+g & 63).  The array is a shared memory map of a sidecar file
+``<backing>.alloc``, so every update is in the kernel's page cache the moment
+it is made: a process killed without a flush loses nothing.  Flush (and
+close) msync the sidecar, like the data file, so a crash of the whole
+machine loses at most what the host had not flushed: the Volatile Write
+Cache rule (Base 2.1 §5.27.1.4) covers the bitmap exactly as it covers data.
 
-Rules (NVM CS 1.2 §5.2.2.1, ATYPE 02h):
-- a granule's bit is set by any command that writes one of its LBAs;
-- it is cleared only when a deallocation covers the whole granule.
+At open the sidecar is reconciled with the backing file's data extents
+(SEEK_DATA / SEEK_HOLE):
+
+* no valid sidecar (first open, or TLBAAG/size changed): every granule that
+  holds file data is marked allocated;
+* a valid sidecar: a granule whose bit is clear but which holds *nonzero*
+  bytes in the file was written after the sidecar last reached the disk
+  (machine crash), so its bit is set.  Clear granules inside data extents
+  that read as zeroes stay clear: they are deallocations narrower than a
+  file-system block, or hole punches the file system refused (and
+  ``cbind.fileops`` wrote zeroes instead); reads return zeroes either way.
+
+Rules (NVM CS 1.2 §4.2.1, ATYPE 02h, and §5.2.2 Get LBA Status capability):
+
+* a granule's bit is set by any command that writes one of its LBAs (Write,
+  Write Zeroes without DEAC, ...);
+* it is cleared only when a deallocation covers the whole granule (the last,
+  short granule counts as covered when the deallocation reaches NSZE).
+
+Scans are word-wise: find the nonzero 64-bit words with numpy, then expand
+only the run *edges* inside them, so a scan costs one pass over the bitmap
+plus work proportional to the number of runs (not of allocated granules).
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+log = logging.getLogger("nvme.alloc")
+
+# Sidecar: a 24-byte header, then the bitmap padded to whole 64-bit words
+# (24 is a multiple of 8, so the words stay aligned inside the mapping).
 _HEADER = struct.Struct("<8sQII")  # magic, nsze, tlbaag, lba_size
-_MAGIC = b"NVMEALC1"
-_FIRST_BITS = np.array([0xFF, 0xFE, 0xFC, 0xF8, 0xF0, 0xE0, 0xC0, 0x80], dtype=np.uint8)
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
+_MAGIC = b"NVMEALC2"
+_WORD = np.dtype("<u8")
+_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_SCAN_FIRST_WORDS = 1 << 10  # first scan chunk: 64 Ki granules
+_SCAN_MAX_WORDS = 1 << 19  # chunks double up to 32 Mi granules (4 MiB of bitmap)
+_READ_CHUNK = 1 << 20  # bytes read at a time when checking granules at open
+_EXTENT_SLACK = 1 << 20  # SEEK_DATA may over-report by this much and still be trusted
+_EMPTY_RUNS = np.zeros((0, 2), dtype=np.int64)
+
+
+def bitmap_words(granules: int) -> int:
+    """64-bit words needed for ``granules`` bits."""
+    return (granules + 63) >> 6
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, end) byte ranges of ``fd`` below ``size`` that SEEK_DATA calls data."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            yield start, end
+        pos = max(end, start + 1)
+
+
+def _bit_positions(word_index: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Granule numbers of the set bits of ``masks`` (word k is word ``word_index[k]``), ascending."""
+    nz = np.flatnonzero(masks)
+    if nz.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    sel = np.ascontiguousarray(masks[nz], dtype=_WORD)
+    bits = np.unpackbits(sel.view(np.uint8), bitorder="little").reshape(-1, 64)
+    rows, cols = np.nonzero(bits)
+    return word_index[nz][rows].astype(np.int64) * 64 + cols
 
 
 class AllocationMap:
     def __init__(self, nsze: int, tlbaag: int, bits: np.ndarray,
                  sidecar: Path | None = None) -> None:
+        if tlbaag < 1:
+            raise ValueError(f"TLBAAG must be >= 1, not {tlbaag}")
         self.nsze = nsze
         self.tlbaag = tlbaag
         self.granules = (nsze + tlbaag - 1) // tlbaag
-        self.bits = bits
+        if bits.nbytes != bitmap_words(self.granules) * 8:
+            raise ValueError("bitmap size does not match the namespace")
+        self.bits = bits  # uint8, packed little-endian bit order
+        self.words = bits.view(_WORD)  # the same memory as 64-bit words
         self.sidecar = sidecar
         self.dirty = False
 
@@ -40,49 +111,112 @@ class AllocationMap:
     @classmethod
     def in_memory(cls, nsze: int, tlbaag: int) -> "AllocationMap":
         granules = (nsze + tlbaag - 1) // tlbaag
-        return cls(nsze, tlbaag, np.zeros((granules + 7) // 8, dtype=np.uint8))
+        return cls(nsze, tlbaag, np.zeros(bitmap_words(granules) * 8, dtype=np.uint8))
 
     @classmethod
     def open(cls, data_path: Path, nsze: int, tlbaag: int, data_fd: int,
              lba_size: int) -> "AllocationMap":
+        """The map of the namespace stored in ``data_path`` (open as ``data_fd``)."""
         sidecar = Path(str(data_path) + ".alloc")
         granules = (nsze + tlbaag - 1) // tlbaag
-        nbytes = (granules + 7) // 8
+        nbytes = bitmap_words(granules) * 8
         header = _HEADER.pack(_MAGIC, nsze, tlbaag, lba_size)
-        fresh = True
+        valid = False
         if sidecar.exists() and sidecar.stat().st_size == _HEADER.size + nbytes:
             with open(sidecar, "rb") as f:
-                fresh = f.read(_HEADER.size) != header
-        if fresh:
-            with open(sidecar, "wb") as f:
+                valid = f.read(_HEADER.size) == header
+        if not valid:
+            with open(sidecar, "wb") as f:  # sparse: an empty bitmap costs no disk space
                 f.write(header)
                 f.truncate(_HEADER.size + nbytes)
-        bits = np.memmap(sidecar, dtype=np.uint8, mode="r+", offset=_HEADER.size,
-                         shape=(nbytes,)) if nbytes else np.zeros(0, dtype=np.uint8)
+        if nbytes:
+            bits: np.ndarray = np.memmap(sidecar, dtype=np.uint8, mode="r+",
+                                         offset=_HEADER.size, shape=(nbytes,))
+        else:
+            bits = np.zeros(0, dtype=np.uint8)
         amap = cls(nsze, tlbaag, bits, sidecar)
-        amap._merge_data_extents(data_fd, lba_size)
+        amap.reconcile(data_fd, lba_size, sidecar_valid=valid)
         amap.save()
         return amap
 
-    def _merge_data_extents(self, fd: int, lba_size: int) -> None:
+    def reconcile(self, fd: int, lba_size: int, sidecar_valid: bool) -> None:
+        """Bring the bits up to date with the data in the backing file (see the module text)."""
         size = self.nsze * lba_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            if end > start:
-                slba = start // lba_size
-                elba = (end + lba_size - 1) // lba_size
+        extents = list(data_extents(fd, size))
+        if not extents:
+            return
+        reported = sum(e - s for s, e in extents)
+        stored = os.fstat(fd).st_blocks * 512
+        # A file system without SEEK_DATA support reports the whole file as data.
+        trusted = reported <= stored + _EXTENT_SLACK
+        if not trusted:
+            log.warning("%s: SEEK_DATA reports %d bytes of data but %d are stored; %s",
+                        self.sidecar, reported, stored,
+                        "keeping the sidecar bitmap" if sidecar_valid
+                        else "marking every reported extent allocated")
+        for start, end in extents:
+            slba = start // lba_size
+            elba = -(-end // lba_size)
+            if not sidecar_valid:
                 self.mark_allocated(slba, elba - slba)
-            pos = end
+            elif trusted:
+                self._recover_written(fd, lba_size, start, end)
+
+    def _recover_written(self, fd: int, lba_size: int, start: int, end: int) -> None:
+        """Set the clear granules of data extent [start, end) that hold nonzero bytes."""
+        gbytes = self.tlbaag * lba_size
+        g0, g1 = start // gbytes, -(-end // gbytes)
+        for clear in self._clear_granule_batches(g0, g1):
+            # Group consecutive clear granules, each group at most _READ_CHUNK bytes.
+            breaks = np.flatnonzero(np.diff(clear) != 1) + 1
+            for group in np.split(clear, breaks):
+                per = max(1, _READ_CHUNK // gbytes)
+                for i in range(0, len(group), per):
+                    a, b = int(group[i]), int(group[min(i + per, len(group)) - 1]) + 1
+                    self._set_if_nonzero(fd, gbytes, a, b, start, end)
+
+    def _clear_granule_batches(self, g0: int, g1: int) -> Iterator[np.ndarray]:
+        """Granule numbers in [g0, g1) whose bit is clear, in ascending batches."""
+        g1 = min(g1, self.granules)
+        if g1 <= g0:
+            return
+        w_first, w_last = g0 >> 6, (g1 - 1) >> 6
+        for wa in range(w_first, w_last + 1, _SCAN_MAX_WORDS):
+            wb = min(w_last + 1, wa + _SCAN_MAX_WORDS)
+            inv = ~self.words[wa:wb]
+            if wa == w_first:
+                inv[0] &= _ONES << np.uint64(g0 & 63)
+            if wb - 1 == w_last:
+                inv[-1] &= _ONES >> np.uint64(63 - ((g1 - 1) & 63))
+            pos = _bit_positions(np.arange(wa, wb, dtype=np.int64), inv)
+            if pos.size:
+                yield pos
+
+    def _set_if_nonzero(self, fd: int, gbytes: int, a: int, b: int, lo: int, hi: int) -> None:
+        """Set granules a..b-1 that hold a nonzero byte within file bytes [lo, hi)."""
+        for g in range(a, b) if gbytes > _READ_CHUNK else (None,):
+            ga, gb = (a, b) if g is None else (g, g + 1)
+            base = ga * gbytes
+            rlo, rhi = max(lo, base), min(hi, gb * gbytes)
+            flags = np.zeros(gb - ga, dtype=bool)
+            pos = rlo
+            while pos < rhi:
+                data = os.pread(fd, min(_READ_CHUNK, rhi - pos), pos)
+                if not data:
+                    break
+                raw = np.frombuffer(data, dtype=np.uint8)
+                nz = np.flatnonzero(raw)
+                if nz.size:
+                    flags[np.unique((pos + nz - base) // gbytes)] = True
+                    if g is not None:
+                        break  # one nonzero byte is enough for a single granule
+                pos += len(data)
+            for k in np.flatnonzero(flags):
+                self._set_range(ga + int(k), ga + int(k) + 1, True)
 
     # -- updates -----------------------------------------------------------
     def mark_allocated(self, slba: int, nlb: int) -> None:
+        """A write touched [slba, slba+nlb): every granule it touches is allocated."""
         if nlb <= 0:
             return
         g0 = slba // self.tlbaag
@@ -90,6 +224,7 @@ class AllocationMap:
         self._set_range(g0, g1 + 1, True)
 
     def mark_deallocated(self, slba: int, nlb: int) -> None:
+        """[slba, slba+nlb) was deallocated: clear the granules it covers entirely."""
         if nlb <= 0:
             return
         end = slba + nlb
@@ -100,54 +235,117 @@ class AllocationMap:
 
     def _set_range(self, g0: int, g1: int, value: bool) -> None:
         """Set or clear bits [g0, g1)."""
+        g1 = min(g1, self.granules)
         if g1 <= g0:
             return
         self.dirty = True
-        b0, b1 = g0 >> 3, (g1 - 1) >> 3
-        first = _FIRST_BITS[g0 & 7]
-        last = np.uint8(0xFF >> (7 - ((g1 - 1) & 7)))
-        bits = self.bits
-        if b0 == b1:
+        w0, w1 = g0 >> 6, (g1 - 1) >> 6
+        first = _ONES << np.uint64(g0 & 63)
+        last = _ONES >> np.uint64(63 - ((g1 - 1) & 63))
+        words = self.words
+        if w0 == w1:
             mask = first & last
-            bits[b0] = (bits[b0] | mask) if value else (bits[b0] & ~mask)
+            words[w0] = (words[w0] | mask) if value else (words[w0] & ~mask)
             return
         if value:
-            bits[b0] |= first
-            bits[b1] |= last
-            bits[b0 + 1:b1] = 0xFF
+            words[w0] |= first
+            words[w1] |= last
+            words[w0 + 1:w1] = _ONES
         else:
-            bits[b0] &= ~first
-            bits[b1] &= ~last
-            bits[b0 + 1:b1] = 0
+            words[w0] &= ~first
+            words[w1] &= ~last
+            words[w0 + 1:w1] = 0
 
     # -- queries -----------------------------------------------------------
     def is_allocated(self, granule: int) -> bool:
-        return bool((self.bits[granule >> 3] >> (granule & 7)) & 1)
+        return bool((int(self.words[granule >> 6]) >> (granule & 63)) & 1)
 
     def allocated_granules(self) -> int:
-        return int(_POPCOUNT[self.bits].sum())
+        return int(np.bitwise_count(self.words).sum(dtype=np.int64))
 
     def allocated_lbas(self) -> int:
+        """LBAs in allocated granules (the short last granule counts its real size): NUSE."""
         n = self.allocated_granules() * self.tlbaag
         tail = self.granules * self.tlbaag - self.nsze
         if tail and self.granules and self.is_allocated(self.granules - 1):
             n -= tail
         return n
 
-    def runs(self, g_start: int, g_end: int) -> "np.ndarray":
-        """Allocated granule runs within [g_start, g_end) as an (n, 2) array of [start, end)."""
-        g_end = min(g_end, self.granules)
-        if g_end <= g_start:
-            return np.zeros((0, 2), dtype=np.int64)
-        b0, b1 = g_start >> 3, (g_end + 7) >> 3
-        flags = np.unpackbits(self.bits[b0:b1], bitorder="little")
-        flags = flags[g_start - (b0 << 3):g_end - (b0 << 3)].astype(np.int8)
-        edges = np.diff(np.concatenate(([0], flags, [0])))
-        starts = np.flatnonzero(edges == 1) + g_start
-        ends = np.flatnonzero(edges == -1) + g_start
-        return np.stack([starts, ends], axis=1)
+    @property
+    def memory_bytes(self) -> int:
+        """Size of the bitmap: one bit per granule, padded to a 64-bit word."""
+        return int(self.bits.nbytes)
 
+    def runs(self, g_start: int, g_end: int,
+             max_runs: int | None = None) -> tuple[np.ndarray, bool]:
+        """Allocated granule runs within [g_start, g_end), clipped to it.
+
+        Returns an (n, 2) int64 array of [start, end) in ascending order and
+        ``more``: True when ``max_runs`` cut the list short and another run
+        follows the last one returned.  The scan stops as soon as it knows,
+        so a host walking a namespace with continuation reads each part of
+        the bitmap about once.
+        """
+        g_start, g_end = max(g_start, 0), min(g_end, self.granules)
+        if g_end <= g_start:
+            return _EMPTY_RUNS, False
+        words = self.words
+        w_first, w_last = g_start >> 6, (g_end - 1) >> 6
+        lo_mask = _ONES << np.uint64(g_start & 63)
+        hi_mask = _ONES >> np.uint64(63 - ((g_end - 1) & 63))
+        starts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
+        n_starts = n_ends = 0
+        wa, step = w_first, _SCAN_FIRST_WORDS
+        while wa <= w_last:
+            wb = min(w_last + 1, wa + step)
+            step = min(step * 2, _SCAN_MAX_WORDS)
+            seg = words[wa:wb]
+            idx = np.flatnonzero(seg)
+            if idx.size > seg.size >> 3:
+                # Dense: an all-ones word between two all-ones words holds no edge.
+                full = seg == _ONES
+                inner = full.copy()
+                inner[1:] &= full[:-1]
+                inner[:-1] &= full[1:]
+                inner[0] = inner[-1] = False
+                idx = np.flatnonzero((seg != 0) & ~inner)
+            if idx.size:
+                idx += wa
+                vals = words[idx]
+                prev = words[np.maximum(idx - 1, 0)]
+                nxt = words[np.minimum(idx + 1, len(words) - 1)]
+                # Outside [g_start, g_end) counts as unallocated: runs are clipped.
+                if idx[0] == w_first:
+                    vals[0] &= lo_mask
+                    prev[0] = 0
+                if idx[-1] == w_last:
+                    vals[-1] &= hi_mask
+                    nxt[-1] = 0
+                # A run starts at a set bit whose lower neighbour is clear, and
+                # ends at a set bit whose upper neighbour is clear.
+                first_bits = vals & ~((vals << np.uint64(1)) | (prev >> np.uint64(63)))
+                last_bits = vals & ~((vals >> np.uint64(1)) | ((nxt & np.uint64(1)) << np.uint64(63)))
+                s = _bit_positions(idx, first_bits)
+                e = _bit_positions(idx, last_bits)
+                starts.append(s)
+                ends.append(e)
+                n_starts += s.size
+                n_ends += e.size
+            if max_runs is not None and n_starts > max_runs and n_ends >= max_runs:
+                break
+            wa = wb
+        if not n_starts:
+            return _EMPTY_RUNS, False
+        s_all = np.concatenate(starts)
+        e_all = np.concatenate(ends)
+        n = n_starts if max_runs is None else min(max_runs, n_starts)
+        out = np.stack([s_all[:n], e_all[:n] + 1], axis=1)
+        return out, n_starts > n
+
+    # -- persistence -------------------------------------------------------
     def save(self) -> None:
+        """msync the sidecar (part of Flush: Base 2.1 §5.27.1.4 volatile write cache)."""
         if isinstance(self.bits, np.memmap) and self.dirty:
             self.bits.flush()
         self.dirty = False
