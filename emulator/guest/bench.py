@@ -1,0 +1,119 @@
+"""Side-by-side guest benchmark: QEMU's built-in NVMe vs nvme-emu over vfio-user.
+
+One TCG guest gets both disks (same size, same host page cache situation) and
+runs the same fio jobs on each, in one run:
+
+- 4 KiB random read, QD32, libaio, O_DIRECT
+- 128 KiB sequential read, QD4 (a 1 MiB request would exceed our MDTS split)
+
+Prints a table with the emulator/QEMU ratio.  Run: ``bash scripts/bench-guest``
+(or ``python -m emulator.guest.bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from emulator.guest.emuproc import EmulatorProcess
+from emulator.guest.env import GuestEnv
+from emulator.guest.qemu import GuestSpec, QemuNvme, VfioUserDevice, run
+
+SIZE = 256 << 20
+MODEL = "nvme-emu bench"
+
+BODY = r"""
+find_dev() {  # find_dev MODEL_SUBSTRING -> /dev/nvmeXn1
+    for c in /sys/class/nvme/nvme*; do
+        if grep -q "$1" "$c/model" 2>/dev/null; then
+            for n in /dev/$(basename $c)n1; do echo $n; return; done
+        fi
+    done
+}
+i=0; while [ $i -lt 300 ]; do
+    [ -n "$(find_dev 'nvme-emu')" ] && [ -n "$(find_dev 'QEMU')" ] && break
+    sleep 0.1; i=$((i + 1))
+done
+EMU=$(find_dev 'nvme-emu'); QEMU=$(find_dev 'QEMU')
+[ -n "$EMU" ] && [ -n "$QEMU" ] && pass both_disks || { fail both_disks "emu=$EMU qemu=$QEMU"; exit 0; }
+for name in qemu emu; do
+    [ $name = emu ] && DEV=$EMU || DEV=$QEMU
+    # Fill the region so both read real data, not holes.
+    dd if=/dev/urandom of=/tmp/fill bs=1M count=16 2>/dev/null
+    k=0; while [ $k -lt 4 ]; do
+        dd if=/tmp/fill of=$DEV bs=1M seek=$((k * 16)) oflag=direct 2>/dev/null; k=$((k + 1))
+    done
+    fio --name=rr --filename=$DEV --rw=randread --bs=4k --iodepth=32 --ioengine=libaio \
+        --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
+        --output-format=terse --terse-version=3 > /tmp/rr.out 2>&1
+    result ${name}_randread_iops "$(cut -d';' -f8 /tmp/rr.out)"
+    fio --name=sr --filename=$DEV --rw=read --bs=128k --iodepth=4 --ioengine=libaio \
+        --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
+        --output-format=terse --terse-version=3 > /tmp/sr.out 2>&1
+    result ${name}_seqread_kibs "$(cut -d';' -f7 /tmp/sr.out)"
+done
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    p.add_argument("--workdir", type=Path, default=None)
+
+
+def run_bench(runtime: int, workdir: Path | None = None) -> dict[str, float]:
+    env = GuestEnv.load()
+    wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = {"state_dir": str(wd / "state"),
+           "subsystem": {"model": MODEL, "serial": "BENCH0001"},
+           "namespaces": [{"nsid": 1, "size": SIZE}],
+           "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 4}]}
+    cfg_path = wd / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd)
+    emu.start()
+    try:
+        spec = GuestSpec(init=BODY.replace("@RUNTIME@", str(runtime)),
+                         vfio_user=[VfioUserDevice(emu.sockets[0])],
+                         qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
+        res = run(env, spec, wd / "guest", timeout=120 + 8 * runtime)
+    finally:
+        emu.stop()
+    if not res.ok:
+        raise SystemExit(f"benchmark guest failed: {res.summary()}")
+    return {k: float(v) for k, v in res.results.items() if k.endswith(("_iops", "_kibs"))}
+
+
+def report(r: dict[str, float]) -> str:
+    rows = [("fio 4 KiB randread QD32 (IOPS)", "randread_iops"),
+            ("fio 128 KiB seq read QD4 (MiB/s)", "seqread_kibs")]
+    out = [f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7}"]
+    for label, key in rows:
+        q, e = r.get(f"qemu_{key}", 0.0), r.get(f"emu_{key}", 0.0)
+        if key.endswith("kibs"):
+            q, e = q / 1024, e / 1024
+        ratio = e / q if q else float("nan")
+        out.append(f"{label:36} {q:12.1f} {e:12.1f} {ratio:7.2f}")
+    return "\n".join(out)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    r = run_bench(args.runtime, args.workdir)
+    print(report(r))
+    print(f"(one TCG guest, -smp 1, both disks in the same run; {time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
