@@ -75,6 +75,7 @@ class VfioUserClient:
         self.conn = Connection(Role.CLIENT, max_fds=max_fds)
         self._ancsize = ancillary_size(max_fds)
         self.server_caps: dict[str, Any] = {}
+        self._replies: dict[int, m.Message | InvalidMessage] = {}  # arrived, not yet waited for
         self.max_msg_fds = 1  # the server's, once negotiated
         self.max_data_xfer_size = p.MAX_DATA_XFER_SIZE
 
@@ -89,9 +90,11 @@ class VfioUserClient:
         self.sock.close()
 
     # -- message plumbing ----------------------------------------------------------------
-    def send(self, msg: m.Message) -> None:
+    def send(self, msg: m.Message) -> int:
+        """Send without waiting (pair with :meth:`wait` unless NO_REPLY); returns the msg_id."""
         data, fds = self.conn.send(msg)
         send_all(self.sock, data, fds)
+        return msg.msg_id
 
     def _next(self) -> Event:
         while True:
@@ -102,27 +105,22 @@ class VfioUserClient:
             self.conn.receive_data(data, fds, truncated)
 
     def call(self, msg: m.Message) -> Any:
-        """Send a request and return its reply; ErrorReply -> VfioUserError."""
-        self.send(msg)
-        while True:
-            ev = self._next()
-            if ev is CLOSED:
-                raise ConnectionError(f"server closed the connection waiting for {p.command_name(msg.COMMAND)}")
-            if isinstance(ev, InvalidMessage):
-                if ev.is_reply and ev.msg_id == msg.msg_id:
-                    raise VfioUserError(ev.errno, msg.COMMAND, f"bad reply: {ev.reason}")
-                self._answer_invalid(ev)
-                continue
-            assert isinstance(ev, m.Message)
-            if not ev.IS_REPLY:
-                self._serve(ev)
-                continue
-            if ev.msg_id != msg.msg_id:  # cannot happen: one request at a time
-                close_fds(ev.attached_fds())
-                raise p.FatalProtocolError(f"reply {ev.msg_id} while waiting for {msg.msg_id}")
-            if isinstance(ev, m.ErrorReply):
-                raise VfioUserError(ev.errno, msg.COMMAND)
-            return ev
+        """Send a request and return its reply; an error reply raises VfioUserError."""
+        return self.wait(self.send(msg))
+
+    def wait(self, msg_id: int) -> Any:
+        """The reply to request ``msg_id``, serving server requests meanwhile.
+
+        Replies to other pipelined requests are kept for their own wait().
+        """
+        while msg_id not in self._replies:
+            self._dispatch(self._next())
+        reply = self._replies.pop(msg_id)
+        if isinstance(reply, InvalidMessage):
+            raise VfioUserError(reply.errno, reply.command, f"bad reply: {reply.reason}")
+        if isinstance(reply, m.ErrorReply):
+            raise VfioUserError(reply.errno, reply.command)
+        return reply
 
     def process_requests(self, timeout: float = 0.0) -> int:
         """Answer server-to-client requests arriving within ``timeout``; returns how many."""
@@ -132,24 +130,30 @@ class VfioUserClient:
         try:
             while True:
                 try:
-                    ev = self._next()
+                    served += self._dispatch(self._next())
                 except (TimeoutError, BlockingIOError):
                     return served
-                if ev is CLOSED:
-                    raise ConnectionError("server closed the connection")
-                if isinstance(ev, InvalidMessage):
-                    self._answer_invalid(ev)
-                elif isinstance(ev, m.Message) and not ev.IS_REPLY:
-                    self._serve(ev)
-                    served += 1
-                else:
-                    raise p.FatalProtocolError(f"unexpected {ev!r}")
         finally:
             self.sock.settimeout(old)
 
-    def _answer_invalid(self, ev: InvalidMessage) -> None:
-        if ev.needs_reply:
-            self.send(m.ErrorReply(ev.command, ev.errno, msg_id=ev.msg_id))
+    def _dispatch(self, ev: Event) -> bool:
+        """Handle one incoming event; True if it was a server request (now answered)."""
+        if ev is CLOSED:
+            raise ConnectionError("the server closed the connection")
+        if isinstance(ev, InvalidMessage):
+            if ev.unsolicited:
+                raise p.FatalProtocolError(f"the server sent {ev.reason}")
+            if ev.is_reply:  # a broken reply to one of our requests
+                self._replies[ev.msg_id] = ev
+            elif ev.needs_reply:
+                self.send(m.ErrorReply(ev.command, ev.errno, msg_id=ev.msg_id))
+            return False
+        assert isinstance(ev, m.Message)
+        if ev.IS_REPLY:
+            self._replies[ev.msg_id] = ev
+            return False
+        self._serve(ev)
+        return True
 
     def _serve(self, req: m.Message) -> None:
         """Answer a DMA_READ / DMA_WRITE from the server against ``self.memory``."""
@@ -252,12 +256,18 @@ class VfioUserClient:
         for pos in range(0, len(data), self.max_data_xfer_size) if data else (0,):
             req = m.RegionWriteRequest(index, offset + pos, bytes(data[pos:pos + self.max_data_xfer_size]),
                                        no_reply=posted)
-            self.send(req) if posted else self.call(req)
+            if posted:
+                self.send(req)
+            else:
+                self.call(req)
 
     def region_write_multi(self, writes: Sequence[tuple[int, int, bytes]], posted: bool = True) -> None:
         """REGION_WRITE_MULTI of (region, offset, <= 8 bytes) writes, NO_REPLY like QEMU by default."""
         req = m.RegionWriteMultiRequest(list(writes), no_reply=posted)
-        self.send(req) if posted else self.call(req)
+        if posted:
+            self.send(req)
+        else:
+            self.call(req)
 
     def set_irqs(self, index: int, flags: int, start: int = 0, count: int = 0, fds: Sequence[int] = (),
                  data: bytes = b"") -> None:

@@ -63,6 +63,7 @@ class InvalidMessage:
     reason: str
     is_reply: bool = False
     no_reply: bool = False
+    unsolicited: bool = False  # a reply to no request of ours
 
     @property
     def needs_reply(self) -> bool:
@@ -99,7 +100,7 @@ class Connection:
         self._error: FatalProtocolError | None = None
         self._next_id = 0
         self.awaiting_reply: dict[int, int] = {}  # our requests: msg_id -> command
-        self._owed: dict[int, int] = {}  # the peer's requests that want a reply: msg_id -> how many
+        self._owed: dict[int, list[int]] = {}  # the peer's requests that want a reply: msg_id -> commands
 
     # -- receiving ----------------------------------------------------------------
     def receive_data(self, data: bytes, fds: Iterable[int] = (), fds_truncated: bool = False) -> None:
@@ -178,14 +179,14 @@ class Connection:
         self._parse_header()
         payload = memoryview(raw)[p.HEADER_SIZE:]
         if flags & p.FLAGS_TYPE_MASK == p.TYPE_REPLY:
-            return self._reply(msg_id, flags, err, payload, fds, truncated)
+            return self._reply(msg_id, command, flags, err, payload, fds, truncated)
         return self._request(msg_id, command, flags, payload, fds, truncated)
 
     def _request(self, msg_id: int, command: int, flags: int, payload: memoryview,
                  fds: list[int], truncated: bool) -> Event:
         no_reply = bool(flags & p.FLAG_NO_REPLY)
         if not no_reply:
-            self._owed[msg_id] = self._owed.get(msg_id, 0) + 1
+            self._owed.setdefault(msg_id, []).append(command)
         cls = self._accepts.get(command)
         if cls is None and command in p.KNOWN_COMMANDS:
             err = MessageError(f"{p.command_name(command)} is not a request a {self.role.value} accepts",
@@ -198,11 +199,13 @@ class Connection:
             return self._decode(cls, msg_id, command, payload, fds, truncated, no_reply=no_reply)
         return self._invalid(msg_id, command, fds, err, no_reply=no_reply)
 
-    def _reply(self, msg_id: int, flags: int, err: int, payload: memoryview,
+    def _reply(self, msg_id: int, header_command: int, flags: int, err: int, payload: memoryview,
                fds: list[int], truncated: bool) -> Event:
-        command = self.awaiting_reply.pop(msg_id, None)
+        command = self.awaiting_reply.pop(msg_id, None)  # QEMU too trusts the id, not the command
         if command is None:
-            return self._invalid(msg_id, 0, fds, MessageError(f"reply {msg_id} answers no request"), is_reply=True)
+            close_fds(fds)
+            return InvalidMessage(msg_id, header_command, errno.EINVAL, f"reply {msg_id} answers no request",
+                                  is_reply=True, unsolicited=True)
         if flags & p.FLAG_ERROR:
             close_fds(fds)
             return ErrorReply(command, err, msg_id=msg_id)
@@ -238,18 +241,17 @@ class Connection:
         command = msg.COMMAND
         errno_ = 0
         if msg.IS_REPLY:
-            owed = self._owed.get(msg.msg_id, 0)
-            if not owed:
-                raise LocalProtocolError(f"no request {msg.msg_id} is waiting for a reply")
             flags = p.TYPE_REPLY
             if type(msg) is ErrorReply:
                 command, errno_, flags = msg.command, msg.errno, p.TYPE_REPLY | p.FLAG_ERROR
+            owed = self._owed.get(msg.msg_id, ())
+            if command not in owed:
+                raise LocalProtocolError(f"no {p.command_name(command)} request {msg.msg_id} waits for a reply")
             if fds and (command != p.Command.DEVICE_GET_REGION_INFO or len(fds) > 1):
                 raise LocalProtocolError(f"a {p.command_name(command)} reply cannot carry {len(fds)} fds")
-            if owed == 1:
+            owed.remove(command)  # type: ignore[union-attr]
+            if not owed:
                 del self._owed[msg.msg_id]
-            else:
-                self._owed[msg.msg_id] = owed - 1
         else:
             if command not in self._sends:
                 raise LocalProtocolError(f"a {self.role.value} does not send {p.command_name(command)} requests")

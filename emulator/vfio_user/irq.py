@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 _ONE = p.EVENTFD_VALUE.pack(1)
 
-Watch = Callable[[int, Callable[[], None]], None]
-Unwatch = Callable[[int], None]
+Watch = Callable[[int, Callable[[], None]], object]
+Unwatch = Callable[[int], object]
 
 
 class _Index:

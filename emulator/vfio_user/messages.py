@@ -95,7 +95,7 @@ class _Counted(_Fixed):
         data = payload[cls.LAYOUT.size:]
         if values[-1] != len(data):
             raise MessageError(f"{cls.__name__}: count {values[-1]} but {len(data)} data bytes")
-        return cls(**kw, data=bytes(data))
+        return cls(**kw, data=bytes(data))  # type: ignore[call-arg]  # subclasses declare ``data``
 
 
 # -- VERSION (§2) -----------------------------------------------------------------------

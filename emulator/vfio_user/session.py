@@ -246,7 +246,7 @@ class Session:
             except OSError as e:
                 raise MessageError(f"DMA_MAP cannot map the fd: {e}", e.errno or errno.EINVAL) from None
             self._maps[msg.iova] = _DmaMap(msg.size, msg.offset, msg.flags, key)
-            if key is not None:
+            if key is not None and fd is not None:
                 # keep one fd per backing file (a connection hand-over needs it), close the dups
                 kept = self._files.setdefault(key, [fd, 0])
                 kept[1] += 1

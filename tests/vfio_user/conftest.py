@@ -15,7 +15,7 @@ from emulator.vfio_user.testing import ServerThread
 VENDOR_DEVICE = b"\x58\x4e\x01\x00"  # 4e58:0001
 BAR0_SIZE = 0x4000
 BAR2_SIZE = 0x2000
-BOOM = 0xBAD0  # BAR0 offset whose access raises RuntimeError (-> EIO)
+BOOM = 0x3F00  # BAR0 offset whose access raises RuntimeError (-> EIO)
 IRQ_COUNTS = {p.PCI_INTX_IRQ_INDEX: 1, p.PCI_MSI_IRQ_INDEX: 0, p.PCI_MSIX_IRQ_INDEX: 16,
               p.PCI_ERR_IRQ_INDEX: 1, p.PCI_REQ_IRQ_INDEX: 0}
 
