@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import emulator
 from emulator.guest.qemu import tail
 
-LISTENING = re.compile(r"listening on (?P<path>\S.*?)\s*$")
+LISTENING = re.compile(r"^listening on (?P<path>\S.*?)\s*$")   # the whole line, as the contract says
 REPO_ROOT = Path(emulator.__file__).resolve().parents[1]
 
 
@@ -116,11 +116,13 @@ class EmulatorProcess:
             for raw in iter(self._proc.stdout.readline, b""):
                 log.write(raw)
                 log.flush()
-                m = LISTENING.search(raw.decode(errors="replace"))
+                m = LISTENING.match(raw.decode(errors="replace"))
                 if m:
                     p = Path(m.group("path"))
+                    p = p if p.is_absolute() else self.cwd / p
                     with self._cond:
-                        self.sockets.append(p if p.is_absolute() else self.cwd / p)
+                        if p not in self.sockets:
+                            self.sockets.append(p)
                         self._cond.notify_all()
         finally:
             log.close()

@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
         s.bind(str(p))
         s.listen(4)
         socks.append(s)
+        # like a logger on stderr: must not count as the contract's listening line
+        print(f"INFO server listening on {p}", file=sys.stderr, flush=True)
         if not os.environ.get("FAKE_EMU_SILENT"):
             print(f"listening on {p}", flush=True)
     stop = False

@@ -114,3 +114,15 @@ def test_scenario_with_fake_emulator_starts_and_stops_it(guest_env: GuestEnv, gu
     captured = capsys.readouterr()
     assert "listening on" in captured.out
     assert "vfio-user" in captured.err and "stopped (status 0)" in captured.out
+
+
+def test_demo_runs_end_to_end_on_the_emulator(guest_env: GuestEnv, guest_workdir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`bash scripts/demo` = setup + `python -m emulator demo`: must pass on the real emulator."""
+    from emulator.guest import demo
+    ap = argparse.ArgumentParser()
+    demo.add_arguments(ap)
+    rc = demo.run(ap.parse_args(["--workdir", str(guest_workdir), "--timeout", "300"]))
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-4000:] + out.err[-4000:]
+    assert "demo PASSED" in out.out and "PASS  data_md5" in out.out and "/dev/nvme0n1" in out.out
