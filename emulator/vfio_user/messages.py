@@ -389,6 +389,7 @@ class SetIrqsReply(Message):
 
 
 # -- REGION_READ / REGION_WRITE / REGION_WRITE_MULTI (§3.7) ---------------------------------------
+# Region accesses are the hot path (one message per guest MMIO access): decoded without kwargs.
 @dataclass(slots=True)
 class _RegionCount(_Fixed):
     LAYOUT = p.REGION_ACCESS
@@ -396,6 +397,13 @@ class _RegionCount(_Fixed):
     region: int
     offset: int
     count: int
+
+    @classmethod
+    def decode(cls, payload: memoryview, fds: list[int]) -> Self:
+        if len(payload) != 16:
+            raise _size_error(cls.__name__, len(payload), 16, True)
+        offset, region, count = p.REGION_ACCESS.unpack_from(payload)
+        return cls(region, offset, count)
 
 
 @dataclass(slots=True)
@@ -405,6 +413,15 @@ class _RegionData(_Counted):
     region: int
     offset: int
     data: bytes
+
+    @classmethod
+    def decode(cls, payload: memoryview, fds: list[int]) -> Self:
+        if len(payload) < 16:
+            raise _size_error(cls.__name__, len(payload), 16, False)
+        offset, region, count = p.REGION_ACCESS.unpack_from(payload)
+        if count != len(payload) - 16:
+            raise MessageError(f"{cls.__name__}: count {count} but {len(payload) - 16} data bytes")
+        return cls(region, offset, bytes(payload[16:]))
 
 
 @dataclass(slots=True)

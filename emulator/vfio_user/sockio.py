@@ -6,6 +6,10 @@ import socket
 from typing import Sequence
 
 _FD_SIZE = array.array("i").itemsize
+# plain ints: the socket module's IntFlag members cost an enum operation per use on the hot path
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 
 
 def ancillary_size(max_fds: int) -> int:
@@ -18,24 +22,24 @@ def recv_chunk(sock: socket.socket, size: int, ancsize: int) -> tuple[bytes, lis
 
     fds arrive close-on-exec.  ``data == b""`` is the end of the stream.
     """
-    data, ancdata, flags, _ = sock.recvmsg(size, ancsize, socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(size, ancsize, _MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += array.array("i", payload[:len(payload) - len(payload) % _FD_SIZE])
-    return data, fds, bool(flags & socket.MSG_CTRUNC)
+    return data, fds, bool(flags & _MSG_CTRUNC)
 
 
 def send_chunk(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int] = ()) -> int:
     """One sendmsg; the fds travel with the first byte.  Returns the bytes sent."""
     if fds:
         return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                            socket.MSG_NOSIGNAL)
-    return sock.send(data, socket.MSG_NOSIGNAL)
+                            _MSG_NOSIGNAL)
+    return sock.send(data, _MSG_NOSIGNAL)
 
 
 def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Blocking send of a whole message, fds with its first byte."""
     sent = send_chunk(sock, data, fds)
     if sent < len(data):
-        sock.sendall(memoryview(data)[sent:], socket.MSG_NOSIGNAL)
+        sock.sendall(memoryview(data)[sent:], _MSG_NOSIGNAL)
