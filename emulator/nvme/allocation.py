@@ -83,13 +83,13 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 
 def _bit_positions(word_index: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Granule numbers of the set bits of ``masks`` (word k is word ``word_index[k]``), ascending."""
-    nz = np.flatnonzero(masks)
+    nz = np.flatnonzero(masks != 0)
     if nz.size == 0:
         return np.zeros(0, dtype=np.int64)
     sel = np.ascontiguousarray(masks[nz], dtype=_WORD)
-    bits = np.unpackbits(sel.view(np.uint8), bitorder="little").reshape(-1, 64)
-    rows, cols = np.nonzero(bits)
-    return word_index[nz][rows].astype(np.int64) * 64 + cols
+    bits = np.unpackbits(sel.view(np.uint8), bitorder="little")
+    flat = np.flatnonzero(bits != 0)
+    return word_index[nz][flat >> 6].astype(np.int64) * 64 + (flat & 63)
 
 
 class AllocationMap:
@@ -102,8 +102,9 @@ class AllocationMap:
         self.granules = (nsze + tlbaag - 1) // tlbaag
         if bits.nbytes != bitmap_words(self.granules) * 8:
             raise ValueError("bitmap size does not match the namespace")
-        self.bits = bits  # uint8, packed little-endian bit order
-        self.words = bits.view(_WORD)  # the same memory as 64-bit words
+        self.bits = bits  # uint8, packed little-endian bit order (a memmap: flushed by save())
+        # The same memory as plain 64-bit words (no memmap subclass overhead on every slice).
+        self.words = bits.view(np.ndarray).view(_WORD)
         self.sidecar = sidecar
         self.dirty = False
 
@@ -154,13 +155,19 @@ class AllocationMap:
                         self.sidecar, reported, stored,
                         "keeping the sidecar bitmap" if sidecar_valid
                         else "marking every reported extent allocated")
-        for start, end in extents:
-            slba = start // lba_size
-            elba = -(-end // lba_size)
-            if not sidecar_valid:
-                self.mark_allocated(slba, elba - slba)
-            elif trusted:
-                self._recover_written(fd, lba_size, start, end)
+        if not sidecar_valid:
+            for start, end in extents:
+                self.mark_allocated(start // lba_size, -(-end // lba_size) - start // lba_size)
+            return
+        if not trusted:
+            return
+        # Fast path: an extent inside one granule whose bit is set needs no reading.
+        ext = np.array(extents, dtype=np.int64)
+        gbytes = self.tlbaag * lba_size
+        g0, g1 = ext[:, 0] // gbytes, -(-ext[:, 1] // gbytes)
+        bit = (self.words[g0 >> 6] >> (g0 & 63).astype(np.uint64)) & np.uint64(1)
+        for start, end in ext[~((g1 - g0 == 1) & (bit == 1))].tolist():
+            self._recover_written(fd, lba_size, start, end)
 
     def _recover_written(self, fd: int, lba_size: int, start: int, end: int) -> None:
         """Set the clear granules of data extent [start, end) that hold nonzero bytes."""
@@ -301,7 +308,7 @@ class AllocationMap:
             wb = min(w_last + 1, wa + step)
             step = min(step * 2, _SCAN_MAX_WORDS)
             seg = words[wa:wb]
-            idx = np.flatnonzero(seg)
+            idx = np.flatnonzero(seg != 0)  # 4x faster than on the uint64 words themselves
             if idx.size > seg.size >> 3:
                 # Dense: an all-ones word between two all-ones words holds no edge.
                 full = seg == _ONES

@@ -31,6 +31,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.identify import NVM_CTRL_PATCHERS, NVM_NS_PATCHERS
 from emulator.nvme.spec import AdminOpcode, Command, Generic, generic, invalid_field
@@ -62,38 +64,45 @@ AOCS_OFFSET = 18  # CNS 06h bytes 19:18
 AOCS_RALBAS = 0x1
 
 
+# The descriptor entry as a numpy record, to build long lists without a Python loop.
+DESCRIPTOR_DTYPE = np.dtype([("dslba", "<u8"), ("nlb", "<u4"), ("rsvd12", "u1"), ("stas", "u1"),
+                             ("rsvd14", "<u2")])
+assert DESCRIPTOR_DTYPE.itemsize == LBA_STATUS_DESCRIPTOR.size
+
+
 def allocated_descriptors(amap: "AllocationMap", slba: int, end: int,
-                          capacity: int) -> tuple[list[tuple[int, int]], bool]:
-    """(DSLBA, number of LBAs) for the allocated LBAs in [slba, end), at most ``capacity``.
+                          capacity: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """DSLBAs and LBA counts of the allocated LBAs in [slba, end), at most ``capacity``.
 
     Granules are reported whole but clipped to the range; contiguous granules
     are coalesced ("the controller should return the largest aggregated
     possible value", NVM CS §4.2.1 Figure 112), so the first DSLBA is the
     lowest allocated LBA >= SLBA and each next one lies beyond the previous
-    descriptor.  Returns ``more`` = True when descriptors beyond ``capacity``
-    exist in the range.
+    descriptor.  ``more`` is True when descriptors beyond ``capacity`` exist.
     """
     t = amap.tlbaag
     runs, more = amap.runs(slba // t, -(-end // t), max_runs=capacity)
-    out: list[tuple[int, int]] = []
-    for g_start, g_end in runs.tolist():
-        lo, hi = max(g_start * t, slba), min(g_end * t, end)
-        while lo < hi:
-            if len(out) == capacity:
-                return out, True
-            n = min(hi - lo, MAX_DESCRIPTOR_NLB)
-            out.append((lo, n))
-            lo += n
-    return out, more
+    lo = np.maximum(runs[:, 0] * t, slba)
+    counts = np.minimum(runs[:, 1] * t, end) - lo
+    if counts.size and int(counts.max()) > MAX_DESCRIPTOR_NLB:
+        # NLB is 32 bits: a longer run takes several descriptors (only beyond 2 TiB of 512 B LBAs)
+        pieces = [(s + k, min(MAX_DESCRIPTOR_NLB, n - k)) for s, n in zip(lo.tolist(), counts.tolist())
+                  for k in range(0, n, MAX_DESCRIPTOR_NLB)]
+        more = more or len(pieces) > capacity
+        pieces = pieces[:capacity]
+        lo = np.array([p[0] for p in pieces], dtype=np.int64)
+        counts = np.array([p[1] for p in pieces], dtype=np.int64)
+    return lo, counts, more
 
 
-def descriptor_list(descriptors: list[tuple[int, int]], complete: bool) -> bytes:
-    """The LBA Status Descriptor List (NVM CS 1.2 §4.2.1, Figure 131/132 layout)."""
-    out = bytearray(LBA_STATUS_HEADER.pack(len(descriptors),
-                                           CMPC_COMPLETE if complete else CMPC_INCOMPLETE))
-    for dslba, nlb in descriptors:
-        out += LBA_STATUS_DESCRIPTOR.pack(dslba, nlb - 1, LBARS_ALLOCATED)
-    return bytes(out)
+def descriptor_list(dslba: np.ndarray, counts: np.ndarray, complete: bool) -> bytes:
+    """The LBA Status Descriptor List (NVM CS 1.2 §4.2.1): header, then 16-byte entries."""
+    entries = np.zeros(len(dslba), dtype=DESCRIPTOR_DTYPE)
+    entries["dslba"] = dslba
+    entries["nlb"] = counts - 1  # 0's based
+    entries["stas"] = LBARS_ALLOCATED
+    header = LBA_STATUS_HEADER.pack(len(dslba), CMPC_COMPLETE if complete else CMPC_INCOMPLETE)
+    return header + entries.tobytes()
 
 
 @admin_command(AdminOpcode.GET_LBA_STATUS)
@@ -110,8 +119,8 @@ def get_lba_status(ctrl: "Controller", cmd: Command) -> Result:
     end = ns.nsze if rl == 0 else min(slba + rl, ns.nsze)
     length = min((mndw + 1) * 4, ctrl.max_transfer)
     capacity = max(0, (length - LBA_STATUS_HEADER.size) // LBA_STATUS_DESCRIPTOR.size)
-    descriptors, more = allocated_descriptors(ns.allocation, slba, end, capacity)
-    payload = descriptor_list(descriptors, complete=not more)
+    dslba, counts, more = allocated_descriptors(ns.allocation, slba, end, capacity)
+    payload = descriptor_list(dslba, counts, complete=not more)
     ctrl.data_to_host(cmd, payload[:length])
     return 0, 0
 
