@@ -16,12 +16,12 @@ import errno
 import json
 from dataclasses import dataclass, field
 from struct import Struct
-from typing import Any, ClassVar, Self, Sequence
+from typing import Any, ClassVar, Self
 
 from emulator.vfio_user import protocol as p
-from emulator.vfio_user.protocol import Command, MessageError
-
-Buffer = bytes | bytearray | memoryview
+from emulator.vfio_user.caps import (RegionCap, chain_size, decode_chain, encode_chain, parse_sparse_mmap,  # noqa: F401
+                                     sparse_mmap_cap)  # RegionCap and sparse_mmap_cap re-exported
+from emulator.vfio_user.protocol import Buffer, Command, MessageError
 
 
 def _size_error(name: str, got: int, want: int, exact: bool) -> MessageError:
@@ -257,30 +257,6 @@ class RegionInfoRequest(_Fixed):
 
 
 @dataclass(slots=True)
-class RegionCap:
-    """One capability of a region-info reply (header id/version, body after the header)."""
-
-    id: int
-    version: int = 1
-    body: bytes = b""
-
-
-def sparse_mmap_cap(areas: Sequence[tuple[int, int]]) -> RegionCap:
-    body = p.SPARSE_MMAP_HEAD.pack(len(areas), 0) + b"".join(p.SPARSE_MMAP_AREA.pack(o, s) for o, s in areas)
-    return RegionCap(p.REGION_CAP_SPARSE_MMAP, 1, body)
-
-
-def parse_sparse_mmap(body: Buffer) -> list[tuple[int, int]]:
-    if len(body) < p.SPARSE_MMAP_HEAD.size:
-        raise MessageError("sparse mmap capability is truncated")
-    (n, _) = p.SPARSE_MMAP_HEAD.unpack_from(body)
-    if len(body) < p.SPARSE_MMAP_HEAD.size + n * p.SPARSE_MMAP_AREA.size:
-        raise MessageError(f"sparse mmap capability too short for {n} areas")
-    return [p.SPARSE_MMAP_AREA.unpack_from(body, p.SPARSE_MMAP_HEAD.size + i * p.SPARSE_MMAP_AREA.size)
-            for i in range(n)]
-
-
-@dataclass(slots=True)
 class RegionInfoReply(Message):
     """Region info and its capability chain.
 
@@ -312,41 +288,22 @@ class RegionInfoReply(Message):
         return [] if self.fd is None else [self.fd]
 
     def parts(self) -> tuple[Buffer, ...]:
-        chain: list[Buffer] = []
-        pos = p.REGION_INFO.size
-        for i, cap in enumerate(self.caps):
-            end = pos + p.REGION_CAP_HEADER.size + len(cap.body)
-            chain += [p.REGION_CAP_HEADER.pack(cap.id, cap.version, end if i + 1 < len(self.caps) else 0), cap.body]
-            pos = end
-        flags, cap_offset = ((self.flags | p.REGION_FLAG_CAPS, p.REGION_INFO.size) if self.caps
+        head = p.REGION_INFO.size
+        flags, cap_offset = ((self.flags | p.REGION_FLAG_CAPS, head) if self.caps
                              else (self.flags & ~p.REGION_FLAG_CAPS, 0))
-        head = p.REGION_INFO.pack(self.argsz or pos, flags, self.index, cap_offset, self.size, self.offset)
-        return (head, *chain)
+        return (p.REGION_INFO.pack(self.argsz or head + chain_size(self.caps), flags, self.index, cap_offset,
+                                   self.size, self.offset), *encode_chain(self.caps, head))
 
     @classmethod
     def decode(cls, payload: memoryview, fds: list[int]) -> Self:
         head = p.REGION_INFO.size
         if len(payload) < head:
             raise _size_error(cls.__name__, len(payload), head, False)
-        argsz, flags, index, pos, size, offset = p.REGION_INFO.unpack_from(payload)
+        argsz, flags, index, cap_offset, size, offset = p.REGION_INFO.unpack_from(payload)
         if argsz < head:
             raise MessageError(f"{cls.__name__}: argsz {argsz} is smaller than {head}")
-        caps: list[RegionCap] = []
-        if flags & p.REGION_FLAG_CAPS:
-            while True:
-                if pos < head or pos + p.REGION_CAP_HEADER.size > len(payload):
-                    raise MessageError(f"region capability at {pos} is outside the reply")
-                cap_id, version, nxt = p.REGION_CAP_HEADER.unpack_from(payload, pos)
-                if nxt and nxt <= pos:
-                    raise MessageError("region capability chain goes backwards")
-                end = nxt or len(payload)
-                caps.append(RegionCap(cap_id, version, bytes(payload[pos + p.REGION_CAP_HEADER.size:end])))
-                if not nxt:
-                    break
-                pos = nxt
-        msg = cls(index, flags, size, offset, caps, fds[0] if fds else None, argsz)
-        _ = msg.sparse_areas  # validates a sparse-mmap body
-        return msg
+        caps = decode_chain(payload, cap_offset, head) if flags & p.REGION_FLAG_CAPS else []
+        return cls(index, flags, size, offset, caps, fds[0] if fds else None, argsz)
 
 
 # -- DEVICE_SET_IRQS (§3.6) -----------------------------------------------------------------

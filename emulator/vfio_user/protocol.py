@@ -11,6 +11,8 @@ import enum
 import errno as _errno
 from struct import Struct
 
+Buffer = bytes | bytearray | memoryview
+
 
 class Command(enum.IntEnum):
     VERSION = 1
