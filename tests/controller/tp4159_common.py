@@ -67,6 +67,16 @@ def aer_wait(h: NvmeHost, cid: int, timeout: float = 2.0) -> Completion | None:
     return None
 
 
+def stalls(h: NvmeHost, qid: int, cid: int, wait: float = 0.2) -> bool:
+    """True if the command gets no completion within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if h.poll(qid, cid) is not None:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def one_shot(c: Completion) -> tuple[int, int]:
     """(AEI, CDQID) of a One-Shot asynchronous event completion."""
     assert c.ok and c.dw0 & 0x7 == 0x4, c

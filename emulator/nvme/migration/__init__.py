@@ -51,6 +51,7 @@ def _on_reset(ctrl: "Controller") -> None:
     # (controller_level_reset clears state.suspended); forget who did it.
     ts = target_state(ctrl)
     ts.suspended_by = ts.notified_by = -1
+    ts.suspended_at = []
 
 
 def _install(ctrl: "Controller") -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from emulator.nvme import queues
 from emulator.nvme.migration import wire
-from emulator.nvme.migration.model import MMC_KEY, TARGET_KEY
+from emulator.nvme.migration.model import MMC_KEY, TARGET_KEY, target_state
 from emulator.nvme.spec import (
     CC_MPS_MASK, CC_MPS_SHIFT, CommandSpecific, invalid_field, specific,
 )
@@ -84,14 +84,17 @@ def _vendor_part(target: "Controller") -> bytes:
     state = target.snapshot().to_dict()
     for key in _LOCAL_KEYS:
         state["vendor"].pop(key, None)
-    now = time.monotonic()
+    # Clocks as of the suspend when suspended (the pieces of one state agree).
+    now, wall = target_state(target).suspended_at or [time.monotonic(), time.time()]
     ts = state["vendor"].pop("timestamp", None)  # [ms, monotonic origin] (features.py)
     doc = {
         "state": state,
         "stats": dict(target.stats),
         "intx_pending": target._intx_pending,
         "uptime_ms": int((now - target.started) * 1000),
+        # Timestamp feature: the value then, and the wall clock to catch up with.
         "timestamp_ms": None if ts is None else int(ts[0] + (now - ts[1]) * 1000),
+        "wall_clock": wall,
     }
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 4)
@@ -227,7 +230,8 @@ def commit(target: "Controller", p: ParsedState) -> None:
             state.cqs = [q for q in state.cqs if q.qid == 0] + p.cqs
         now = time.monotonic()
         if doc.get("timestamp_ms") is not None:
-            state.vendor["timestamp"] = [doc["timestamp_ms"], now]
+            behind = max(0.0, time.time() - doc.get("wall_clock", time.time()))
+            state.vendor["timestamp"] = [doc["timestamp_ms"], now - behind]
         target.restore(state)
         target.stats.update(doc.get("stats", {}))
         target._intx_pending = int(doc.get("intx_pending", 0))

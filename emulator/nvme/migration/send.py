@@ -11,6 +11,7 @@ and acted on at Resume.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from emulator.nvme.controller import Result
@@ -57,6 +58,7 @@ def suspend(mmc: "Controller", cmd: Command) -> Result:
     #    except AERs; 3. no more transport transactions.
     target.state.suspended = True
     ts.suspended_by, ts.notified_by = mmc.cntlid, -1
+    ts.suspended_at = [time.monotonic(), time.time()]
     # ESA 011b marker after the drain, then DUDMQ deletes the queue before the
     # CQE (Figure 351 and the §8.1.12.1 example: post, then delete).
     udlog.on_suspend(target, mmc, dudmq)
@@ -82,7 +84,8 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
 def wake(target: "Controller") -> None:
     """End the suspended state: fetch what the host queued meanwhile, re-signal CQs."""
     target.state.suspended = False
-    target_state(target).suspended_by = -1
+    ts = target_state(target)
+    ts.suspended_by, ts.suspended_at = -1, []
     target.kick()
     target.rearm_interrupts()
 
