@@ -6,7 +6,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from emulator.nvme import aer
-from emulator.nvme.controller import ADMIN_HANDLERS, IO_HANDLERS, Result, admin_command
+from emulator.nvme.controller import (
+    ADMIN_HANDLERS, IO_HANDLERS, Result, admin_available, admin_command,
+)
 from emulator.nvme.identify import FIRMWARE_REVISION
 from emulator.nvme.spec import (
     LID, AdminOpcode, Command, CommandSpecific, IoOpcode, invalid_field, specific,
@@ -106,7 +108,8 @@ def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
     acs = [0] * 256
     iocs = [0] * 256
     for opc in ADMIN_HANDLERS:
-        acs[opc] = CSUPP
+        if admin_available(ctrl, opc):
+            acs[opc] = CSUPP
     for opc in IO_HANDLERS:
         iocs[opc] = CSUPP | IO_EFFECTS.get(opc, 0)
     return struct.pack("<256I256I", *acs, *iocs) + bytes(2048)
