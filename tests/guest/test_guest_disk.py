@@ -16,6 +16,13 @@ wait_dev /dev/nvme0n1 30 && pass nvme_bound || fail nvme_bound "no /dev/nvme0n1"
 capture nvme_list nvme list
 capture id_ctrl nvme id-ctrl /dev/nvme0
 capture id_ns nvme id-ns /dev/nvme0n1
+capture get_feature nvme get-feature /dev/nvme0
+capture smart_log nvme smart-log /dev/nvme0
+capture error_log nvme error-log /dev/nvme0
+capture fw_log nvme fw-log /dev/nvme0
+capture effects_log nvme effects-log /dev/nvme0 --csi=0
+capture nq nvme get-feature /dev/nvme0 -f 7 -H
+capture wc nvme get-feature /dev/nvme0 -f 6 -H
 check fio_4k_qd32 fio --name=r4k --filename=/dev/nvme0n1 --rw=randwrite --bs=4k --iodepth=32 \
     --ioengine=libaio --direct=1 --offset=512m --size=16m --verify=crc32c --do_verify=1 \
     --verify_fatal=1 --output-format=terse
@@ -55,11 +62,15 @@ def test_guest_disk_end_to_end(boot_guest, emulator):
     emu = emulator(CONFIG, name="emu")
     sock = emu.sockets[0]
     first = boot_guest(FIRST_BOOT, vfio_user=[sock], timeout=400, name="boot1")
-    print(first.summary(), first.outputs.get("nvme_list"), first.results)
     assert first.ok, first.summary()
     assert "EMUDISK0001" in first.outputs["nvme_list"]
     assert "nvme-emu guest disk" in first.outputs["id_ctrl"]
     assert "nsze" in first.outputs["id_ns"]
+    for log in ("smart_log", "error_log", "fw_log", "effects_log", "nq", "wc"):
+        assert first.output_rc[log] == 0, (log, first.outputs[log])
+    assert "Number of IO Completion Queues Allocated" in first.outputs["nq"]
+    assert "Volatile Write Cache Enable" in first.outputs["wc"]
+    assert "Number of Queues" in first.outputs["get_feature"]
     for step in ("fio_4k_qd32", "fio_128k_qd4", "mkfs", "mount", "sync", "umount", "fsck"):
         assert step in first.passed, step
     # The guest powered off: the kernel shut the controller down (CC.SHN).
