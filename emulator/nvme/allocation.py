@@ -92,6 +92,17 @@ def _bit_positions(word_index: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return word_index[nz][flat >> 6].astype(np.int64) * 64 + (flat & 63)
 
 
+def _any_nonzero(fd: int, lo: int, hi: int) -> bool:
+    while lo < hi:
+        data = os.pread(fd, min(_READ_CHUNK, hi - lo), lo)
+        if not data:
+            return False
+        if np.frombuffer(data, dtype=np.uint8).any():
+            return True
+        lo += len(data)
+    return False
+
+
 class AllocationMap:
     def __init__(self, nsze: int, tlbaag: int, bits: np.ndarray,
                  sidecar: Path | None = None) -> None:
@@ -201,25 +212,16 @@ class AllocationMap:
 
     def _set_if_nonzero(self, fd: int, gbytes: int, a: int, b: int, lo: int, hi: int) -> None:
         """Set granules a..b-1 that hold a nonzero byte within file bytes [lo, hi)."""
-        for g in range(a, b) if gbytes > _READ_CHUNK else (None,):
-            ga, gb = (a, b) if g is None else (g, g + 1)
-            base = ga * gbytes
-            rlo, rhi = max(lo, base), min(hi, gb * gbytes)
-            flags = np.zeros(gb - ga, dtype=bool)
-            pos = rlo
-            while pos < rhi:
-                data = os.pread(fd, min(_READ_CHUNK, rhi - pos), pos)
-                if not data:
-                    break
-                raw = np.frombuffer(data, dtype=np.uint8)
-                nz = np.flatnonzero(raw)
-                if nz.size:
-                    flags[np.unique((pos + nz - base) // gbytes)] = True
-                    if g is not None:
-                        break  # one nonzero byte is enough for a single granule
-                pos += len(data)
-            for k in np.flatnonzero(flags):
-                self._set_range(ga + int(k), ga + int(k) + 1, True)
+        if gbytes > _READ_CHUNK:  # big granules: one at a time, up to the first nonzero byte
+            for g in range(a, b):
+                if _any_nonzero(fd, max(lo, g * gbytes), min(hi, (g + 1) * gbytes)):
+                    self._set_range(g, g + 1, True)
+            return
+        base = a * gbytes  # a..b-1 span at most _READ_CHUNK bytes: one read
+        rlo, rhi = max(lo, base), min(hi, b * gbytes)
+        nz = np.flatnonzero(np.frombuffer(os.pread(fd, rhi - rlo, rlo), dtype=np.uint8))
+        for k in np.unique((rlo - base + nz) // gbytes).tolist():
+            self._set_range(a + k, a + k + 1, True)
 
     # -- updates -----------------------------------------------------------
     def mark_allocated(self, slba: int, nlb: int) -> None:

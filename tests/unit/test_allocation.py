@@ -205,6 +205,19 @@ def test_stale_sidecar_recovers_written_granules(tmp_path: Path) -> None:
     assert reopened(path, 8192) == [[0, 1], [500, 501]]
 
 
+def test_stale_sidecar_with_granules_bigger_than_a_read(tmp_path: Path) -> None:
+    path = tmp_path / "ns.img"
+    nsze, tlbaag = 4 * 8192, 4096  # 2 MiB granules: checked one at a time
+    fd, amap = open_ns(path, nsze, tlbaag)
+    amap.save()
+    shutil.copy(str(path) + ".alloc", tmp_path / "old.alloc")
+    write(fd, amap, 2 * tlbaag - 1, b"b" * LBA)  # last LBA of granule 1
+    write(fd, amap, 3 * tlbaag, bytes(8192))  # zeroes in granule 3
+    os.close(fd)
+    shutil.copy(tmp_path / "old.alloc", str(path) + ".alloc")
+    assert reopened(path, nsze, tlbaag) == [[1, 2]]
+
+
 def test_missing_or_mismatched_sidecar_is_rebuilt_from_extents(tmp_path: Path) -> None:
     path = tmp_path / "ns.img"
     fd, amap = open_ns(path, 8192)
