@@ -162,7 +162,7 @@ def qemu_command(env: GuestEnv, spec: GuestSpec, initrd: Path | str,
     argv = list(env.qemu_argv) + env.qemu_data_args() + [
         "-machine", "q35,accel=tcg,memory-backend=mem0", "-cpu", "max", "-smp", "1", "-m", mem,
         "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "mon:stdio",
         "-kernel", str(env.kernel), "-initrd", str(initrd),
         "-append", (DEFAULT_APPEND + " " + spec.append).strip(),
     ]
