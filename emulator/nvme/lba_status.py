@@ -5,19 +5,34 @@
   Tracked LBA Allocation Granularity (NVM CS 1.2 Figure 118).
 * Identify Controller, NVM (CNS 06h) bytes 19:18 AOCS bit 0 RALBAS:
   Reporting Allocated LBA Supported (NVM CS 1.2 Figure 120).
-* OACS.GLSS (Identify Controller bit 9) stays 0: it advertises ATYPE 10h/11h,
-  which drag in the LBA Status Information log page (0Eh), its asynchronous
-  event and Feature 15h (NVM CS 1.2 §5.2.2); only 02h is implemented here.
+* OACS.GLSS (Identify Controller bit 9) stays 0.
 
-Decisions where the spec text read (NVM CS 1.0 §4.2.1 Figures 107-112, NVM
-CS 1.2 §5.2.2 and Figures 118/120 extracts) is silent, recorded here:
+Settled from spec text (docs/nvme-live-migration.md §12 had these UNCONFIRMED):
 
-* ATYPE other than 02h (10h and 11h without GLSS, all others reserved) ->
-  Invalid Field in Command, the Base spec status for an unsupported or
-  reserved field value.
+* GLSS vs RALBAS.  NVM CS 1.2 §5.2.2: "If Action Types 10h and 11h are
+  supported (refer to the ... GLSS bit in ... OACS), then the controller
+  shall" support the LBA Status Information alert, log page 0Eh, extended
+  Get Log Page offsets and the LBA Status Information Attributes Feature.
+  GLSS is about 10h/11h only; RALBAS alone advertises 02h.  So RALBAS = 1,
+  GLSS = 0 is the consistent pair for a controller implementing only 02h.
+* Other ATYPEs.  NVM CS 1.0 Figure 110 lists 10h and 11h, "All others
+  Reserved"; a reserved or unsupported value in a defined field is Invalid
+  Field in Command (Base status 02h).  10h/11h without GLSS get the same.
+  (RALBAS is always 1 here, so "ATYPE 02h without RALBAS" cannot happen.)
+* CMPC.  NVM CS 1.0 Figure 111: "If there are no more LBA Status Descriptor
+  Entries to transfer in the specified range, the controller shall return
+  Completion Condition 2h" -- so a buffer filled exactly by the last
+  descriptors says 2h, not 1h.  1h: MNDW reached and more may exist.
+* DSLBA / NLB.  Figure 112 and the text after it: the first DSLBA is the
+  lowest qualifying LBA >= SLBA, each next one the lowest qualifying LBA
+  after the previous DSLBA + NLB; "the controller should return the largest
+  aggregated possible value" in NLB (0's based) -- runs are coalesced.
+
+Decisions where the text read is silent:
+
 * NSID not an attached namespace, including FFFFFFFFh (the Base admin
   command table marks Get LBA Status as not supporting the broadcast value)
-  -> Invalid Namespace or Format.
+  -> Invalid Namespace or Format, as for every namespace command here.
 * SLBA >= NSZE -> LBA Out of Range.  A range (SLBA + RL) that runs past the
   end of the namespace is clipped at NSZE, as RL = 0 is.
 * MNDW is honoured as a maximum: the controller transfers the header and the
@@ -25,6 +40,7 @@ CS 1.2 §5.2.2 and Figures 118/120 extracts) is silent, recorded here:
   MNDW too small for the 8-byte header transfers its first MNDW + 1 dwords
   of it.  The list is cut at a descriptor boundary with CMPC = 1h
   (incomplete); the host continues from a later SLBA.
+* Reserved CDW13 bits 23:16 are ignored.
 """
 from __future__ import annotations
 
