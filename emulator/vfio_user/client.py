@@ -211,7 +211,9 @@ class VfioUserClient:
         caps = reply.capabilities
         self.server_caps = caps
         self.max_msg_fds = int(caps.get("max_msg_fds", 1))
-        self.max_data_xfer_size = int(caps.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE))
+        # never more than our own codec sends in one message
+        self.max_data_xfer_size = min(int(caps.get("max_data_xfer_size", p.MAX_DATA_XFER_SIZE)),
+                                      p.MAX_DATA_XFER_SIZE)
         return caps
 
     def dma_map(self, iova: int, size: int, fd: int | None = None, offset: int = 0,

@@ -45,6 +45,10 @@ class VfioUserServer:
     def __init__(self, path: str | os.PathLike[str], backend: DeviceBackend, loop: asyncio.AbstractEventLoop,
                  log: logging.Logger | None = None, *, max_msg_fds: int = p.MAX_MSG_FDS,
                  max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE, budget: int = 256) -> None:
+        if not 1 <= max_msg_fds <= 16:  # QEMU refuses a server advertising more than 16
+            raise ValueError(f"max_msg_fds {max_msg_fds} outside 1..16")
+        if not p.PGSIZE <= max_data_xfer_size <= p.MAX_MSG_SIZE - 64:  # QEMU reads 4 KiB of config at once
+            raise ValueError(f"max_data_xfer_size {max_data_xfer_size} outside 4096..{p.MAX_MSG_SIZE - 64}")
         self.path = os.fspath(path)
         self.backend = backend
         self.loop = loop

@@ -37,7 +37,13 @@ class ServerThread:
         self.backend = backend
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)
-        self.server = VfioUserServer(self.path, backend, self.loop, log, **server_kwargs)
+        try:
+            self.server = VfioUserServer(self.path, backend, self.loop, log, **server_kwargs)
+        except BaseException:
+            self.loop.close()
+            if self._tmpdir is not None:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            raise
         self.errors: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._run, name="vfio-user-server", daemon=True)
 

@@ -422,3 +422,10 @@ def test_no_fd_leaks_across_clients(server: ServerThread) -> None:
     for _ in range(3):
         cycle()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("kwargs", [{"max_msg_fds": 17}, {"max_msg_fds": 0}, {"max_data_xfer_size": 2048},
+                                    {"max_data_xfer_size": p.MAX_MSG_SIZE}])
+def test_server_refuses_limits_qemu_or_the_codec_cannot_take(backend: FakeBackend, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ServerThread(backend, "/nonexistent/s.sock", **kwargs)
