@@ -50,7 +50,7 @@ def tail(path: Path | None, lines: int = 40) -> str:
             data = f.read()
     except OSError:
         return ""
-    text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    text = _ANSI.sub("", data.decode(errors="replace")).replace("\r\n", "\n").replace("\r", "\n")
     return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
 
