@@ -32,12 +32,17 @@ def _notify_write(ctrl: "Controller", ns: "Namespace", slba: int, nlb: int,
         hook(ctrl, ns.nsid, slba, nlb, deallocated)
 
 
-@io_command(IoOpcode.READ)
-def read(ctrl: "Controller", cmd: Command) -> Result:
+def _data_args(ctrl: "Controller", cmd: Command) -> tuple["Namespace", int, int, int]:
     ns, slba, nlb = _rw_args(ctrl, cmd)
     length = nlb << ns.lba_shift
     if length > ctrl.max_transfer:
-        raise invalid_field("transfer exceeds MDTS")
+        raise invalid_field("transfer exceeds MDTS")  # Identify Controller MDTS
+    return ns, slba, nlb, length
+
+
+@io_command(IoOpcode.READ)
+def read(ctrl: "Controller", cmd: Command) -> Result:
+    ns, slba, nlb, length = _data_args(ctrl, cmd)
     ns.read_into(slba, ctrl.data_views(cmd, length, to_host=True))
     ctrl.stats["host_read_commands"] += 1
     ctrl.stats["data_units_read"] += length >> 9
@@ -46,10 +51,7 @@ def read(ctrl: "Controller", cmd: Command) -> Result:
 
 @io_command(IoOpcode.WRITE)
 def write(ctrl: "Controller", cmd: Command) -> Result:
-    ns, slba, nlb = _rw_args(ctrl, cmd)
-    length = nlb << ns.lba_shift
-    if length > ctrl.max_transfer:
-        raise invalid_field("transfer exceeds MDTS")
+    ns, slba, nlb, length = _data_args(ctrl, cmd)
     ns.write_from(slba, nlb, ctrl.data_views(cmd, length, to_host=False))
     if cmd.cdw12 & (1 << 30):  # FUA
         ns.flush()

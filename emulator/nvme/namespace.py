@@ -54,23 +54,22 @@ class Namespace:
         return slba + nlb <= self.nsze
 
     def read_into(self, slba: int, views: list[memoryview]) -> None:
-        offset = slba << self.lba_shift
-        for chunk in _iov_chunks(views):
-            want = sum(len(v) for v in chunk)
-            got = os.preadv(self.fd, chunk, offset)
-            if got != want:
-                self._finish_short(chunk, got, offset, read=True)
-            offset += want
+        self._transfer(slba, views, read=True)
 
     def write_from(self, slba: int, nlb: int, views: list[memoryview]) -> None:
+        self._transfer(slba, views, read=False)
+        self.allocation.mark_allocated(slba, nlb)
+
+    def _transfer(self, slba: int, views: list[memoryview], read: bool) -> None:
+        """preadv/pwritev straight between the file and the DMA views."""
         offset = slba << self.lba_shift
+        io = os.preadv if read else os.pwritev
         for chunk in _iov_chunks(views):
             want = sum(len(v) for v in chunk)
-            got = os.pwritev(self.fd, chunk, offset)
+            got = io(self.fd, chunk, offset)
             if got != want:
-                self._finish_short(chunk, got, offset, read=False)
+                self._finish_short(chunk, got, offset, read=read)
             offset += want
-        self.allocation.mark_allocated(slba, nlb)
 
     def _finish_short(self, chunk: list[memoryview], done: int, offset: int, read: bool) -> None:
         # Slow path for a short preadv/pwritev: finish view by view.
