@@ -37,6 +37,14 @@ def main(argv: list[str]) -> int:
         paths = [state / c["socket"] for c in cfg.get("controllers") or []]
     else:
         paths = [state_dir / "ctrl1.sock"]
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    # before the first "listening on": a SIGTERM right after it must already mean "exit 0"
+    signal.signal(signal.SIGTERM, on_term)
     socks = []
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -49,13 +57,6 @@ def main(argv: list[str]) -> int:
         print(f"INFO server listening on {p}", file=sys.stderr, flush=True)
         if not os.environ.get("FAKE_EMU_SILENT"):
             print(f"listening on {p}", flush=True)
-    stop = False
-
-    def on_term(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
     while not stop:
         time.sleep(0.05)
     for s, p in zip(socks, paths):
