@@ -125,7 +125,9 @@ def emulator(request: pytest.FixtureRequest, guest_workdir: Path) -> Iterator[Ca
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         else:
             cfg_path = Path(config) if config is not None else None
-        proc = EmulatorProcess(cfg_path, guest_workdir / f"{name}.log", name=name, expect=expect,
+        n = sum(1 for e in reg.emulators if e.name.split("#")[0] == name)
+        log = guest_workdir / (f"{name}.log" if n == 0 else f"{name}.{n + 1}.log")   # keep earlier runs' logs
+        proc = EmulatorProcess(cfg_path, log, name=name if n == 0 else f"{name}#{n + 1}", expect=expect,
                                command=command, cwd=guest_workdir, settle=settle)
         reg.emulators.append(proc)
         proc.start(timeout=timeout)
