@@ -93,11 +93,13 @@ class VfioUserTransport:
         client.negotiate()
         client.dma_map(memory.iova, memory.size, fd=memory.fd, offset=0, flags=3)
         client.device_info()
-        for index in range(9):
+        for index in range(9):  # like QEMU at realize; we keep no region fds
             try:
-                client.region_info(index)
+                info = client.region_info(index)
             except Exception:
-                pass
+                continue
+            if getattr(info, "fd", None) is not None:
+                os.close(info.fd)
         cmd = self.config_read(PCI_COMMAND, 2)
         self.config_write(PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
         self.msix_cap = self._find_cap(PCI_CAP_ID_MSIX)
