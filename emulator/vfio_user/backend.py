@@ -53,6 +53,10 @@ class IrqLines(Protocol):
     def assigned(self, index: int, subindex: int) -> bool:
         ...
 
+    def masked(self, index: int, subindex: int) -> bool:
+        """True while the client keeps the line masked (INTx MASK/UNMASK)."""
+        ...
+
 
 class DeviceBackend(Protocol):
     """What a device model implements to be served over vfio-user."""
