@@ -39,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"nvme-emu: cannot start: {e}", file=sys.stderr)
         return 1
-    for path in runtime.start():
-        print(f"listening on {path}", flush=True)
+    # Handlers first: a SIGTERM right after the "listening on" lines must still flush.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, loop.stop)
+    for path in runtime.start():
+        print(f"listening on {path}", flush=True)
     try:
         loop.run_forever()
     finally:
