@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from emulator.host.lm import MigrationHost
 from emulator.nvme.migration.wire import Esa, Lbacir
-from emulator.nvme.spec import AdminOpcode, CommandSpecific as CS
+from emulator.nvme.spec import AdminOpcode, CommandSpecific as CS, IoOpcode
 from tp4159_common import (  # noqa: F401
     IO, Lm, aer_submit, aer_wait, invalid_field, lm, markers, one_shot, ranges, specific, write,
 )
@@ -98,12 +98,14 @@ def test_markers_on_suspend_and_resume(lm: Lm) -> None:
     assert m.log_start(q.cdqid).ok
     write(g, 1, 1)
     assert m.suspend(IO).ok
+    cid = g.submit(1, IoOpcode.WRITE, nsid=1, prp1=g.mem.alloc(512), cdw10=5)  # stalls
     assert m.resume(IO).ok
+    assert g.wait(1, cid).ok
     write(g, 2, 1)
     got = m.drain(q)
-    assert markers(got) == [Esa.FIRST, Esa.LAST_SUSPENDED, Esa.FIRST]
-    assert ranges(got) == [(1, 1), (2, 1)]
-    assert [e.lbacir for e in got] == [2, 0, 2, 2, 0]
+    assert [(e.esa, e.lbacir, e.slba) for e in got] == [
+        (Esa.FIRST, 2, 0), (0, 0, 1), (Esa.LAST_SUSPENDED, 2, 0), (Esa.FIRST, 2, 0),
+        (0, 0, 5), (0, 0, 2)]
 
 
 def test_suspend_with_dudmq_deletes_the_queue_after_its_marker(lm: Lm) -> None:

@@ -75,8 +75,8 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
     if cntlid in mmc_state(mmc).sequences:
         # A Set Controller State sequence was opened and not verified/committed.
         raise generic(Generic.COMMAND_SEQUENCE_ERROR, "controller state not committed")
+    udlog.on_resume(target)  # the 'first since resume' marker precedes what follows
     wake(target)
-    udlog.on_resume(target)
     log.info("MMC %d: controller %d resumed", mmc.cntlid, cntlid)
     return 0, 0
 
