@@ -13,7 +13,8 @@ from emulator.nvme.migration import ctrlstate, wire
 from emulator.nvme.migration.wire import Seqind
 from emulator.nvme.spec import FID, AdminOpcode, CommandSpecific as CS, Generic, IoOpcode
 from tp4159_common import (  # noqa: F401
-    IO, MMC, Lm, aer_submit, aer_wait, generic, invalid_field, lm, specific, stalls, write,
+    IO, MMC, Lm, aer_submit, aer_wait, flush_posted, generic, invalid_field, lm, specific, stalls,
+    write,
 )
 
 SPARE = 3  # a second migratable controller nobody enabled
@@ -247,6 +248,7 @@ def test_set_nvme_defined_state_only(spare) -> None:  # type: ignore[no-untyped-
     write(g, 0, 8, fill=0x77)
     assert m.suspend(IO).ok
     cid = g.submit(1, IoOpcode.READ, nsid=1, prp1=g.mem.alloc(4096), cdw12=7)  # while suspended
+    flush_posted(g)
     state = m.get_state(IO, csuuidi=0)[0]
     h3 = e.host(SPARE, init=False, memory=g.mem)
     h3.enable()  # enabled, admin queue only
@@ -257,3 +259,20 @@ def test_set_nvme_defined_state_only(spare) -> None:  # type: ignore[no-untyped-
     c = h3.wait(1, cid)
     assert c.ok
     assert h3.read(1, 0, 8).data == bytes([0x77]) * 4096
+
+
+def test_resume_signals_completions_the_host_has_not_consumed(spare) -> None:  # type: ignore[no-untyped-def]
+    """A CQE posted on the source but not yet consumed gets its interrupt again on the
+    destination at Resume (the source's interrupt went to the old transport)."""
+    e, g, m = spare
+    buf = g.mem.alloc(512)
+    cid = g.submit(1, IoOpcode.READ, nsid=1, prp1=buf, cdw12=0)
+    assert g.t.wait_irq(1, 2.0)  # completed on the source; the host has not reaped it
+    assert m.suspend(IO).ok
+    state = m.get_state(IO)[0]
+    assert m.suspend(SPARE).ok and m.set_state(SPARE, state).ok
+    g.t = e.connect(SPARE, memory=g.mem)
+    assert not g.t.wait_irq(1, 0.1)
+    assert m.resume(SPARE).ok
+    assert g.t.wait_irq(1, 2.0)  # re-signalled by the destination
+    assert g.poll(1, cid) is not None

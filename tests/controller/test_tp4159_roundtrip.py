@@ -9,7 +9,8 @@ destination MMC suspends its (never enabled) controller, sets the state in
 pieces and resumes it; the guest driver switches transport and goes on with
 the same admin and I/O queues, never enabling the destination.  Every command
 gets exactly one completion, the data is right, and the LBA ranges logged on
-both sides are exactly the writes issued.
+both sides are exactly the writes issued; the source MMC's memory tracking
+reports exactly the guest pages the source controller wrote.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from emulator.host.lm import MigrationHost
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.wire import Esa
 from emulator.nvme.spec import AdminOpcode, IoOpcode
-from tp4159_common import aer_submit, aer_wait, markers, ranges, stalls
+from tp4159_common import aer_submit, aer_wait, flush_posted, markers, ranges, stalls
 
 NLBAS = (16 << 20) // 512
 QSIZE = 32
@@ -119,20 +120,30 @@ def test_live_migration_round_trip(emu: Any, tmp_path: Path, before: int) -> Non
     # 1. I/O on the source, logged into the LBA Migration Queue.
     lmq = mmhs.udmq(1, slots=512)
     assert mmhs.log_start(lmq.cdqid).ok
+    assert mmhs.track_memory(1, [(h.mem.iova, h.mem.size >> 12)]).ok  # 4 KiB granules
     aer_cid = aer_submit(h)  # stays outstanding across the migration
     for i in range(before):  # completes in order: CQ 1 gets before/2 entries...
         g.submit_write(1 + i % 2) if i % 4 != 3 else g.submit_read(1 + i % 2)
         g.settle()
     g.burst(6)  # ...plus a burst whose completions are left unreaped in the CQs
+    flush_posted(h)  # (all fetched by the source before the Suspend)
     assert stalls(h, 0, aer_cid, 0.05)  # (polls the admin CQ only)
 
     # 2. Suspend, then the guest keeps submitting: nothing is fetched.
+    source_reads = [buf for buf, _ in g.reads.values()]  # all done by the source
     assert mmhs.suspend(1).ok
     before_suspend = len(g.completed)
     g.burst(9)
+    flush_posted(h)
     assert stalls(h, 1, g.submitted[-1][1]) and len(g.completed) - before_suspend <= 6
     state, csup = mmhs.get_state(1)
     assert csup
+    # Dirty guest memory: every page the source wrote (CQ entries, read data).
+    dirty, susp = mmhs.dirty_ranges(1)
+    pages = {a + off for a, n in dirty for off in range(0, n, 4096)}
+    wrote = {h.queues[q].cq_iova for q in (1, 2)} | {buf & ~0xFFF for buf in source_reads}
+    assert susp and wrote <= pages and len(pages) == len(wrote), (sorted(pages - wrote))
+    assert mmhs.dirty_ranges(1) == ([], True)  # suspended and all reported: done
     _, _, _, cq1_tail, iocqa = wire.IOCQ_STATE.unpack_from(state, 48 + 8 + 2 * 24)[1:]
     if before == 58:  # 32 completions in a 32-entry CQ: tail 0, slot 0 holds phase 1
         assert cq1_tail == 0 and iocqa & wire.IOCQA_S0PT

@@ -67,6 +67,12 @@ def aer_wait(h: NvmeHost, cid: int, timeout: float = 2.0) -> Completion | None:
     return None
 
 
+def flush_posted(h: NvmeHost) -> None:
+    """Doorbell writes are posted: a register read on the same socket orders them
+    before anything the MMC (another socket) does next."""
+    h.t.mmio_read(0x1C, 4)  # CSTS
+
+
 def stalls(h: NvmeHost, qid: int, cid: int, wait: float = 0.2) -> bool:
     """True if the command gets no completion within ``wait`` seconds."""
     deadline = time.monotonic() + wait
