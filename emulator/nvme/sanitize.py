@@ -52,11 +52,9 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     for ns in sub.namespaces.values():
         ns.deallocate(0, ns.nsze)
         ns.flush()
-    for nsid in ctrl.config.nsids:  # user data changed by this controller's command
-        ns = sub.namespaces.get(nsid)
-        if ns is not None:
-            for hook in ctrl.observers.on_write:
-                hook(ctrl, nsid, 0, ns.nsze, True)
+    for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
+        for hook in ctrl.observers.on_write:
+            hook(ctrl, attached.nsid, 0, attached.nsze, True)
     for c in sub.controllers.values():
         c.state.vendor[VENDOR_KEY] = [SSTAT_COMPLETED, cmd.cdw10]
     return 0, 0

@@ -5,6 +5,7 @@ import struct
 
 import pytest
 
+from emulator.host.driver import Completion
 from emulator.host.lm import MigrationHost
 from emulator.nvme.migration import cdq as cdq_mod, wire
 from emulator.nvme.spec import AdminOpcode, CommandSpecific as CS, FID, Generic
@@ -81,7 +82,7 @@ def test_memory_range_limits(emu) -> None:  # type: ignore[no-untyped-def]
     e = emu(MANY)
     a, b = MigrationHost(e.host(8)), MigrationHost(e.host(9))
 
-    def scattered(m: MigrationHost, cntlid: int, n: int) -> object:
+    def scattered(m: MigrationHost, cntlid: int, n: int) -> Completion:
         pages = [m.h.mem.alloc(4096) for _ in range(2 * n)][::2]  # every other page
         plist = m.h.mem.alloc(n * 8)
         m.h.mem.write(plist, struct.pack(f"<{n}Q", *pages))

@@ -201,7 +201,8 @@ def _check_queues(target: "Controller", p: ParsedState) -> None:
     page = 1 << (12 + ((cc >> CC_MPS_SHIFT) & CC_MPS_MASK))
     cfg = target.config
     cqids = {q.qid for q in cqs}
-    for q in [*sqs, *cqs]:
+    every: list[SQState | CQState] = [*sqs, *cqs]
+    for q in every:
         if q.qid > cfg.max_io_queues:  # more queues than this controller has
             raise specific(CommandSpecific.NOT_ENOUGH_RESOURCES, f"queue {q.qid}")
         if (q.qid == 0 or not 2 <= q.size <= cfg.mqes + 1 or not q.pc or not q.base
