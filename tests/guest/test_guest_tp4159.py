@@ -40,7 +40,14 @@ CONFIG = {
 }
 
 BODY = rf"""
-wait_dev /dev/nvme0n1 120 && pass nvme_bound || fail nvme_bound "no /dev/nvme0n1"
+# The namespace's disk is nvme<subsystem instance>n1, and the subsystem takes the
+# instance of whichever controller probed first (the MMC, sometimes): look for it.
+NS=; i=0
+while [ -z "$NS" ] && [ $i -lt 1200 ]; do
+    NS=$(ls /dev/nvme[0-9]n1 2>/dev/null | head -n 1); [ -n "$NS" ] || sleep 0.1; i=$((i + 1))
+done
+[ -n "$NS" ] && pass nvme_bound || fail nvme_bound "no namespace block device"
+result ns "$NS"
 for c in /sys/class/nvme/nvme*; do
     case "$(cat $c/cntlid)" in 1) IO=${{c##*/}} ;; 2) MMC=${{c##*/}} ;; esac
 done
@@ -60,9 +67,9 @@ capture cdq_create nvme admin-passthru $M --opcode=0x45 --cdw10=0xc0 --cdw11=0x1
 capture track_start nvme lm track-send $M --sel=0 --cdqid=1 --start
 capture track_start_again nvme lm track-send $M --sel=0 --cdqid=1 --start
 capture track_bad_cdq nvme lm track-send $M --sel=0 --cdqid=9 --start
-check w1 dd if=/dev/urandom of=/dev/nvme0n1 bs=4096 seek=12 count=1 oflag=direct
-check w2 dd if=/dev/urandom of=/dev/nvme0n1 bs=8192 seek=256 count=1 oflag=direct
-check wz nvme write-zeroes /dev/nvme0n1 --namespace-id=1 --start-block=9000 --block-count=32
+check w1 dd if=/dev/urandom of=$NS bs=4096 seek=12 count=1 oflag=direct
+check w2 dd if=/dev/urandom of=$NS bs=8192 seek=256 count=1 oflag=direct
+check wz nvme write-zeroes $NS --namespace-id=1 --start-block=9000 --block-count=32
 capture cdq_logged dump
 capture set_cdq nvme lm set-cdq $M --cdqid=1 --hp=2 --tpt=7
 capture cdq_feature sh -c "nvme get-feature $M --feature-id=0x21 --cdw11=1 --data-len=512 -b | od -An -v -tx1"
@@ -72,7 +79,7 @@ capture get_cdq_bad_id nvme lm get-cdq $M --cdqid=9
 capture notify nvme lm migration-send $M --sel=0 --cntlid=1 --stype=0
 capture suspend nvme lm migration-send $M --sel=0 --cntlid=1 --stype=1
 rm -f /tmp/io_done
-(dd if=/dev/urandom of=/dev/nvme0n1 bs=4096 seek=2500 count=1 oflag=direct 2>/dev/null; echo $? > /tmp/io_done) &
+(dd if=/dev/urandom of=$NS bs=4096 seek=2500 count=1 oflag=direct 2>/dev/null; echo $? > /tmp/io_done) &
 sleep 3
 [ -e /tmp/io_done ] && fail io_stalled "I/O completed while suspended" || pass io_stalled
 capture recv_h nvme lm migration-recv $M --sel=0 --cntlid=1 --csvi=1 --numd=1023 -H
@@ -117,10 +124,12 @@ def field(text: str, name: str) -> int:
     return int(value.strip(), 0)
 
 
-def test_guest_drives_tp4159_with_nvme_cli(boot_guest, emulator) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("mmc_first", [False, True], ids=["io-first", "mmc-first"])
+def test_guest_drives_tp4159_with_nvme_cli(boot_guest, emulator, mmc_first: bool) -> None:  # type: ignore[no-untyped-def]
     emu = emulator(CONFIG, name="emu")
     spec = GuestSpec(init=BODY, append=f"memmap=64K${CDQ_ADDR:#x}")
-    res = boot_guest(spec, vfio_user=emu.sockets, timeout=400, name="guest", check=False)
+    sockets = emu.sockets[::-1] if mmc_first else emu.sockets  # PCI order: device names change
+    res = boot_guest(spec, vfio_user=sockets, timeout=400, name="guest", check=False)
     print(res.summary())
     for name in ("id_ctrl_mmc", "cdq_create", "cdq_logged", "recv_h", "cdq_after"):
         print(f"---- {name}\n{res.outputs.get(name)}")
