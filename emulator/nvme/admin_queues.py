@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from emulator.nvme import dbbuf
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.spec import (
     CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK, CC_IOSQES_SHIFT, CQES_LOG2, SQES_LOG2,
@@ -41,6 +42,7 @@ def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
         raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"IV {iv}")
     _check_base(ctrl, cmd.prp1)
     ctrl.cqs[qid] = CQState(qid=qid, base=cmd.prp1, size=qsize, iv=iv, ien=ien, pc=pc)
+    dbbuf.queue_created(ctrl, qid, is_cq=True)
     return 0, 0
 
 
@@ -60,6 +62,7 @@ def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
         raise invalid_field("CC.IOSQES")
     _check_base(ctrl, cmd.prp1)
     ctrl.sqs[qid] = SQState(qid=qid, base=cmd.prp1, size=qsize, cqid=cqid, qprio=qprio, pc=pc)
+    dbbuf.queue_created(ctrl, qid, is_cq=False)
     return 0, 0
 
 

@@ -117,7 +117,8 @@ class Controller:
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
         from emulator.nvme import commands  # noqa: F401  (registers the handlers)
-        from emulator.nvme import features
+        from emulator.nvme import dbbuf, features
+        self._dbbuf = dbbuf
         features.reset_features(self)
         for init_hook in CONTROLLER_HOOKS:
             init_hook(self)
@@ -264,6 +265,7 @@ class Controller:
         self.state.aer.pending.clear()
         self.state.aer.masked_types.clear()
         self.state.suspended = False
+        self.state.vendor.pop(self._dbbuf.KEY, None)  # shadow doorbells off (§5.1.7)
         features.reset_features(self)
         for hook in self.observers.on_reset:
             hook(self)
@@ -284,6 +286,8 @@ class Controller:
                 self._doorbell_error(0x00 if cq is None else 0x01)
                 return
             cq.head = value
+            if qid:  # with shadow doorbells the buffer holds the newest head
+                self._dbbuf.refresh_cq_head(self, cq, arm=False)
             self.kick()  # SQs that waited for CQ space can go on
             return
         sq = self.sqs.get(qid)
@@ -291,7 +295,14 @@ class Controller:
             self._doorbell_error(0x00 if sq is None else 0x01)
             return
         sq.tail = value
+        if qid:
+            # With shadow doorbells the MMIO write is only a notification: a
+            # posted write can arrive after the shadow tail moved on, and its
+            # older value must not move the tail back (Base 2.1 §5.1.7).
+            self._dbbuf.take_shadow_sq_tail(self, sq)
         self.process_sq(sq)
+        if qid:
+            self._dbbuf.after_sq_doorbell(self, sq)
         self.flush_interrupts()
 
     def _doorbell_error(self, aei: int) -> None:
@@ -319,7 +330,9 @@ class Controller:
             if cq is None:
                 return
             if q.cq_full(cq):
-                return  # resumes when the host frees CQ slots (CQ head doorbell)
+                self._dbbuf.refresh_cq_head(self, cq, arm=True)
+                if q.cq_full(cq):
+                    return  # resumes when the host frees CQ slots (CQ head doorbell)
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
@@ -366,8 +379,12 @@ class Controller:
         if sq is None or self.memory is None:
             return False
         cq = self.cqs.get(sq.cqid)
-        if cq is None or q.cq_full(cq):
+        if cq is None:
             return False
+        if q.cq_full(cq):
+            self._dbbuf.refresh_cq_head(self, cq, arm=True)
+            if q.cq_full(cq):
+                return False
         q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
         self._irq.setdefault(cq.qid, _IrqState()).pending += 1
         return True
@@ -470,6 +487,7 @@ class Controller:
     # ------------------------------------------------------------------ state
     def snapshot(self) -> ControllerState:
         """The serialisable state (queues copied in ascending id order)."""
+        self._dbbuf.refresh_all(self)
         self.state.sqs = [self.sqs[k] for k in sorted(self.sqs)]
         self.state.cqs = [self.cqs[k] for k in sorted(self.cqs)]
         return self.state

@@ -91,7 +91,7 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     _put(b, 80, "I", NVME_VERSION)
     _put(b, 92, "I", 0x100)  # OAES: Namespace Attribute Notices
     b[111] = 1  # CNTRLTYPE: I/O controller
-    _put(b, 256, "H", 0)  # OACS (extensions OR in their bits)
+    _put(b, 256, "H", OACS_DBBUF)  # OACS: Doorbell Buffer Config (extensions OR in theirs)
     b[258] = 3  # ACL: 4 concurrent Abort commands (0's based)
     b[259] = AERL
     b[260] = 0x3  # FRMW: slot 1 read only, 1 slot
