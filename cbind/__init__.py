@@ -1,4 +1,6 @@
 """C bindings built with cffi, each with a pure-Python fallback.
 
 - fileops: fallocate(2) (punch hole / zero range), which the standard library lacks.
+- prp: the PRP list entry loop of every I/O command (hot path), prp.c in API mode.
+- build: lazy, locked, hash-keyed cffi API-mode builds for such modules.
 """

@@ -4,26 +4,27 @@ Turns PRP1/PRP2 of a command into (address, length) segments of guest memory,
 merging physically contiguous pages.  Errors follow the spec's statuses:
 bad offsets give PRP Offset Invalid; PRP lists outside mapped memory give a
 Data Transfer Error (raised by the memory as DmaError and mapped by the caller).
+
+The walk over PRP list pages and the guest-memory reads stay here; the loop
+over the entries of each list page chunk is ``cbind.prp.merge_entries`` (C
+when it compiled, else the pure-Python loop, with the same results).
 """
 from __future__ import annotations
 
 import struct
 
+from cbind.prp import MergeFn, Segment, append_segment, merge_entries
 from emulator.memory import GuestMemory
 from emulator.nvme.spec import Generic, generic
 
-Segment = tuple[int, int]
+__all__ = ["Segment", "prp_segments"]
 
-
-def _append(segs: list[Segment], addr: int, length: int) -> None:
-    if segs and segs[-1][0] + segs[-1][1] == addr:
-        segs[-1] = (segs[-1][0], segs[-1][1] + length)
-    else:
-        segs.append((addr, length))
+_QWORD = struct.Struct("<Q")
 
 
 def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int,
-                 page_size: int) -> list[Segment]:
+                 page_size: int, merge: MergeFn = merge_entries) -> list[Segment]:
+    """Segments of the data buffer; ``merge`` is the list-entry loop (tests pass either)."""
     if length <= 0:
         return []
     mask = page_size - 1
@@ -39,7 +40,7 @@ def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int,
         # PRP2 is the address of the second (and last) memory page.
         if prp2 & mask:
             raise generic(Generic.PRP_OFFSET_INVALID, "PRP2 entry has an offset")
-        _append(segs, prp2, remaining)
+        append_segment(segs, prp2, remaining)
         return segs
     # PRP2 points to a PRP list (qword aligned, may start inside a page).
     if prp2 & 0x7:
@@ -49,18 +50,14 @@ def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int,
     while npages:
         slots = (page_size - (list_addr & mask)) // 8
         take = npages if npages <= slots else slots - 1  # last slot chains to the next list
-        raw = memory.read(list_addr, (take + (1 if take < npages else 0)) * 8)
-        entries = struct.unpack_from(f"<{len(raw) // 8}Q", raw)
-        for i in range(take):
-            e = entries[i]
-            if e & mask:
-                raise generic(Generic.PRP_OFFSET_INVALID, "PRP list entry has an offset")
-            n = min(page_size, remaining)
-            _append(segs, e, n)
-            remaining -= n
+        chained = take < npages
+        raw = memory.read(list_addr, (take + chained) * 8)
+        if merge(raw, take, page_size, remaining, segs) >= 0:
+            raise generic(Generic.PRP_OFFSET_INVALID, "PRP list entry has an offset")
+        remaining -= min(remaining, take * page_size)
         npages -= take
-        if npages:
-            nxt = entries[take]
+        if chained:
+            nxt = _QWORD.unpack_from(raw, take * 8)[0]
             if nxt & 0x7:
                 raise generic(Generic.PRP_OFFSET_INVALID, "chained PRP list pointer not aligned")
             list_addr = nxt
