@@ -316,6 +316,9 @@ def base_initramfs(env: GuestEnv) -> Path:
 INIT_PRELUDE = r"""#!/bin/busybox sh
 # nvme-emu guest /init. Marker lines on the console (one per line, start of line):
 #   @@RESULT name=value   @@PASS name   @@FAIL name reason   @@BEGIN name ... @@END name rc=N   @@DONE
+# End whatever line the firmware left open: SeaBIOS's "Booting from ROM...<CR><LF>" sometimes
+# reaches the console without its tail, and the first marker would then not start a line.
+/bin/busybox echo
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
