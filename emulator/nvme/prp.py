@@ -47,7 +47,14 @@ def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int,
         raise generic(Generic.PRP_OFFSET_INVALID, "PRP list pointer not qword aligned")
     list_addr = prp2
     npages = (remaining + mask) // page_size
+    # A list page that holds only a chain pointer makes no progress; a chain of
+    # them pointing back at itself would loop for ever.  A well-formed list
+    # needs at most npages hops, so more than that is a malformed list.
+    hops = npages + 1
     while npages:
+        hops -= 1
+        if hops < 0:
+            raise generic(Generic.PRP_OFFSET_INVALID, "PRP list chain does not advance")
         slots = (page_size - (list_addr & mask)) // 8
         take = npages if npages <= slots else slots - 1  # last slot chains to the next list
         chained = take < npages

@@ -59,3 +59,16 @@ def test_sgl_and_fused_refused(emu):
     assert c.sc == Generic.INVALID_FIELD
     cid = h.submit(1, IoOpcode.READ, 1, buf, 0, flags=0x1)  # FUSE
     assert h.wait(1, cid).sc == Generic.INVALID_FIELD
+
+
+def test_prp_list_chain_loop_is_refused(emu):
+    """A list page holding only a chain pointer to itself must not hang the emulator."""
+    import struct
+    h = emu().host()
+    buf = h.mem.alloc(3 * 4096)
+    page = h.mem.alloc(4096)
+    last = page + 4096 - 8  # the last slot: no room for entries, only a chain pointer
+    h.mem.write(last, struct.pack("<Q", last))
+    c = h.command(1, IoOpcode.READ, nsid=1, prp1=buf, prp2=last, cdw12=23, timeout=5)
+    assert (c.sct, c.sc) == (0, Generic.PRP_OFFSET_INVALID)
+    assert h.read(1, 0, 1).ok
