@@ -104,7 +104,7 @@ def setups(draw: Any) -> Setup:
 
     layout = draw(st.sampled_from(["contiguous", "scattered", "runs"]))
     pages: list[int] = []
-    nxt = base_page + 1
+    nxt = (base_page + 1) % (last_page + 1)  # the page after the top one wraps to 0
     for _ in range(npages):
         if layout == "scattered" or (layout == "runs" and rng.random() < 0.2):
             nxt = last_page - rng.randrange(0, 4096) if top else rng.randrange(1, 1 << 30)
