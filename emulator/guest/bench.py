@@ -12,6 +12,7 @@ Prints a table with the emulator/QEMU ratio.  Run: ``bash scripts/bench-guest``
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -40,31 +41,39 @@ i=0; while [ $i -lt 300 ]; do
 done
 EMU=$(find_dev 'nvme-emu'); QEMU=$(find_dev 'QEMU')
 [ -n "$EMU" ] && [ -n "$QEMU" ] && pass both_disks || { fail both_disks "emu=$EMU qemu=$QEMU"; exit 0; }
-for name in qemu emu; do
-    [ $name = emu ] && DEV=$EMU || DEV=$QEMU
-    # Fill the region so both read real data, not holes.
-    dd if=/dev/urandom of=/tmp/fill bs=1M count=16 2>/dev/null
+dd if=/dev/urandom of=/tmp/fill bs=1M count=16 2>/dev/null
+for DEV in $QEMU $EMU; do  # fill the region so both read real data, not holes
     k=0; while [ $k -lt 4 ]; do
         dd if=/tmp/fill of=$DEV bs=1M seek=$((k * 16)) oflag=direct 2>/dev/null; k=$((k + 1))
     done
+done
+r=0
+while [ $r -lt @ROUNDS@ ]; do
+  r=$((r + 1))
+  # alternate the order from round to round
+  [ $((r % 2)) -eq 1 ] && ORDER="qemu emu" || ORDER="emu qemu"
+  for name in $ORDER; do
+    [ $name = emu ] && DEV=$EMU || DEV=$QEMU
     fio --name=rr --filename=$DEV --rw=randread --bs=4k --iodepth=32 --ioengine=libaio \
         --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
         --output-format=terse --terse-version=3 > /tmp/rr.out 2>&1
-    result ${name}_randread_iops "$(cut -d';' -f8 /tmp/rr.out)"
+    result ${name}_randread_iops_$r "$(cut -d';' -f8 /tmp/rr.out)"
     fio --name=sr --filename=$DEV --rw=read --bs=128k --iodepth=4 --ioengine=libaio \
         --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
         --output-format=terse --terse-version=3 > /tmp/sr.out 2>&1
-    result ${name}_seqread_kibs "$(cut -d';' -f7 /tmp/sr.out)"
+    result ${name}_seqread_kibs_$r "$(cut -d';' -f7 /tmp/sr.out)"
+  done
 done
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    p.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (order alternates); medians are reported")
     p.add_argument("--workdir", type=Path, default=None)
 
 
-def run_bench(runtime: int, workdir: Path | None = None) -> dict[str, float]:
+def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3) -> dict[str, float]:
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -77,15 +86,20 @@ def run_bench(runtime: int, workdir: Path | None = None) -> dict[str, float]:
     emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd)
     emu.start()
     try:
-        spec = GuestSpec(init=BODY.replace("@RUNTIME@", str(runtime)),
+        spec = GuestSpec(init=BODY.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
-        res = run(env, spec, wd / "guest", timeout=120 + 8 * runtime)
+        res = run(env, spec, wd / "guest", timeout=120 + 6 * runtime * rounds)
     finally:
         emu.stop()
     if not res.ok:
         raise SystemExit(f"benchmark guest failed: {res.summary()}")
-    return {k: float(v) for k, v in res.results.items() if k.endswith(("_iops", "_kibs"))}
+    samples: dict[str, list[float]] = {}
+    for k, v in res.results.items():
+        key, _, rnd = k.rpartition("_")
+        if key.endswith(("_iops", "_kibs")) and rnd.isdigit() and v:
+            samples.setdefault(key, []).append(float(v))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def report(r: dict[str, float]) -> str:
@@ -103,9 +117,10 @@ def report(r: dict[str, float]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    r = run_bench(args.runtime, args.workdir)
+    r = run_bench(args.runtime, args.workdir, args.rounds)
     print(report(r))
-    print(f"(one TCG guest, -smp 1, both disks in the same run; {time.monotonic() - t0:.0f} s)")
+    print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
+          f"of {args.runtime} s, order alternating; {time.monotonic() - t0:.0f} s)")
     return 0
 
 
