@@ -223,16 +223,17 @@ class NvmeHost:
         return q.done.pop(cid, None)
 
     # ------------------------------------------------------------------ data buffers
-    def build_prps(self, iova: int, length: int) -> tuple[int, int, int | None]:
-        """PRP1/PRP2 for a buffer at ``iova`` (Base 2.1 §4.1.1); returns the list page if any."""
+    def build_prps(self, iova: int, length: int) -> tuple[int, int, list[int]]:
+        """PRP1/PRP2 for a buffer at ``iova`` (Base 2.1 §4.1.1), and the PRP list
+        pages allocated for it (the caller frees them once the command is done)."""
         ps = self.page_size
         first = min(length, ps - (iova % ps))
         rest = length - first
         if rest <= 0:
-            return iova, 0, None
+            return iova, 0, []
         second = iova + first
         if rest <= ps:
-            return iova, second, None
+            return iova, second, []
         pages = [second + i * ps for i in range((rest + ps - 1) // ps)]
         per_list = ps // 8
         # Chain list pages: the last slot of a full page points to the next.
@@ -250,7 +251,7 @@ class NvmeHost:
             if i + 1 < len(chunks):
                 entries.append(list_pages[i + 1])
             self.mem.write(list_pages[i], struct.pack(f"<{len(entries)}Q", *entries))
-        return iova, list_pages[0], list_pages[0]
+        return iova, list_pages[0], list_pages
 
     def command(self, qid: int, opc: int, nsid: int = 0, data: bytes | None = None,
                 read_len: int = 0, cdw10: int = 0, cdw11: int = 0, cdw12: int = 0,
@@ -260,14 +261,14 @@ class NvmeHost:
         """Run one command synchronously, with an optional data buffer either way."""
         length = len(data) if data is not None else read_len
         buf = None
-        list_page = None
+        list_pages: list[int] = []
         p1, p2 = 0, 0
         if length:
             span = length + buf_offset
             buf = self.mem.alloc(span)
             if data is not None:
                 self.mem.write(buf + buf_offset, data)
-            p1, p2, list_page = self.build_prps(buf + buf_offset, length)
+            p1, p2, list_pages = self.build_prps(buf + buf_offset, length)
         if prp1 is not None:
             p1 = prp1
         if prp2 is not None:
@@ -278,8 +279,8 @@ class NvmeHost:
             if read_len:
                 c.data = self.mem.read(buf + buf_offset, read_len)
             self.mem.free(buf, length + buf_offset)
-        if list_page is not None:
-            pass  # list pages are small; leave them to the allocator's reuse
+        for page in list_pages:
+            self.mem.free(page, self.page_size)
         if check and not c.ok:
             raise NvmeCommandError(c)
         return c
