@@ -34,7 +34,3 @@ class GuestMemory(Protocol):
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         ...
-
-    def note_write(self, addr: int, length: int) -> None:
-        """Report a store done through views() to the write observers."""
-        ...

@@ -1,9 +1,9 @@
 """An interval map of guest-memory regions, each optionally backed by an mmap.
 
 Regions come from vfio-user DMA_MAP (fd + offset) or from a test host that
-registers its own memfd.  The same memfd arrives many times (QEMU sends a
-fresh dup for every map); mappings are shared per (st_dev, st_ino, offset
-window) so each distinct file window is mapped once.
+registers its own memfd.  Each region gets its own mapping (QEMU sends a
+fresh dup of the same memfd for every map; Python's mmap keeps a dup of the
+fd per mapping).
 """
 from __future__ import annotations
 
@@ -149,7 +149,3 @@ class MappedMemory:
             n = len(v)
             v[:] = mv[pos:pos + n]
             pos += n
-
-    def note_write(self, addr: int, length: int) -> None:
-        for obs in self.observers:
-            obs(addr, length)

@@ -19,11 +19,10 @@ from emulator.nvme import queues as q
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.spec import (
-    CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK,
-    CC_IOSQES_SHIFT, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT, CSTS_RDY,
-    CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA, REG_ASQ,
-    REG_CAP, REG_CC, REG_CSTS, REG_INTMC, REG_INTMS, REG_VS, SHST_COMPLETE, Command, Generic,
-    NvmeError, generic, status_field,
+    CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
+    CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
+    REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError, generic,
+    status_field,
 )
 from emulator.nvme.state import ControllerState, CQState, SQState
 
@@ -182,10 +181,9 @@ class Controller:
             self._doorbell(offset - DOORBELL_BASE, value & 0xFFFFFFFF)
             return
         regs = bytearray(self._register_file())
-        old = bytes(regs)
-        data = value.to_bytes(size, "little")
-        regs[offset:offset + size] = data
-        regs = regs[:len(old)]
+        end = len(regs)
+        regs[offset:offset + size] = value.to_bytes(size, "little")
+        del regs[end:]  # bytes past the register file are reserved
         r = self.state.regs
         touched = range(offset, offset + size)
 

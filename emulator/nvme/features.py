@@ -6,7 +6,6 @@ features with data buffers or side effects.
 """
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -222,6 +221,3 @@ def set_features(ctrl: "Controller", cmd: Command) -> Result:
     ctrl.state.features[fid] = cmd.cdw11 & spec.writable
     return 0, 0
 
-
-def pack_u32s(*values: int) -> bytes:
-    return struct.pack(f"<{len(values)}I", *values)

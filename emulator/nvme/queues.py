@@ -13,10 +13,6 @@ def sq_fetch(sq: SQState, memory: GuestMemory) -> bytes:
     return raw
 
 
-def sq_empty(sq: SQState) -> bool:
-    return sq.head == sq.tail
-
-
 def cq_full(cq: CQState, reserved: int = 0) -> bool:
     """Full when tail+1 == head (one slot is always unused, §3.3.1.5)."""
     used = (cq.tail - cq.head) % cq.size + reserved

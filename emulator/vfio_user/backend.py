@@ -7,7 +7,7 @@ backend owns regions and device state.  Nothing here knows about PCI or NVMe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from emulator.memory import MappedMemory
 
@@ -93,6 +93,3 @@ class DeviceBackend(Protocol):
         """SET_IRQS changed the eventfds or masks of ``index``."""
         ...
 
-
-# A timer/event scheduler the server's loop offers to device models.
-Callback = Callable[[], None]
