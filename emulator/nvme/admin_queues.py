@@ -16,8 +16,16 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 
-def _qid_qsize(cmd: Command) -> tuple[int, int]:
-    return cmd.cdw10 & 0xFFFF, ((cmd.cdw10 >> 16) & 0xFFFF) + 1
+def _new_queue(ctrl: "Controller", cmd: Command, granted: int, existing: dict[int, object],
+               what: str) -> tuple[int, int]:
+    """QID and QSIZE (CDW10) of a queue to create, checked against Number of
+    Queues, existing queues and CAP.MQES (§5.2.1, §5.2.2)."""
+    qid, qsize = cmd.cdw10 & 0xFFFF, ((cmd.cdw10 >> 16) & 0xFFFF) + 1
+    if qid == 0 or qid > granted + 1 or qid in existing:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"{what} {qid}")
+    if qsize < 2 or qsize > ctrl.config.mqes + 1:
+        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"{what} size {qsize}")
+    return qid, qsize
 
 
 def _check_base(ctrl: "Controller", prp1: int) -> None:
@@ -28,12 +36,8 @@ def _check_base(ctrl: "Controller", prp1: int) -> None:
 
 @admin_command(AdminOpcode.CREATE_IO_CQ)
 def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
-    qid, qsize = _qid_qsize(cmd)
+    qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_cqs, ctrl.cqs, "CQ")
     pc, ien, iv = bool(cmd.cdw11 & 0x1), bool(cmd.cdw11 & 0x2), cmd.cdw11 >> 16
-    if qid == 0 or qid > ctrl.state.granted_cqs + 1 or qid in ctrl.cqs:
-        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"CQ {qid}")
-    if qsize < 2 or qsize > ctrl.config.mqes + 1:
-        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"CQ size {qsize}")
     if not pc:
         raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
     if (ctrl.state.regs.cc >> CC_IOCQES_SHIFT) & CC_IOCQES_MASK != CQES_LOG2:
@@ -48,12 +52,8 @@ def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
 
 @admin_command(AdminOpcode.CREATE_IO_SQ)
 def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
-    qid, qsize = _qid_qsize(cmd)
+    qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_sqs, ctrl.sqs, "SQ")
     pc, qprio, cqid = bool(cmd.cdw11 & 0x1), (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
-    if qid == 0 or qid > ctrl.state.granted_sqs + 1 or qid in ctrl.sqs:
-        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"SQ {qid}")
-    if qsize < 2 or qsize > ctrl.config.mqes + 1:
-        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"SQ size {qsize}")
     if cqid == 0 or cqid not in ctrl.cqs:
         raise specific(CommandSpecific.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
     if not pc:
