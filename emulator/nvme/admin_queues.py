@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.nvme import dbbuf
-from emulator.nvme.controller import Result, admin_command
+from emulator.nvme.tables import Result
 from emulator.nvme.spec import (
     CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK, CC_IOSQES_SHIFT, CQES_LOG2, SQES_LOG2,
-    AdminOpcode, Command, CommandSpecific, Generic, generic, invalid_field, specific,
+    Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
 from emulator.nvme.state import CQState, SQState
 
@@ -34,7 +34,6 @@ def _check_base(ctrl: "Controller", prp1: int) -> None:
         raise generic(Generic.PRP_OFFSET_INVALID, "queue base not page aligned")
 
 
-@admin_command(AdminOpcode.CREATE_IO_CQ)
 def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
     qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_cqs, ctrl.cqs, "CQ")
     pc, ien, iv = bool(cmd.cdw11 & 0x1), bool(cmd.cdw11 & 0x2), cmd.cdw11 >> 16
@@ -50,7 +49,6 @@ def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@admin_command(AdminOpcode.CREATE_IO_SQ)
 def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
     qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_sqs, ctrl.sqs, "SQ")
     pc, qprio, cqid = bool(cmd.cdw11 & 0x1), (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
@@ -66,7 +64,6 @@ def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@admin_command(AdminOpcode.DELETE_IO_SQ)
 def delete_io_sq(ctrl: "Controller", cmd: Command) -> Result:
     qid = cmd.cdw10 & 0xFFFF
     if qid == 0 or qid not in ctrl.sqs:
@@ -76,7 +73,6 @@ def delete_io_sq(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@admin_command(AdminOpcode.DELETE_IO_CQ)
 def delete_io_cq(ctrl: "Controller", cmd: Command) -> Result:
     qid = cmd.cdw10 & 0xFFFF
     if qid == 0 or qid not in ctrl.cqs:
@@ -87,13 +83,11 @@ def delete_io_cq(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@admin_command(AdminOpcode.ABORT)
 def abort(ctrl: "Controller", cmd: Command) -> Result:
     # Every fetched command has already completed, except held AERs, which
     # this controller does not abort: DW0 bit 0 = 1 "command not aborted".
     return 1, 0
 
 
-@admin_command(AdminOpcode.KEEP_ALIVE)
 def keep_alive(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0

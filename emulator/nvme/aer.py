@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.nvme.spec import (
-    AET_ERROR, AET_NOTICE, AET_ONE_SHOT, AET_SMART, AdminOpcode, CommandSpecific, Command, specific,
+    AET_ERROR, AET_NOTICE, AET_ONE_SHOT, AET_SMART, CommandSpecific, Command, specific,
 )
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
-from emulator.nvme.controller import Result, admin_command
+from emulator.nvme.tables import Result
 
 AERL = 3  # Identify Controller AERL: 4 outstanding requests (0's based)
 
@@ -18,7 +18,6 @@ __all__ = ["AET_ERROR", "AET_SMART", "AET_NOTICE", "AET_ONE_SHOT", "post_event",
            "clear_type"]
 
 
-@admin_command(AdminOpcode.ASYNC_EVENT_REQUEST)
 def async_event_request(ctrl: "Controller", cmd: Command) -> Result:
     aer = ctrl.state.aer
     if len(aer.outstanding) > AERL:

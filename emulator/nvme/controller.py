@@ -4,27 +4,32 @@ It sees a GuestMemory, an InterruptSink and a Scheduler; nothing of PCI or
 vfio-user.  Commands run to completion when their doorbell is written (the
 single-threaded event loop makes every fetched command finish before the
 next message is read), except Asynchronous Event Requests, which are held.
-Command handlers live in small modules and register in the dispatch tables.
+Command handlers live in small modules; emulator/nvme/dispatch.py builds each
+controller's tables (admin, I/O, Identify CNS, features, log pages) from its
+configuration and hands them to the constructor.
 """
 from __future__ import annotations
 
 import logging
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from emulator.memory import DmaError, GuestMemory
+from emulator.nvme import aer, dbbuf, features
 from emulator.nvme import queues as q
+from emulator.nvme.config import ControllerConfig
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
     CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
-    REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError, generic,
-    status_field,
+    FID, REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError,
+    generic, status_field,
 )
 from emulator.nvme.state import ControllerState, CQState, SQState
+from emulator.nvme.tables import CommandTables, Observers
 
 if TYPE_CHECKING:
     from emulator.nvme.namespace import Namespace
@@ -32,56 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvme.ctrl")
 
-# A handler returns (DW0, DW1) on success, None to hold the command (AER),
-# or raises NvmeError.
-Result = Optional[tuple[int, int]]
-Handler = Callable[["Controller", Command], Result]
-
 _REGS = struct.Struct("<QIIIIIIIIQQ")
-
-ADMIN_HANDLERS: dict[int, Handler] = {}
-IO_HANDLERS: dict[int, Handler] = {}
-# Admin opcodes that exist on some controllers only (TP4159: MMC-only commands):
-# execute() answers Invalid Opcode elsewhere and the Commands Supported and
-# Effects log leaves them out.
-ADMIN_AVAILABLE: dict[int, Callable[["Controller"], bool]] = {}
-# Called with every new Controller (extensions install their observers).
-CONTROLLER_HOOKS: list[Callable[["Controller"], None]] = []
-
-
-def admin_available(ctrl: "Controller", opcode: int) -> bool:
-    pred = ADMIN_AVAILABLE.get(opcode)
-    return pred is None or pred(ctrl)
-
-
-def admin_command(opcode: int) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        ADMIN_HANDLERS[opcode] = fn
-        return fn
-    return deco
-
-
-def io_command(opcode: int) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        IO_HANDLERS[opcode] = fn
-        return fn
-    return deco
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    cntlid: int
-    kind: str = "io"  # "io" (migratable) or "mmc" (Migration Management Controller)
-    nsids: tuple[int, ...] = ()
-    max_io_queues: int = 16
-    mqes: int = 1023  # CAP.MQES, 0's based
-    mdts: int = 5  # 2^mdts * 4 KiB
-    msix_vectors: int = 64
-
-    @property
-    def is_mmc(self) -> bool:
-        return self.kind == "mmc"
-
 
 @dataclass
 class _IrqState:
@@ -89,18 +45,11 @@ class _IrqState:
     timer: Optional[TimerHandle] = None
 
 
-@dataclass
-class Observers:
-    """Hooks for extensions (TP4159 logging, tracking)."""
-    on_write: list[Callable[["Controller", int, int, int, bool], None]] = field(default_factory=list)
-    on_reset: list[Callable[["Controller"], None]] = field(default_factory=list)
-    on_memory: list[Callable[["Controller"], None]] = field(default_factory=list)  # set_memory
-
-
 class Controller:
-    def __init__(self, config: ControllerConfig, subsystem: "Subsystem",
+    def __init__(self, config: ControllerConfig, tables: CommandTables, subsystem: "Subsystem",
                  irq: InterruptSink | None = None, scheduler: Scheduler | None = None) -> None:
         self.config = config
+        self.tables = tables
         self.cntlid = config.cntlid
         self.subsystem = subsystem
         self.irq = irq
@@ -111,16 +60,12 @@ class Controller:
         self.cqs: dict[int, CQState] = {}
         self._irq: dict[int, _IrqState] = {}
         self._intx_pending = 0
-        self.observers = Observers()
+        self.observers = Observers(list(tables.on_write), list(tables.on_reset),
+                                   list(tables.on_memory))
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
-        from emulator.nvme import commands  # noqa: F401  (registers the handlers)
-        from emulator.nvme import dbbuf, features
-        self._dbbuf = dbbuf
         features.reset_features(self)
-        for init_hook in CONTROLLER_HOOKS:
-            init_hook(self)
 
     # ------------------------------------------------------------------ wiring
     def set_memory(self, memory: GuestMemory | None) -> None:
@@ -132,14 +77,14 @@ class Controller:
 
     def namespace(self, nsid: int) -> "Namespace":
         """The attached namespace ``nsid`` or Invalid Namespace or Format."""
-        if nsid in self.config.nsids:
+        if nsid in self.config.namespaces:
             ns = self.subsystem.namespaces.get(nsid)
             if ns is not None:
                 return ns
         raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid} not attached")
 
     def attached_namespaces(self) -> list["Namespace"]:
-        return [self.subsystem.namespaces[n] for n in sorted(self.config.nsids)
+        return [self.subsystem.namespaces[n] for n in sorted(self.config.namespaces)
                 if n in self.subsystem.namespaces]
 
     @property
@@ -252,7 +197,6 @@ class Controller:
 
     def controller_level_reset(self) -> None:
         """Controller Level Reset (§3.7.2): queues deleted, AERs dropped, features default."""
-        from emulator.nvme import features
         for st in self._irq.values():
             if st.timer:
                 st.timer.cancel()
@@ -263,7 +207,7 @@ class Controller:
         self.state.aer.pending.clear()
         self.state.aer.masked_types.clear()
         self.state.suspended = False
-        self.state.vendor.pop(self._dbbuf.KEY, None)  # shadow doorbells off (§5.1.7)
+        self.state.vendor.pop(dbbuf.KEY, None)  # shadow doorbells off (§5.1.7)
         features.reset_features(self)
         for hook in self.observers.on_reset:
             hook(self)
@@ -271,7 +215,7 @@ class Controller:
     def function_reset(self) -> None:
         """PCI function reset: CLR plus all registers to their power-on values."""
         self.controller_level_reset()
-        self.state.regs.__init__()  # type: ignore[misc]
+        self.state.regs.reset()
         self._intx_pending = 0
 
     # ------------------------------------------------------------------ doorbells
@@ -285,7 +229,7 @@ class Controller:
                 return
             cq.head = value
             if qid:  # with shadow doorbells the buffer holds the newest head
-                self._dbbuf.refresh_cq_head(self, cq, arm=False)
+                dbbuf.refresh_cq_head(self, cq, arm=False)
             self.kick()  # SQs that waited for CQ space can go on
             return
         sq = self.sqs.get(qid)
@@ -297,15 +241,14 @@ class Controller:
             # With shadow doorbells the MMIO write is only a notification: a
             # posted write can arrive after the shadow tail moved on, and its
             # older value must not move the tail back (Base 2.1 §5.1.7).
-            self._dbbuf.take_shadow_sq_tail(self, sq)
+            dbbuf.take_shadow_sq_tail(self, sq)
         self.process_sq(sq)
         if qid:
-            self._dbbuf.after_sq_doorbell(self, sq)
+            dbbuf.after_sq_doorbell(self, sq)
         self.flush_interrupts()
 
     def _doorbell_error(self, aei: int) -> None:
         """Invalid Doorbell Register (00h) / Write Value (01h): an Error event (§5.1.2.1)."""
-        from emulator.nvme import aer
         aer.post_event(self, aer.AET_ERROR, aei, 0)
 
     def kick(self) -> None:
@@ -313,7 +256,6 @@ class Controller:
         for sq in list(self.sqs.values()):
             if sq.qid in self.sqs:
                 self.process_sq(sq)
-        from emulator.nvme import aer
         aer.deliver(self)
         self.flush_interrupts()
 
@@ -328,7 +270,7 @@ class Controller:
             if cq is None:
                 return
             if q.cq_full(cq):
-                self._dbbuf.refresh_cq_head(self, cq, arm=True)
+                dbbuf.refresh_cq_head(self, cq, arm=True)
                 if q.cq_full(cq):
                     return  # resumes when the host frees CQ slots (CQ head doorbell)
             try:
@@ -343,11 +285,11 @@ class Controller:
                 return  # deleted by the command itself
 
     def execute(self, cmd: Command) -> None:
-        table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
+        table = self.tables.admin if cmd.sqid == 0 else self.tables.io
         handler = table.get(cmd.opc)
         dw0 = dw1 = 0
         try:
-            if handler is None or (cmd.sqid == 0 and not admin_available(self, cmd.opc)):
+            if handler is None:
                 raise generic(Generic.INVALID_OPCODE, f"opcode {cmd.opc:#x}")
             if cmd.fuse:
                 raise generic(Generic.INVALID_FIELD, "fused operations not supported")
@@ -380,7 +322,7 @@ class Controller:
         if cq is None:
             return False
         if q.cq_full(cq):
-            self._dbbuf.refresh_cq_head(self, cq, arm=True)
+            dbbuf.refresh_cq_head(self, cq, arm=True)
             if q.cq_full(cq):
                 return False
         q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
@@ -424,7 +366,6 @@ class Controller:
         """Signal the vectors of CQs that got entries, honouring coalescing (FID 08h/09h)."""
         if not self._irq:
             return
-        from emulator.nvme.spec import FID
         coalesce = self.state.features.get(FID.INTERRUPT_COALESCING, 0)
         thr, atime = (coalesce & 0xFF) + 1, (coalesce >> 8) & 0xFF
         for cqid, st in self._irq.items():
@@ -485,7 +426,7 @@ class Controller:
     # ------------------------------------------------------------------ state
     def snapshot(self) -> ControllerState:
         """The serialisable state (queues copied in ascending id order)."""
-        self._dbbuf.refresh_all(self)
+        dbbuf.refresh_all(self)
         self.state.sqs = [self.sqs[k] for k in sorted(self.sqs)]
         self.state.cqs = [self.cqs[k] for k in sorted(self.cqs)]
         return self.state

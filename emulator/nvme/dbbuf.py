@@ -25,8 +25,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
-from emulator.nvme.controller import Result, admin_command
-from emulator.nvme.spec import AdminOpcode, Command, invalid_field
+from emulator.nvme.tables import Result
+from emulator.nvme.spec import Command, invalid_field
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -65,7 +65,6 @@ def _write(ctrl: "Controller", addr: int, value: int) -> None:
             pass
 
 
-@admin_command(AdminOpcode.DOORBELL_BUFFER_CONFIG)
 def doorbell_buffer_config(ctrl: "Controller", cmd: Command) -> Result:
     db, ei = cmd.prp1, cmd.prp2
     ps = ctrl.page_size

@@ -7,52 +7,30 @@ features with data buffers or side effects.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.spec import (
-    FID, AdminOpcode, Command, CommandSpecific, Generic, generic, invalid_field, specific,
+    FID, Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
+from emulator.nvme.tables import FeatureSpec, Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 WCTEMP = 0x157  # 343 K; also the default Over Temperature Threshold
-SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_SUPPORTED = 0, 1, 2, 3
-CAP_SAVEABLE, CAP_NS_SPECIFIC, CAP_CHANGEABLE = 0x1, 0x2, 0x4
-
-GetFn = Callable[["Controller", Command], Result]
-SetFn = Callable[["Controller", Command], Result]
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    default: int = 0
-    writable: int = 0xFFFFFFFF  # CDW11 bits the host may set
-    ns_specific: bool = False
-    changeable: bool = True
-    get: Optional[GetFn] = None
-    set: Optional[SetFn] = None
+SEL_DEFAULT, SEL_SAVED, SEL_SUPPORTED = 1, 2, 3  # Get Features SEL (§5.1.11)
+CAP_NS_SPECIFIC, CAP_CHANGEABLE = 0x2, 0x4  # SEL 11b capabilities (saveable: none)
 
 
 # Async Event Config bits we can generate (OAES in Identify Controller):
 # SMART critical warnings 7:0, Namespace Attribute notices bit 8.
 AEC_SUPPORTED = 0x1FF
 
-FEATURES: dict[int, FeatureSpec] = {}
-
-
-def feature(fid: int, spec: FeatureSpec) -> None:
-    """Register a feature (extensions such as TP4159 add theirs)."""
-    FEATURES[fid] = spec
-
 
 def reset_features(ctrl: "Controller") -> None:
     s = ctrl.state
-    s.features = {fid: spec.default for fid, spec in FEATURES.items()}
+    s.features = {fid: spec.default for fid, spec in ctrl.tables.features.items()}
     s.ivc = {}
-    s.queues_set = False
     s.granted_sqs = s.granted_cqs = ctrl.config.max_io_queues - 1
     s.vendor.pop("timestamp", None)
 
@@ -67,7 +45,6 @@ def _number_of_queues_set(ctrl: "Controller", cmd: Command) -> Result:
     top = ctrl.config.max_io_queues - 1
     s = ctrl.state
     s.granted_sqs, s.granted_cqs = min(nsqr, top), min(ncqr, top)
-    s.queues_set = True
     value = s.granted_sqs | (s.granted_cqs << 16)
     s.features[FID.NUMBER_OF_QUEUES] = value
     return value, 0
@@ -159,28 +136,31 @@ def _unsupported(ctrl: "Controller", cmd: Command) -> Result:
     raise invalid_field("feature not supported by this controller")
 
 
-feature(FID.ARBITRATION, FeatureSpec(default=0x7, writable=0xFFFFFF07))
-feature(FID.POWER_MANAGEMENT, FeatureSpec(writable=0xFF, set=None))
-feature(FID.TEMPERATURE_THRESHOLD, FeatureSpec(get=_temperature_get, set=_temperature_set))
-feature(FID.ERROR_RECOVERY, FeatureSpec(writable=0xFFFF, ns_specific=True))
-feature(FID.VOLATILE_WRITE_CACHE, FeatureSpec(default=0x1, writable=0x1))
-feature(FID.NUMBER_OF_QUEUES, FeatureSpec(get=_number_of_queues_get, set=_number_of_queues_set))
-feature(FID.INTERRUPT_COALESCING, FeatureSpec(writable=0xFFFF))
-feature(FID.INTERRUPT_VECTOR_CONFIG, FeatureSpec(get=_ivc_get, set=_ivc_set))
-feature(FID.WRITE_ATOMICITY, FeatureSpec(writable=0x1))
-feature(FID.ASYNC_EVENT_CONFIG, FeatureSpec(writable=AEC_SUPPORTED))
-feature(FID.AUTONOMOUS_POWER_STATE, FeatureSpec(changeable=False, set=_unsupported))
-feature(FID.HOST_MEMORY_BUFFER, FeatureSpec(changeable=False, set=_unsupported))  # HMPRE=0
-feature(FID.TIMESTAMP, FeatureSpec(get=_timestamp_get, set=_timestamp_set))
-feature(FID.KEEP_ALIVE_TIMER, FeatureSpec())
-feature(FID.NON_OP_POWER_STATE, FeatureSpec(writable=0x1))
-feature(FID.HOST_BEHAVIOR, FeatureSpec(get=_host_behavior_get, set=_host_behavior_set))
-feature(FID.SOFTWARE_PROGRESS_MARKER, FeatureSpec(writable=0xFF))
-feature(FID.HOST_IDENTIFIER, FeatureSpec(get=_host_id_get, set=_host_id_set))
+# Every feature of every controller; TP4159 adds 21h (emulator/nvme/dispatch.py).
+BASE_FEATURES: dict[int, FeatureSpec] = {
+    FID.ARBITRATION: FeatureSpec(default=0x7, writable=0xFFFFFF07),
+    FID.POWER_MANAGEMENT: FeatureSpec(writable=0xFF, set=None),
+    FID.TEMPERATURE_THRESHOLD: FeatureSpec(get=_temperature_get, set=_temperature_set),
+    FID.ERROR_RECOVERY: FeatureSpec(writable=0xFFFF, ns_specific=True),
+    FID.VOLATILE_WRITE_CACHE: FeatureSpec(default=0x1, writable=0x1),
+    FID.NUMBER_OF_QUEUES: FeatureSpec(get=_number_of_queues_get, set=_number_of_queues_set),
+    FID.INTERRUPT_COALESCING: FeatureSpec(writable=0xFFFF),
+    FID.INTERRUPT_VECTOR_CONFIG: FeatureSpec(get=_ivc_get, set=_ivc_set),
+    FID.WRITE_ATOMICITY: FeatureSpec(writable=0x1),
+    FID.ASYNC_EVENT_CONFIG: FeatureSpec(writable=AEC_SUPPORTED),
+    FID.AUTONOMOUS_POWER_STATE: FeatureSpec(changeable=False, set=_unsupported),
+    FID.HOST_MEMORY_BUFFER: FeatureSpec(changeable=False, set=_unsupported),  # HMPRE=0
+    FID.TIMESTAMP: FeatureSpec(get=_timestamp_get, set=_timestamp_set),
+    FID.KEEP_ALIVE_TIMER: FeatureSpec(),
+    FID.NON_OP_POWER_STATE: FeatureSpec(writable=0x1),
+    FID.HOST_BEHAVIOR: FeatureSpec(get=_host_behavior_get, set=_host_behavior_set),
+    FID.SOFTWARE_PROGRESS_MARKER: FeatureSpec(writable=0xFF),
+    FID.HOST_IDENTIFIER: FeatureSpec(get=_host_id_get, set=_host_id_set),
+}
 
 
 def _lookup(ctrl: "Controller", cmd: Command, fid: int) -> FeatureSpec:
-    spec = FEATURES.get(fid)
+    spec = ctrl.tables.features.get(fid)
     if spec is None:
         raise invalid_field(f"feature {fid:#x} not supported")
     if spec.ns_specific:
@@ -192,7 +172,6 @@ def _lookup(ctrl: "Controller", cmd: Command, fid: int) -> FeatureSpec:
     return spec
 
 
-@admin_command(AdminOpcode.GET_FEATURES)
 def get_features(ctrl: "Controller", cmd: Command) -> Result:
     fid, sel = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 0x7
     spec = _lookup(ctrl, cmd, fid)
@@ -208,7 +187,6 @@ def get_features(ctrl: "Controller", cmd: Command) -> Result:
     return ctrl.state.features.get(fid, spec.default), 0
 
 
-@admin_command(AdminOpcode.SET_FEATURES)
 def set_features(ctrl: "Controller", cmd: Command) -> Result:
     fid, save = cmd.cdw10 & 0xFF, bool(cmd.cdw10 >> 31)
     spec = _lookup(ctrl, cmd, fid)

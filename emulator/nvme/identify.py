@@ -2,18 +2,19 @@
 
 The data structures are built as 4096-byte buffers with their fields written
 at the offsets the specs give.  Extensions (TP4159 CNS 20h, TP4165 fields)
-register their own CNS builders or field patchers.
+write their own fields; emulator/nvme/dispatch.py lists, per controller, the
+CNS builders and those field writers (ctrl.tables).
 """
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.spec import (
-    BROADCAST_NSID, CNS, CSI_NVM, AdminOpcode, Command, Generic, NVME_VERSION, SQES_LOG2,
+    BROADCAST_NSID, CNS, CSI_NVM, Command, Generic, NVME_VERSION, SQES_LOG2,
     CQES_LOG2, generic, invalid_field,
 )
+from emulator.nvme.tables import Result
 from emulator.nvme.features import WCTEMP
 from emulator.nvme.aer import AERL
 
@@ -33,23 +34,6 @@ OACS_DBBUF, OACS_GLSS, OACS_CMD_FEAT_LOCKDOWN, OACS_HMLMS = 0x100, 0x200, 0x400,
 # ONCS bits (bytes 521:520): DSM, Write Zeroes, Save/Select, Timestamp
 ONCS = 0x4 | 0x8 | 0x10 | 0x40
 
-CnsBuilder = Callable[["Controller", Command], bytes]
-CtrlPatcher = Callable[["Controller", bytearray], None]
-NsPatcher = Callable[["Controller", "Namespace", bytearray], None]
-
-CNS_BUILDERS: dict[int, CnsBuilder] = {}
-CTRL_PATCHERS: list[CtrlPatcher] = []  # tweak Identify Controller (e.g. TP4159 fields)
-NVM_CTRL_PATCHERS: list[CtrlPatcher] = []  # tweak CNS 06h
-NVM_NS_PATCHERS: list[NsPatcher] = []  # tweak CNS 05h
-
-
-def cns(value: int) -> Callable[[CnsBuilder], CnsBuilder]:
-    def deco(fn: CnsBuilder) -> CnsBuilder:
-        CNS_BUILDERS[value] = fn
-        return fn
-    return deco
-
-
 def _ascii(text: str, size: int) -> bytes:
     return text.encode("ascii", "replace")[:size].ljust(size, b" ")
 
@@ -58,10 +42,9 @@ def _put(buf: bytearray, off: int, fmt: str, *values: int) -> None:
     struct.pack_into("<" + fmt, buf, off, *values)
 
 
-@admin_command(AdminOpcode.IDENTIFY)
 def identify(ctrl: "Controller", cmd: Command) -> Result:
     cns_value = cmd.cdw10 & 0xFF
-    builder = CNS_BUILDERS.get(cns_value)
+    builder = ctrl.tables.cns.get(cns_value)
     if builder is None:
         raise invalid_field(f"CNS {cns_value:#x} not supported")
     data = builder(ctrl, cmd)
@@ -74,7 +57,6 @@ def _check_csi(cmd: Command) -> None:
         raise invalid_field("CSI not supported")
 
 
-@cns(CNS.CONTROLLER)
 def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     sub = ctrl.subsystem
     cfg = ctrl.config
@@ -112,7 +94,7 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     b[768:1024] = sub.nqn.encode()[:255].ljust(256, b"\0")  # SUBNQN
     # Power State 0 descriptor (§5.1.13.2.1 Fig. 313): MP 25 W (centiwatts), ENLAT/EXLAT
     _put(b, 2048, "HxBII", 2500, 0, 10, 10)
-    for patch in CTRL_PATCHERS:
+    for patch in ctrl.tables.identify_controller:
         patch(ctrl, b)
     return bytes(b)
 
@@ -121,12 +103,11 @@ def _namespace_for_identify(ctrl: "Controller", nsid: int) -> "Namespace | None"
     """None for a valid but inactive NSID; Invalid Namespace for an invalid one."""
     if nsid == 0 or (nsid > ctrl.subsystem.max_nsid() and nsid != BROADCAST_NSID):
         raise generic(Generic.INVALID_NAMESPACE, f"NSID {nsid:#x}")
-    if nsid in ctrl.config.nsids:
+    if nsid in ctrl.config.namespaces:
         return ctrl.subsystem.namespaces.get(nsid)
     return None
 
 
-@cns(CNS.NAMESPACE)
 def identify_namespace(ctrl: "Controller", cmd: Command) -> bytes:
     b = bytearray(IDENTIFY_SIZE)
     if cmd.nsid == BROADCAST_NSID:
@@ -153,15 +134,13 @@ def identify_namespace(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(b)
 
 
-@cns(CNS.ACTIVE_NSID_LIST)
 def active_nsid_list(ctrl: "Controller", cmd: Command) -> bytes:
     if cmd.nsid in (0xFFFFFFFE, BROADCAST_NSID):
         raise generic(Generic.INVALID_NAMESPACE, "NSID for CNS 02h")
-    ids = [n for n in sorted(ctrl.config.nsids) if n > cmd.nsid][:1024]
+    ids = [n for n in sorted(ctrl.config.namespaces) if n > cmd.nsid][:1024]
     return struct.pack(f"<{len(ids)}I", *ids)
 
 
-@cns(CNS.NS_ID_DESCRIPTORS)
 def ns_id_descriptors(ctrl: "Controller", cmd: Command) -> bytes:
     ns = _namespace_for_identify(ctrl, cmd.nsid)
     if ns is None or cmd.nsid == BROADCAST_NSID:
@@ -173,7 +152,6 @@ def ns_id_descriptors(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(out)
 
 
-@cns(CNS.CSI_NAMESPACE)
 def identify_nvm_namespace(ctrl: "Controller", cmd: Command) -> bytes:
     """I/O Command Set specific Identify Namespace, NVM (NVM CS 1.2 Figure 118)."""
     _check_csi(cmd)
@@ -181,12 +159,11 @@ def identify_nvm_namespace(ctrl: "Controller", cmd: Command) -> bytes:
     b = bytearray(IDENTIFY_SIZE)
     if ns is None or cmd.nsid == BROADCAST_NSID:
         return bytes(b)
-    for patch in NVM_NS_PATCHERS:
+    for patch in ctrl.tables.identify_nvm_namespace:
         patch(ctrl, ns, b)
     return bytes(b)
 
 
-@cns(CNS.CSI_CONTROLLER)
 def identify_nvm_controller(ctrl: "Controller", cmd: Command) -> bytes:
     """I/O Command Set specific Identify Controller, NVM (NVM CS 1.2 Figure 120)."""
     _check_csi(cmd)
@@ -195,12 +172,11 @@ def identify_nvm_controller(ctrl: "Controller", cmd: Command) -> bytes:
     b[1] = ctrl.config.mdts  # WZSL: Write Zeroes size limit
     b[3] = 0  # DMRL: no limit on ranges beyond 256
     _put(b, 20, "I", (1 << 16) | (2 << 8))  # VER: NVM Command Set 1.2
-    for patch in NVM_CTRL_PATCHERS:
+    for patch in ctrl.tables.identify_nvm_controller:
         patch(ctrl, b)
     return bytes(b)
 
 
-@cns(CNS.CSI_ACTIVE_NSID_LIST)
 def csi_active_nsid_list(ctrl: "Controller", cmd: Command) -> bytes:
     _check_csi(cmd)
     return active_nsid_list(ctrl, cmd)

@@ -2,7 +2,8 @@
 
 The controller knows nothing of vfio-user or PCI.  A PCI function (or a test)
 gives it a GuestMemory for DMA, an InterruptSink for its interrupt vectors and
-a Scheduler for deferred work; it exposes MMIO (BAR0) reads and writes.
+a Scheduler for deferred work; it exposes MMIO (BAR0) reads and writes
+(emulator/pci/device.py says what the PCI side needs of it).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable, Protocol
 
 from emulator.memory import GuestMemory
 
-__all__ = ["GuestMemory", "InterruptSink", "Scheduler", "TimerHandle", "MmioDevice"]
+__all__ = ["GuestMemory", "InterruptSink", "Scheduler", "TimerHandle"]
 
 
 class InterruptSink(Protocol):
@@ -36,22 +37,3 @@ class Scheduler(Protocol):
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> Any: ...
 
-
-class MmioDevice(Protocol):
-    """What a PCI function needs from the device behind BAR0."""
-
-    def mmio_read(self, offset: int, size: int) -> int:
-        """Read 1/2/4/8 bytes of BAR0 at ``offset`` (little-endian value)."""
-        ...
-
-    def mmio_write(self, offset: int, size: int, value: int) -> None:
-        """Write 1/2/4/8 bytes of BAR0 at ``offset``."""
-        ...
-
-    def function_reset(self) -> None:
-        """PCI-level reset (DEVICE_RESET, FLR): a Controller Level Reset."""
-        ...
-
-    def set_memory(self, memory: GuestMemory | None) -> None:
-        """DMA becomes possible (bus master on, client attached) or impossible."""
-        ...

@@ -5,9 +5,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result, io_command
+from emulator.nvme.tables import Result
 from emulator.nvme.spec import (
-    BROADCAST_NSID, Command, Generic, IoOpcode, generic, invalid_field,
+    BROADCAST_NSID, Command, Generic, generic, invalid_field,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ def _data_args(ctrl: "Controller", cmd: Command) -> tuple["Namespace", int, int,
     return ns, slba, nlb, length
 
 
-@io_command(IoOpcode.READ)
 def read(ctrl: "Controller", cmd: Command) -> Result:
     ns, slba, nlb, length = _data_args(ctrl, cmd)
     ns.read_into(slba, ctrl.data_views(cmd, length, to_host=True))
@@ -49,7 +48,6 @@ def read(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@io_command(IoOpcode.WRITE)
 def write(ctrl: "Controller", cmd: Command) -> Result:
     ns, slba, nlb, length = _data_args(ctrl, cmd)
     ns.write_from(slba, nlb, ctrl.data_views(cmd, length, to_host=False))
@@ -61,7 +59,6 @@ def write(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@io_command(IoOpcode.FLUSH)
 def flush(ctrl: "Controller", cmd: Command) -> Result:
     if cmd.nsid == BROADCAST_NSID:  # VWC bits 2:1 = 11b
         for ns in ctrl.attached_namespaces():
@@ -71,7 +68,6 @@ def flush(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@io_command(IoOpcode.WRITE_ZEROES)
 def write_zeroes(ctrl: "Controller", cmd: Command) -> Result:
     ns, slba, nlb = _rw_args(ctrl, cmd)
     if (nlb << ns.lba_shift) > ctrl.max_transfer:
@@ -82,7 +78,6 @@ def write_zeroes(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@io_command(IoOpcode.DATASET_MANAGEMENT)
 def dataset_management(ctrl: "Controller", cmd: Command) -> Result:
     ns = ctrl.namespace(cmd.nsid)
     nr = (cmd.cdw10 & 0xFF) + 1  # 0's based Number of Ranges

@@ -49,9 +49,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emulator.nvme.controller import Result, admin_command
-from emulator.nvme.identify import NVM_CTRL_PATCHERS, NVM_NS_PATCHERS
-from emulator.nvme.spec import AdminOpcode, Command, Generic, generic, invalid_field
+from emulator.nvme.tables import Result
+from emulator.nvme.spec import Command, Generic, generic, invalid_field
 
 if TYPE_CHECKING:
     from emulator.nvme.allocation import AllocationMap
@@ -121,7 +120,6 @@ def descriptor_list(dslba: np.ndarray, counts: np.ndarray, complete: bool) -> by
     return header + entries.tobytes()
 
 
-@admin_command(AdminOpcode.GET_LBA_STATUS)
 def get_lba_status(ctrl: "Controller", cmd: Command) -> Result:
     ns = ctrl.namespace(cmd.nsid)  # Invalid Namespace or Format (FFFFFFFFh included)
     slba = cmd.cdw10 | (cmd.cdw11 << 32)  # SLBA, CDW10/11
@@ -141,14 +139,11 @@ def get_lba_status(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-def _identify_ns_tlbaag(ctrl: "Controller", ns: "Namespace", b: bytearray) -> None:
+def identify_tlbaag(ctrl: "Controller", ns: "Namespace", b: bytearray) -> None:
     struct.pack_into("<I", b, TLBAAG_OFFSET, ns.allocation.tlbaag)  # TLBAAG, Figure 118
 
 
-def _identify_ctrl_ralbas(ctrl: "Controller", b: bytearray) -> None:
+def identify_ralbas(ctrl: "Controller", b: bytearray) -> None:
     aocs = struct.unpack_from("<H", b, AOCS_OFFSET)[0]
     struct.pack_into("<H", b, AOCS_OFFSET, aocs | AOCS_RALBAS)  # AOCS.RALBAS, Figure 120
 
-
-NVM_NS_PATCHERS.append(_identify_ns_tlbaag)
-NVM_CTRL_PATCHERS.append(_identify_ctrl_ralbas)

@@ -3,40 +3,28 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from emulator.nvme import aer
-from emulator.nvme.controller import (
-    ADMIN_HANDLERS, IO_HANDLERS, Result, admin_available, admin_command,
-)
 from emulator.nvme.identify import FIRMWARE_REVISION
 from emulator.nvme.spec import (
-    LID, AdminOpcode, Command, CommandSpecific, IoOpcode, invalid_field, specific,
+    LID, Command, CommandSpecific, IoOpcode, invalid_field, specific,
 )
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
-LogBuilder = Callable[["Controller", Command], bytes]
-LOG_PAGES: dict[int, LogBuilder] = {}
 # Which asynchronous event type a log page read (RAE=0) re-arms.
 LOG_EVENT_TYPE = {LID.ERROR_INFORMATION: aer.AET_ERROR, LID.SMART_HEALTH: aer.AET_SMART}
 
 
-def log_page(lid: int) -> Callable[[LogBuilder], LogBuilder]:
-    def deco(fn: LogBuilder) -> LogBuilder:
-        LOG_PAGES[lid] = fn
-        return fn
-    return deco
-
-
-@admin_command(AdminOpcode.GET_LOG_PAGE)
 def get_log_page(ctrl: "Controller", cmd: Command) -> Result:
     lid = cmd.cdw10 & 0xFF
     rae = bool(cmd.cdw10 & (1 << 15))
     numd = ((cmd.cdw10 >> 16) | ((cmd.cdw11 & 0xFFFF) << 16)) + 1  # 0's based
     offset = cmd.cdw12 | (cmd.cdw13 << 32)
-    builder = LOG_PAGES.get(lid)
+    builder = ctrl.tables.log_pages.get(lid)
     if builder is None:
         raise specific(CommandSpecific.INVALID_LOG_PAGE, f"LID {lid:#x}")
     if offset & 0x3:
@@ -51,15 +39,13 @@ def get_log_page(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@log_page(LID.SUPPORTED_LOG_PAGES)
 def supported_log_pages(ctrl: "Controller", cmd: Command) -> bytes:
     entries = [0] * 256
-    for lid in LOG_PAGES:
+    for lid in ctrl.tables.log_pages:
         entries[lid] = 0x1  # LSUPP
     return struct.pack("<256I", *entries)
 
 
-@log_page(LID.ERROR_INFORMATION)
 def error_information(ctrl: "Controller", cmd: Command) -> bytes:
     out = bytearray(64 * 64)
     for i, (count, sqid, cid, status, lba, nsid) in enumerate(ctrl.state.error_log[:64]):
@@ -68,7 +54,6 @@ def error_information(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(out)
 
 
-@log_page(LID.SMART_HEALTH)
 def smart_health(ctrl: "Controller", cmd: Command) -> bytes:
     b = bytearray(512)
     st = ctrl.stats
@@ -84,7 +69,6 @@ def smart_health(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(b)
 
 
-@log_page(LID.FIRMWARE_SLOT)
 def firmware_slot(ctrl: "Controller", cmd: Command) -> bytes:
     b = bytearray(512)
     b[0] = 0x1  # AFI: slot 1 active
@@ -93,7 +77,6 @@ def firmware_slot(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(b)
 
 
-@log_page(LID.CHANGED_NAMESPACES)
 def changed_namespaces(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(4096)
 
@@ -103,13 +86,11 @@ CSUPP, LBCC, NCC, NIC, CCC = 0x1, 0x2, 0x4, 0x8, 0x10
 IO_EFFECTS = {IoOpcode.WRITE: LBCC, IoOpcode.WRITE_ZEROES: LBCC, IoOpcode.DATASET_MANAGEMENT: LBCC}
 
 
-@log_page(LID.COMMANDS_SUPPORTED_EFFECTS)
 def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
     acs = [0] * 256
     iocs = [0] * 256
-    for opc in ADMIN_HANDLERS:
-        if admin_available(ctrl, opc):
-            acs[opc] = CSUPP
-    for opc in IO_HANDLERS:
+    for opc in ctrl.tables.admin:
+        acs[opc] = CSUPP
+    for opc in ctrl.tables.io:
         iocs[opc] = CSUPP | IO_EFFECTS.get(opc, 0)
     return struct.pack("<256I256I", *acs, *iocs) + bytes(2048)

@@ -7,20 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from cbind import fileops
 from emulator.nvme.allocation import AllocationMap
-
-
-@dataclass(frozen=True)
-class NamespaceConfig:
-    nsid: int
-    path: Path
-    size: int  # bytes
-    lba_size: int = 512
-    tlbaag: int = 8  # Tracked LBA Allocation Granularity, in LBAs (NVM CS 1.2 Fig. 118)
+from emulator.nvme.config import NamespaceConfig
 
 
 IOV_MAX = 1024
@@ -33,7 +24,7 @@ class Namespace:
         self.lba_size = config.lba_size
         self.lba_shift = config.lba_size.bit_length() - 1
         self.nsze = config.size // config.lba_size
-        self.path = Path(config.path)
+        self.path = Path(config.file)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self.fd).st_size != config.size:

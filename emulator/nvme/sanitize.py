@@ -13,12 +13,10 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result, admin_command
-from emulator.nvme.identify import CTRL_PATCHERS
-from emulator.nvme.logpages import log_page
 from emulator.nvme.spec import (
-    LID, AdminOpcode, Command, CommandSpecific, invalid_field, specific,
+    Command, CommandSpecific, invalid_field, specific,
 )
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -37,7 +35,6 @@ NO_ESTIMATE = 0xFFFFFFFF
 VENDOR_KEY = "sanitize"  # [SSTAT, SCDW10] of the last sanitize, per controller
 
 
-@admin_command(AdminOpcode.SANITIZE)
 def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     sanact = cmd.cdw10 & 0x7
     if sanact not in (SANACT_EXIT_FAILURE, SANACT_BLOCK_ERASE):
@@ -60,7 +57,6 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     return 0, 0
 
 
-@log_page(LID.SANITIZE_STATUS)
 def sanitize_status(ctrl: "Controller", cmd: Command) -> bytes:
     sstat, scdw10 = ctrl.state.vendor.get(VENDOR_KEY, [SSTAT_NEVER, 0])
     # ETO (overwrite) and ETCE (crypto) unsupported; Block Erase is immediate.
@@ -69,8 +65,6 @@ def sanitize_status(ctrl: "Controller", cmd: Command) -> bytes:
     return head.ljust(512, b"\0")
 
 
-def _sanicap(ctrl: "Controller", b: bytearray) -> None:
+def identify_sanicap(ctrl: "Controller", b: bytearray) -> None:
     struct.pack_into("<I", b, SANICAP_OFFSET, SANICAP)
 
-
-CTRL_PATCHERS.append(_sanicap)

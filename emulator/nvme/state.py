@@ -47,6 +47,11 @@ class RegisterState:
     acq: int = 0
     intms: int = 0  # interrupt mask (pin-based / MSI only)
 
+    def reset(self) -> None:
+        """Every register to its power-on value (a PCI function reset)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
+
 
 @dataclass
 class AerState:
@@ -68,12 +73,10 @@ class ControllerState:
     ivc: dict[int, int] = field(default_factory=dict)  # Interrupt Vector Config, per vector
     granted_sqs: int = 0  # Number of Queues (0's based NSQA), once set
     granted_cqs: int = 0
-    queues_set: bool = False
     aer: AerState = field(default_factory=AerState)
     error_count: int = 0
     error_log: list[list[int]] = field(default_factory=list)  # [count, sqid, cid, status, lba, nsid]
     host_id: str = ""
-    smart: dict[str, int] = field(default_factory=dict)  # counters for the SMART log
     suspended: bool = False  # TP4159 Migration Send / Suspend
     vendor: dict[str, Any] = field(default_factory=dict)  # extensions (TP4159 etc.)
 

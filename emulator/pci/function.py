@@ -29,19 +29,20 @@ import threading
 from typing import Callable
 
 from emulator.memory import MappedMemory
-from emulator.nvme.interfaces import MmioDevice
 from emulator.pci import regs as r
 from emulator.pci.capabilities import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET, PM_CAP_OFFSET, build_config_space
+from emulator.pci.device import MmioDevice
 from emulator.pci.ids import (NVME_EMU_DEVICE_ID, NVME_EMU_REVISION_ID, NVME_EMU_SUBSYSTEM_ID,
                               NVME_EMU_SUBSYSTEM_VENDOR_ID, NVME_EMU_VENDOR_ID, PciIdentity)
 from emulator.pci.msix import Bar0Layout, MsixTable
 from emulator.pci.state import PciFunctionState
-from emulator.vfio_user.backend import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
-                                        IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, PCI_BAR0_REGION_INDEX,
-                                        PCI_CONFIG_REGION_INDEX, PCI_ERR_IRQ_INDEX, PCI_INTX_IRQ_INDEX,
-                                        PCI_MSI_IRQ_INDEX, PCI_MSIX_IRQ_INDEX, PCI_NUM_IRQS,
-                                        PCI_NUM_REGIONS, PCI_REQ_IRQ_INDEX, REGION_FLAG_READ,
-                                        REGION_FLAG_WRITE, DeviceInfo, IrqInfo, IrqLines, RegionInfo)
+from emulator.vfio_user.backend import DeviceInfo, IrqInfo, IrqLines, RegionInfo
+from emulator.vfio_user.protocol import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
+                                         IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, PCI_BAR0_REGION_INDEX,
+                                         PCI_CONFIG_REGION_INDEX, PCI_ERR_IRQ_INDEX, PCI_INTX_IRQ_INDEX,
+                                         PCI_MSI_IRQ_INDEX, PCI_MSIX_IRQ_INDEX, PCI_NUM_IRQS,
+                                         PCI_NUM_REGIONS, PCI_REQ_IRQ_INDEX, REGION_FLAG_READ,
+                                         REGION_FLAG_WRITE)
 
 log = logging.getLogger(__name__)
 

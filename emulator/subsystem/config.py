@@ -41,6 +41,10 @@ from typing import Any
 
 import yaml
 
+from emulator.nvme.config import (
+    CONTROLLER_TYPES, ControllerConfig, NamespaceConfig, SubsystemInfo, default, default_tlbaag,
+)
+
 # Identify Controller SN / MN / FR are ASCII fields of 20 / 40 / 8 bytes
 # (NVMe Base, Identify Controller data structure); an NQN is at most 223
 # bytes of UTF-8 (NVMe Base §4.7 "NVMe Qualified Names").
@@ -48,9 +52,7 @@ SERIAL_MAX, MODEL_MAX, FIRMWARE_MAX, NQN_MAX = 20, 40, 8, 223
 NSID_MAX = 1024
 CNTLID_MAX = 0xFFEF  # FFF0h-FFFFh are reserved controller IDs
 LBA_SIZES = (512, 4096)
-CONTROLLER_TYPES = ("io", "mmc")
 UNIX_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
-DEFAULT_NQN = "nqn.2026-11.io.nvme-emu:subsys0"
 
 _NQN_RE = re.compile(r"nqn\.\d{4}-\d{2}\.[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:.+)?")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
@@ -70,44 +72,7 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
-# -- result types ------------------------------------------------------------------
-@dataclass(frozen=True)
-class SubsystemInfo:
-    nqn: str
-    serial: str
-    model: str
-    firmware: str
-
-
-@dataclass(frozen=True)
-class NamespaceConfig:
-    nsid: int
-    file: Path
-    size: int  # bytes
-    lba_size: int
-    tlbaag: int  # Tracked LBA Allocation Granularity, in LBAs
-
-    @property
-    def nlbas(self) -> int:
-        return self.size // self.lba_size
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    cntlid: int
-    socket: Path
-    type: str  # "io" or "mmc"
-    namespaces: tuple[int, ...]
-    max_io_queues: int
-    mqes: int
-    mdts: int
-    msix_vectors: int
-
-    @property
-    def is_mmc(self) -> bool:
-        return self.type == "mmc"
-
-
+# -- result types (SubsystemInfo, NamespaceConfig, ControllerConfig: emulator/nvme/config.py)
 @dataclass(frozen=True)
 class SubsystemConfig:
     state_dir: Path
@@ -216,16 +181,17 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
 def _subsystem(value: Any, path: str) -> SubsystemInfo:
     m = _mapping(value, path)
     _check_keys(m, path, ("nqn", "serial", "model", "firmware"))
-    nqn = _str(m.get("nqn", DEFAULT_NQN), f"{path}.nqn")
+    nqn = _str(m.get("nqn", default(SubsystemInfo, "nqn")), f"{path}.nqn")
     if len(nqn.encode()) > NQN_MAX:
         raise ConfigError(f"{path}.nqn", f"longer than {NQN_MAX} bytes")
     if not _NQN_RE.fullmatch(nqn):
         raise ConfigError(f"{path}.nqn", f"{nqn!r} is not an NQN (nqn.yyyy-mm.reverse.domain:name)")
     return SubsystemInfo(
         nqn=nqn,
-        serial=_ascii(m.get("serial", "NVMEEMU0001"), f"{path}.serial", SERIAL_MAX),
-        model=_ascii(m.get("model", "nvme-emu"), f"{path}.model", MODEL_MAX),
-        firmware=_ascii(m.get("firmware", "0.1"), f"{path}.firmware", FIRMWARE_MAX),
+        serial=_ascii(m.get("serial", default(SubsystemInfo, "serial")), f"{path}.serial", SERIAL_MAX),
+        model=_ascii(m.get("model", default(SubsystemInfo, "model")), f"{path}.model", MODEL_MAX),
+        firmware=_ascii(m.get("firmware", default(SubsystemInfo, "firmware")), f"{path}.firmware",
+                        FIRMWARE_MAX),
     )
 
 
@@ -234,7 +200,8 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     _check_keys(m, path, ("nsid", "file", "size", "lba_size", "tlbaag"))
     nsid = _int(_required(m, "nsid", path), f"{path}.nsid", 1, NSID_MAX)
     file = _path(m.get("file", f"ns{nsid}.img"), f"{path}.file", state_dir)
-    lba_size = _int(m.get("lba_size", 512), f"{path}.lba_size", 1, 1 << 32)
+    lba_size = _int(m.get("lba_size", default(NamespaceConfig, "lba_size")), f"{path}.lba_size",
+                    1, 1 << 32)
     if lba_size not in LBA_SIZES:
         raise ConfigError(f"{path}.lba_size", f"must be one of {', '.join(map(str, LBA_SIZES))}, not {lba_size}")
     size = parse_size(_required(m, "size", path), f"{path}.size")
@@ -242,7 +209,7 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
         raise ConfigError(f"{path}.size", "must be greater than 0")
     if size % lba_size:
         raise ConfigError(f"{path}.size", f"must be a multiple of lba_size ({lba_size})")
-    tlbaag = _int(m.get("tlbaag", max(1, 4096 // lba_size)), f"{path}.tlbaag", 1, 1 << 31)
+    tlbaag = _int(m.get("tlbaag", default_tlbaag(lba_size)), f"{path}.tlbaag", 1, 1 << 31)
     if tlbaag & (tlbaag - 1):
         raise ConfigError(f"{path}.tlbaag", f"must be a power of two, not {tlbaag}")
     return NamespaceConfig(nsid, file, size, lba_size, tlbaag)
@@ -257,7 +224,7 @@ def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) 
     if len(os.fsencode(socket)) > UNIX_PATH_MAX:
         raise ConfigError(f"{path}.socket", f"{socket} is too long for a unix socket "
                           f"({len(os.fsencode(socket))} > {UNIX_PATH_MAX} bytes)")
-    ctype = _str(m.get("type", "io"), f"{path}.type")
+    ctype = _str(m.get("type", default(ControllerConfig, "type")), f"{path}.type")
     if ctype not in CONTROLLER_TYPES:
         raise ConfigError(f"{path}.type", f"must be io or mmc, not {ctype!r}")
     attached: list[int] = []
@@ -275,10 +242,10 @@ def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) 
     return ControllerConfig(
         cntlid=cntlid, socket=socket, type=ctype, namespaces=tuple(attached),
         # 255 I/O queue pairs + admin fill BAR0's 4 KiB doorbell page (DSTRD 0).
-        max_io_queues=_int(m.get("max_io_queues", 16), f"{path}.max_io_queues", 1, 255),
-        mqes=_int(m.get("mqes", 1023), f"{path}.mqes", 1, 0xFFFF),
-        mdts=_int(m.get("mdts", 5), f"{path}.mdts", 1, 10),
-        msix_vectors=_int(m.get("msix_vectors", 64), f"{path}.msix_vectors", 1, 2048),
+        max_io_queues=_int(_get(m, "max_io_queues"), f"{path}.max_io_queues", 1, 255),
+        mqes=_int(_get(m, "mqes"), f"{path}.mqes", 1, 0xFFFF),
+        mdts=_int(_get(m, "mdts"), f"{path}.mdts", 1, 10),
+        msix_vectors=_int(_get(m, "msix_vectors"), f"{path}.msix_vectors", 1, 2048),
     )
 
 
@@ -336,6 +303,11 @@ def _check_keys(m: dict[Any, Any], path: str, allowed: tuple[str, ...]) -> None:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(allowed)})"
             raise ConfigError(where, "unknown key" + hint)
+
+
+def _get(m: dict[Any, Any], key: str) -> Any:
+    """A controller key's value, or ControllerConfig's default for it."""
+    return m.get(key, default(ControllerConfig, key))
 
 
 def _required(m: dict[Any, Any], key: str, path: str) -> Any:

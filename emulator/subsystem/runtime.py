@@ -8,14 +8,15 @@ background thread (tests and tools); ``serve`` runs it in the foreground.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from emulator.nvme.controller import Controller, ControllerConfig
-from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.nvme.dispatch import new_controller
+from emulator.nvme.namespace import Namespace
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem.config import SubsystemConfig
@@ -31,22 +32,15 @@ class Runtime:
         self.config = config
         self.loop = loop
         info = config.subsystem
-        self.subsystem = Subsystem(nqn=info.nqn, serial=info.serial, model=info.model,
-                                   firmware=info.firmware, vendor_id=NVME_EMU_VENDOR_ID)
+        self.subsystem = Subsystem(**dataclasses.asdict(info), vendor_id=NVME_EMU_VENDOR_ID)
         self.functions: dict[int, NvmePciFunction] = {}
         self.servers: dict[int, VfioUserServer] = {}
         config.state_dir.mkdir(parents=True, exist_ok=True)
         for nsc in config.namespaces:
-            self.subsystem.namespaces[nsc.nsid] = Namespace(
-                NamespaceConfig(nsc.nsid, Path(nsc.file), nsc.size, nsc.lba_size, nsc.tlbaag),
-                info.nqn)
+            self.subsystem.namespaces[nsc.nsid] = Namespace(nsc, info.nqn)
         for cc in config.controllers:
             fn = NvmePciFunction(msix_vectors=cc.msix_vectors)
-            ctrl = Controller(
-                ControllerConfig(cc.cntlid, kind=cc.type, nsids=tuple(cc.namespaces),
-                                 max_io_queues=cc.max_io_queues, mqes=cc.mqes, mdts=cc.mdts,
-                                 msix_vectors=cc.msix_vectors),
-                self.subsystem, irq=fn, scheduler=loop)
+            ctrl = new_controller(cc, self.subsystem, irq=fn, scheduler=loop)
             fn.bind(ctrl)
             self.subsystem.controllers[cc.cntlid] = ctrl
             self.functions[cc.cntlid] = fn

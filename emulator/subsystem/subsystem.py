@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from emulator.nvme.config import SubsystemInfo, default
+
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
     from emulator.nvme.namespace import Namespace
@@ -13,10 +15,10 @@ DEFAULT_VENDOR_ID = 0x4E56  # emulator/pci/ids.py explains the choice
 
 @dataclass
 class Subsystem:
-    nqn: str = "nqn.2026-11.io.nvme-emu:subsys0"
-    serial: str = "NVMEEMU0001"
-    model: str = "nvme-emu"
-    firmware: str = "0.1"
+    nqn: str = default(SubsystemInfo, "nqn")
+    serial: str = default(SubsystemInfo, "serial")
+    model: str = default(SubsystemInfo, "model")
+    firmware: str = default(SubsystemInfo, "firmware")
     vendor_id: int = DEFAULT_VENDOR_ID
     namespaces: dict[int, "Namespace"] = field(default_factory=dict)
     controllers: dict[int, "Controller"] = field(default_factory=dict)
@@ -27,10 +29,7 @@ class Subsystem:
 
     def shared(self, nsid: int) -> bool:
         """True when more than one controller may attach the namespace (NMIC)."""
-        return sum(1 for c in self.controllers.values() if nsid in c.config.nsids) > 1
-
-    def controller(self, cntlid: int) -> "Controller | None":
-        return self.controllers.get(cntlid)
+        return sum(1 for c in self.controllers.values() if nsid in c.config.namespaces) > 1
 
     def close(self) -> None:
         for ns in self.namespaces.values():

@@ -11,15 +11,6 @@ from typing import Protocol
 
 from emulator.memory import MappedMemory
 
-# linux/vfio.h values used on the wire (vfio-user-protocol.md §8), declared in
-# protocol.py and re-exported here for device backends.
-from emulator.vfio_user.protocol import (  # noqa: F401  (re-exports)
-    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE,
-    IRQ_INFO_NORESIZE, PCI_BAR0_REGION_INDEX, PCI_CONFIG_REGION_INDEX, PCI_ERR_IRQ_INDEX,
-    PCI_INTX_IRQ_INDEX, PCI_MSI_IRQ_INDEX, PCI_MSIX_IRQ_INDEX, PCI_NUM_IRQS, PCI_NUM_REGIONS,
-    PCI_REQ_IRQ_INDEX, PCI_ROM_REGION_INDEX, REGION_FLAG_CAPS, REGION_FLAG_MMAP, REGION_FLAG_READ,
-    REGION_FLAG_WRITE)
-
 
 @dataclass
 class DeviceInfo:

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from emulator.host.driver import NvmeHost
 from emulator.host.memory import HostMemory
 from emulator.host.transport import DirectTransport
-from emulator.nvme.controller import Controller, ControllerConfig
-from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.nvme.config import ControllerConfig, NamespaceConfig
+from emulator.nvme.controller import Controller
+from emulator.nvme.dispatch import new_controller
+from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import SCT, Generic
 from emulator.subsystem.subsystem import Subsystem
 
@@ -26,9 +28,9 @@ _TMP = Path(tempfile.mkdtemp(prefix="ne-fuzz-"))
 def _make(kind: str = "io") -> tuple[NvmeHost, Controller, Subsystem]:
     sub = Subsystem()
     sub.namespaces[1] = Namespace(NamespaceConfig(1, _TMP / f"ns-{os.getpid()}-{kind}.img", 4 << 20), sub.nqn)
-    io = Controller(ControllerConfig(1, nsids=(1,), mdts=3), sub)
+    io = new_controller(ControllerConfig(1, namespaces=(1,), mdts=3), sub)
     sub.controllers[1] = io
-    mmc = Controller(ControllerConfig(2, kind="mmc"), sub)
+    mmc = new_controller(ControllerConfig(2, type="mmc"), sub)
     sub.controllers[2] = mmc
     ctrl = io if kind == "io" else mmc
     t = DirectTransport(ctrl, HostMemory(8 << 20))
@@ -76,6 +78,6 @@ def test_random_commands_always_complete(kind, qid, opc, nsid, prp1, prp2, cdw):
 @given(offset=st.integers(0, 0x1FFF), size=st.sampled_from([1, 2, 4, 8]), value=st.integers(0, (1 << 64) - 1))
 def test_random_register_writes_never_raise(offset, size, value):
     sub = Subsystem()
-    ctrl = Controller(ControllerConfig(1), sub)
+    ctrl = new_controller(ControllerConfig(1), sub)
     ctrl.mmio_write(offset, size, value & ((1 << (8 * size)) - 1))
     ctrl.mmio_read(offset, size)

@@ -9,8 +9,9 @@ from pathlib import Path
 from emulator.host.driver import NvmeHost
 from emulator.host.memory import HostMemory
 from emulator.host.transport import DirectTransport
-from emulator.nvme.controller import Controller, ControllerConfig
-from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.nvme.config import ControllerConfig, NamespaceConfig
+from emulator.nvme.dispatch import new_controller
+from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import FID, IoOpcode
 from emulator.subsystem.subsystem import Subsystem
 
@@ -82,7 +83,7 @@ def test_intms_intmc_mask_pin_interrupts():
     sub = Subsystem()
     sub.namespaces[1] = Namespace(NamespaceConfig(1, d / "ns.img", 1 << 20), sub.nqn)
     sink = PinSink()
-    ctrl = Controller(ControllerConfig(1, nsids=(1,)), sub, irq=sink)
+    ctrl = new_controller(ControllerConfig(1, namespaces=(1,)), sub, irq=sink)
     sub.controllers[1] = ctrl
     mem = HostMemory(4 << 20)
     t = DirectTransport(ctrl, mem)

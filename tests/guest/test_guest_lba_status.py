@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.nvme.config import NamespaceConfig
+from emulator.nvme.namespace import Namespace
 from lba_status_helpers import CMPC_COMPLETE, CMPC_INCOMPLETE, parse
 
 pytestmark = pytest.mark.guest

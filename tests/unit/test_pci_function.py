@@ -13,9 +13,9 @@ from emulator.memory import MappedMemory
 from emulator.pci import Bar0Layout, NvmePciFunction, PciFunctionState, split_access
 from emulator.pci import regs as r
 from emulator.pci.capabilities import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET, PM_CAP_OFFSET
-from emulator.vfio_user.backend import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
-                                        IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, PCI_INTX_IRQ_INDEX,
-                                        PCI_MSIX_IRQ_INDEX, REGION_FLAG_READ, REGION_FLAG_WRITE)
+from emulator.vfio_user.protocol import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
+                                         IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, PCI_INTX_IRQ_INDEX,
+                                         PCI_MSIX_IRQ_INDEX, REGION_FLAG_READ, REGION_FLAG_WRITE)
 
 CFG = 7
 BAR0 = 0
@@ -507,10 +507,11 @@ def test_large_msix_table_grows_bar0() -> None:
 
 # -- with the real NVMe controller behind BAR0 -----------------------------------------------------
 def test_nvme_controller_behind_bar0(fn: NvmePciFunction, irqs: FakeIrqLines) -> None:
-    from emulator.nvme.controller import Controller, ControllerConfig
+    from emulator.nvme.config import ControllerConfig
+    from emulator.nvme.dispatch import new_controller
     from emulator.subsystem.subsystem import Subsystem
 
-    ctrl = Controller(ControllerConfig(cntlid=1), Subsystem(), irq=fn)
+    ctrl = new_controller(ControllerConfig(cntlid=1), Subsystem(), irq=fn)
     fn.bind(ctrl)
     ram = os.memfd_create("guest-ram")
     try:

@@ -1,6 +1,6 @@
 """NVMe host-managed live migration, TP4159 (NVMe Base 2.1 / 2.3, NVM CS 1.2).
 
-A Migration Management Controller (ControllerConfig.kind == "mmc") reports
+A Migration Management Controller (ControllerConfig.type == "mmc") reports
 OACS.HMLMS and executes the privileged commands on behalf of the migratable
 controllers of its subsystem:
 
@@ -14,50 +14,11 @@ controllers of its subsystem:
 - ``identify_lm`` Identify Controller fields, LBAMQF, CNS 20h
 - ``wire``      every layout and code point, declared once
 - ``model``     the plain serialisable state in ControllerState.vendor
+- ``lifecycle`` what a Controller Level Reset does to that state
+
+The package imports nothing when imported: emulator/nvme/dispatch.py puts
+the commands into an MMC's tables, and the host side (emulator/host/lm.py)
+reads ``wire`` alone.
 
 Reference and choices among sources: docs/tp4159.md.
 """
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from emulator.nvme.controller import CONTROLLER_HOOKS
-from emulator.nvme.migration import (  # noqa: F401  (registration)
-    cdq, ctrlstate, identify_lm, memtrack, receive, send, track, udlog,
-)
-from emulator.nvme.migration.model import MMC_KEY, mmc_state, target_state
-
-if TYPE_CHECKING:
-    from emulator.nvme.controller import Controller
-
-
-def _on_reset(ctrl: "Controller") -> None:
-    """Controller Level Reset (Base §3.7.2 with §8.1.12 [8.1.13])."""
-    if ctrl.config.is_mmc:
-        if MMC_KEY not in ctrl.state.vendor:
-            return
-        # The MMC's CDQs are deleted and the tracking it performs stops.
-        udlog.stop_all(ctrl)
-        memtrack.stop_all(ctrl)
-        mmc_state(ctrl).sequences.clear()
-        # "remains suspended until ... a Controller Level Reset occurs on the
-        # controller processing this command" (Figure 351 text): the MMC's.
-        for other in ctrl.subsystem.controllers.values():
-            if other is not ctrl and other.state.suspended \
-                    and target_state(other).suspended_by == ctrl.cntlid:
-                send.wake(other)
-        return
-    # A CLR of the migratable controller itself ends its suspended state
-    # (controller_level_reset clears state.suspended); forget who did it.
-    ts = target_state(ctrl)
-    ts.suspended_by = ts.notified_by = -1
-    ts.suspended_at = []
-
-
-def _install(ctrl: "Controller") -> None:
-    ctrl.observers.on_write.append(udlog.on_write)
-    ctrl.observers.on_reset.append(_on_reset)
-    ctrl.observers.on_memory.append(memtrack.on_memory)
-
-
-CONTROLLER_HOOKS.append(_install)

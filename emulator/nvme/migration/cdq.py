@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
 from emulator.nvme import aer
-from emulator.nvme.controller import Result
-from emulator.nvme.features import FeatureSpec, feature
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.model import CdqState, mmc_state
-from emulator.nvme.migration.targets import migratable, mmc_command, mmcs
+from emulator.nvme.migration.targets import migratable, mmcs
 from emulator.nvme.spec import (
-    FID, AdminOpcode, Command, CommandSpecific, Generic, generic, invalid_field, specific,
+    Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
+from emulator.nvme.tables import FeatureSpec, Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -36,7 +35,6 @@ MCDQPC = 256  # PRP entries in the PRP list of a CDQ create (PC=0)
 
 
 # ------------------------------------------------------------------ the 45h command
-@mmc_command(AdminOpcode.CONTROLLER_DATA_QUEUE)
 def controller_data_queue(ctrl: "Controller", cmd: Command) -> Result:
     select = wire.sel(cmd.cdw10)
     if select == wire.CdqSel.CREATE:
@@ -212,4 +210,4 @@ def _cdq_feature_get(ctrl: "Controller", cmd: Command) -> Result:
     return (wire.CDQ_FEATURE_ETPT if q.etpt else 0) | q.cdqid, 0
 
 
-feature(FID.CONTROLLER_DATA_QUEUE, FeatureSpec(get=_cdq_feature_get, set=_cdq_feature_set))
+CDQ_FEATURE = FeatureSpec(get=_cdq_feature_get, set=_cdq_feature_set)  # FID 21h

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emulator.nvme.identify import CTRL_PATCHERS, NVM_CTRL_PATCHERS, cns
 from emulator.nvme.migration import cdq, ctrlstate, memtrack, wire
 from emulator.nvme.spec import CNS, Command, invalid_field
 
@@ -12,7 +11,7 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 
-def _mmc_fields(ctrl: "Controller", b: bytearray) -> None:
+def identify_mmc_fields(ctrl: "Controller", b: bytearray) -> None:
     """OACS.HMLMS, the tracking and CDQ limits, TRATTR: on MMCs only (doc §3.1).
     HMPRE stays 0 on every controller (no Host Memory Buffer next to an MMC)."""
     if not ctrl.config.is_mmc:
@@ -26,17 +25,12 @@ def _mmc_fields(ctrl: "Controller", b: bytearray) -> None:
         cdq.MCUDMQ, cdq.MNSUDMQ, cdq.MCMR, cdq.NMCMR, cdq.MCDQPC)
 
 
-def _lbamqf(ctrl: "Controller", b: bytearray) -> None:
+def identify_lbamqf(ctrl: "Controller", b: bytearray) -> None:
     """NVM CS 1.2 Figure 120 byte 24 LBAMQF: 0h = LBA Migration Queue Entry Type 0.
     (The Samsung QEMU branch puts 1 at Identify Namespace byte 9: not the spec.)"""
     b[wire.NVM_IDC_LBAMQF] = 0x0
 
 
-CTRL_PATCHERS.append(_mmc_fields)
-NVM_CTRL_PATCHERS.append(_lbamqf)
-
-
-@cns(CNS.SUPPORTED_CTRL_STATE_FORMATS)
 def supported_controller_state_formats(ctrl: "Controller", cmd: Command) -> bytes:
     """CNS 20h (Base 2.1 prints 21h: a typo fixed in 2.3): NV, NUUID, the version
     list (index 1 = first), the vendor UUID list.  MMC only."""

@@ -18,11 +18,11 @@ import numpy as np
 
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.model import MemTrackState, mmc_state
-from emulator.nvme.migration.targets import migratable, mmc_command, mmcs
+from emulator.nvme.migration.targets import migratable, mmcs
 from emulator.nvme.spec import (
-    AdminOpcode, Command, CommandSpecific, invalid_field, specific,
+    Command, CommandSpecific, invalid_field, specific,
 )
-from emulator.nvme.controller import Result
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -112,7 +112,6 @@ def _fitting(ranges: list[list[int]]) -> int:
     return len(ranges)
 
 
-@mmc_command(AdminOpcode.TRACK_RECEIVE)
 def track_receive(ctrl: "Controller", cmd: Command) -> Result:
     """Track Receive, Tracked Memory Changes (CDW11 CNTLID, CDW12 NUMDL 0's based)."""
     if wire.sel(cmd.cdw10) != wire.TRACK_RECEIVE_SEL_TMC or cmd.cdw10 >> 8:

@@ -104,7 +104,6 @@ class MmcState:
 class TargetState:
     """What a migratable controller remembers of TP4159."""
     suspended_by: int = -1  # CNTLID of the MMC whose Migration Send suspended it
-    notified_by: int = -1  # CNTLID of the MMC that sent a Suspend Notification
     # Clocks read at the suspend (monotonic, wall): a suspended controller's
     # state does not change, so successive Get Controller State pieces agree.
     suspended_at: list[float] = field(default_factory=list)

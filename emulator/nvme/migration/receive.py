@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result
 from emulator.nvme.migration import ctrlstate, wire
-from emulator.nvme.migration.targets import migratable, mmc_command
-from emulator.nvme.spec import AdminOpcode, Command, invalid_field
+from emulator.nvme.migration.targets import migratable
+from emulator.nvme.spec import Command, invalid_field
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 
-@mmc_command(AdminOpcode.MIGRATION_RECEIVE)
 def migration_receive(ctrl: "Controller", cmd: Command) -> Result:
     select = wire.sel(cmd.cdw10)
     if select != wire.MIGRATION_RECEIVE_GET_STATE:

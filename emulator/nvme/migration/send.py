@@ -14,14 +14,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result
 from emulator.nvme.migration import ctrlstate, udlog, wire
 from emulator.nvme.migration.model import mmc_state, target_state
-from emulator.nvme.migration.targets import migratable, mmc_command
+from emulator.nvme.migration.targets import migratable
 from emulator.nvme.migration.wire import Seqind
 from emulator.nvme.spec import (
-    CC_EN, AdminOpcode, Command, CommandSpecific, Generic, generic, invalid_field, specific,
+    CC_EN, Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvme.lm.send")
 
 
-@mmc_command(AdminOpcode.MIGRATION_SEND)
 def migration_send(ctrl: "Controller", cmd: Command) -> Result:
     select = wire.sel(cmd.cdw10)
     if select == wire.MIGRATION_SEND_SUSPEND:
@@ -48,8 +47,7 @@ def suspend(mmc: "Controller", cmd: Command) -> Result:
     target = migratable(mmc, cntlid)
     ts = target_state(target)
     if stype == wire.STYPE_NOTIFICATION:
-        ts.notified_by = mmc.cntlid  # advance notice only: no state change
-        return 0, 0
+        return 0, 0  # advance notice only: no state change
     if stype != wire.STYPE_SUSPEND:
         raise invalid_field(f"STYPE {stype:#x} reserved")
     if target.state.suspended:
@@ -57,7 +55,7 @@ def suspend(mmc: "Controller", cmd: Command) -> Result:
     # 1. stop fetching; 2. fetched commands are complete (run to completion)
     #    except AERs; 3. no more transport transactions.
     target.state.suspended = True
-    ts.suspended_by, ts.notified_by = mmc.cntlid, -1
+    ts.suspended_by = mmc.cntlid
     ts.suspended_at = [time.monotonic(), time.time()]
     # ESA 011b marker after the drain, then DUDMQ deletes the queue before the
     # CQE (Figure 351 and the §8.1.12.1 example: post, then delete).

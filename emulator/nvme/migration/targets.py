@@ -16,25 +16,12 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import ADMIN_AVAILABLE, Handler, admin_command
 from emulator.nvme.spec import CommandSpecific, specific
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
-
-
-def is_mmc(ctrl: "Controller") -> bool:
-    return ctrl.config.is_mmc
-
-
-def mmc_command(opcode: int) -> Callable[[Handler], Handler]:
-    """Register an admin command that only an MMC supports."""
-    def deco(fn: Handler) -> Handler:
-        ADMIN_AVAILABLE[opcode] = is_mmc
-        return admin_command(opcode)(fn)
-    return deco
 
 
 def migratable(mmc: "Controller", cntlid: int) -> "Controller":
@@ -49,7 +36,3 @@ def migratable(mmc: "Controller", cntlid: int) -> "Controller":
 def mmcs(ctrl: "Controller") -> list["Controller"]:
     """Every MMC of the controller's subsystem."""
     return [c for c in ctrl.subsystem.controllers.values() if c.config.is_mmc]
-
-
-def any_suspended(ctrl: "Controller") -> bool:
-    return any(c.state.suspended for c in ctrl.subsystem.controllers.values())

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emulator.nvme.controller import Result
 from emulator.nvme.migration import memtrack, udlog, wire
-from emulator.nvme.migration.targets import mmc_command
-from emulator.nvme.spec import AdminOpcode, Command, invalid_field
+from emulator.nvme.spec import Command, invalid_field
+from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 
-@mmc_command(AdminOpcode.TRACK_SEND)
 def track_send(ctrl: "Controller", cmd: Command) -> Result:
     select = wire.sel(cmd.cdw10)
     if (cmd.cdw10 >> 8) & 0xFF:

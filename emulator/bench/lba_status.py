@@ -28,9 +28,10 @@ import numpy as np
 from emulator.host.driver import NvmeHost
 from emulator.host.memory import HostMemory
 from emulator.host.transport import DirectTransport
-from emulator.nvme.controller import Controller, ControllerConfig
+from emulator.nvme.config import ControllerConfig, NamespaceConfig
+from emulator.nvme.dispatch import new_controller
 from emulator.nvme.lba_status import LBA_STATUS_DESCRIPTOR, LBA_STATUS_HEADER
-from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import AdminOpcode
 from emulator.subsystem.config import parse_size
 from emulator.subsystem.subsystem import Subsystem
@@ -102,7 +103,7 @@ def _bench(state: Path, size: int, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ns = Namespace(NamespaceConfig(1, state / "ns1.img", size, LBA_SIZE, TLBAAG), sub.nqn)
     sub.namespaces[1] = ns
-    ctrl = Controller(ControllerConfig(1, nsids=(1,), mdts=MDTS), sub)
+    ctrl = new_controller(ControllerConfig(1, namespaces=(1,), mdts=MDTS), sub)
     h = NvmeHost(DirectTransport(ctrl, HostMemory(8 << 20)))
     h.init()
     rng = np.random.default_rng(args.seed)

@@ -1,0 +1,1 @@
+"""Benchmarks (scripts/bench-*): tools over the device, not part of it."""

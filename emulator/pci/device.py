@@ -1,0 +1,27 @@
+"""What a PCI function needs from the device behind its BAR0."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from emulator.memory import GuestMemory
+
+
+class MmioDevice(Protocol):
+    """The device model a PCI function forwards BAR0 accesses and resets to
+    (the NVMe controller implements it)."""
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        """Read 1/2/4/8 bytes of BAR0 at ``offset`` (little-endian value)."""
+        ...
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        """Write 1/2/4/8 bytes of BAR0 at ``offset``."""
+        ...
+
+    def function_reset(self) -> None:
+        """PCI-level reset (DEVICE_RESET, FLR): a Controller Level Reset."""
+        ...
+
+    def set_memory(self, memory: GuestMemory | None) -> None:
+        """DMA becomes possible (bus master on, client attached) or impossible."""
+        ...
