@@ -2,12 +2,13 @@
 Abort (§5.1.1) and Keep Alive (§5.1.15)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Container
 
 from emulator.nvme import dbbuf
 from emulator.nvme.tables import Result
 from emulator.nvme.spec import (
-    CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK, CC_IOSQES_SHIFT, CQES_LOG2, SQES_LOG2,
+    CC_IOCQES_MASK, CC_IOCQES_SHIFT, CC_IOSQES_MASK, CC_IOSQES_SHIFT, CC_MPS_MASK, CC_MPS_SHIFT,
+    CQES_LOG2, SQES_LOG2,
     Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
 from emulator.nvme.state import CQState, SQState
@@ -16,51 +17,53 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 
-def _new_queue(ctrl: "Controller", cmd: Command, granted: int, existing: dict[int, object],
-               what: str) -> tuple[int, int]:
-    """QID and QSIZE (CDW10) of a queue to create, checked against Number of
-    Queues, existing queues and CAP.MQES (§5.2.1, §5.2.2)."""
-    qid, qsize = cmd.cdw10 & 0xFFFF, ((cmd.cdw10 >> 16) & 0xFFFF) + 1
-    if qid == 0 or qid > granted + 1 or qid in existing:
-        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"{what} {qid}")
-    if qsize < 2 or qsize > ctrl.config.mqes + 1:
-        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"{what} size {qsize}")
-    return qid, qsize
-
-
-def _check_base(ctrl: "Controller", prp1: int) -> None:
-    if prp1 == 0 or prp1 & (ctrl.page_size - 1):
+def check_new_queue(ctrl: "Controller", q: SQState | CQState, cc: int, granted: int,
+                    existing: Container[int], cqids: Container[int] = ()) -> None:
+    """The rules an I/O queue must meet to exist, in the order Create I/O CQ/SQ
+    checks them (Base 2.1 §5.2.1, §5.2.2).  ``cc`` is the Controller
+    Configuration in force (CC.MPS, CC.IOSQES/IOCQES), ``granted`` the 0's
+    based count from Number of Queues, ``existing`` the queue ids of the same
+    kind already there, ``cqids`` the CQs an SQ may bind to.  Migration Send
+    Set Controller State applies the same rules to the queues it restores."""
+    is_cq = isinstance(q, CQState)
+    what = "CQ" if is_cq else "SQ"
+    if q.qid == 0 or q.qid > granted + 1 or q.qid in existing:
+        raise specific(CommandSpecific.INVALID_QUEUE_IDENTIFIER, f"{what} {q.qid}")
+    if q.size < 2 or q.size > ctrl.config.mqes + 1:
+        raise specific(CommandSpecific.INVALID_QUEUE_SIZE, f"{what} size {q.size}")
+    if isinstance(q, SQState) and (q.cqid == 0 or q.cqid not in cqids):
+        raise specific(CommandSpecific.COMPLETION_QUEUE_INVALID, f"CQ {q.cqid}")
+    if not q.pc:
+        raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
+    if is_cq and (cc >> CC_IOCQES_SHIFT) & CC_IOCQES_MASK != CQES_LOG2:
+        raise invalid_field("CC.IOCQES")
+    if not is_cq and (cc >> CC_IOSQES_SHIFT) & CC_IOSQES_MASK != SQES_LOG2:
+        raise invalid_field("CC.IOSQES")
+    if isinstance(q, CQState) and q.iv >= ctrl.config.msix_vectors:
+        raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"IV {q.iv}")
+    page = 1 << (12 + ((cc >> CC_MPS_SHIFT) & CC_MPS_MASK))
+    if q.base == 0 or q.base & (page - 1):
         # PRP1 of a physically contiguous queue must be page aligned (§5.2.1)
         raise generic(Generic.PRP_OFFSET_INVALID, "queue base not page aligned")
 
 
 def create_io_cq(ctrl: "Controller", cmd: Command) -> Result:
-    qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_cqs, ctrl.cqs, "CQ")
     pc, ien, iv = bool(cmd.cdw11 & 0x1), bool(cmd.cdw11 & 0x2), cmd.cdw11 >> 16
-    if not pc:
-        raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
-    if (ctrl.state.regs.cc >> CC_IOCQES_SHIFT) & CC_IOCQES_MASK != CQES_LOG2:
-        raise invalid_field("CC.IOCQES")
-    if iv >= ctrl.config.msix_vectors:
-        raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"IV {iv}")
-    _check_base(ctrl, cmd.prp1)
-    ctrl.cqs[qid] = CQState(qid=qid, base=cmd.prp1, size=qsize, iv=iv, ien=ien, pc=pc)
-    dbbuf.queue_created(ctrl, qid, is_cq=True)
+    cq = CQState(qid=cmd.cdw10 & 0xFFFF, base=cmd.prp1, size=((cmd.cdw10 >> 16) & 0xFFFF) + 1,
+                 iv=iv, ien=ien, pc=pc)
+    check_new_queue(ctrl, cq, ctrl.state.regs.cc, ctrl.state.granted_cqs, ctrl.cqs)
+    ctrl.cqs[cq.qid] = cq
+    dbbuf.queue_created(ctrl, cq.qid, is_cq=True)
     return 0, 0
 
 
 def create_io_sq(ctrl: "Controller", cmd: Command) -> Result:
-    qid, qsize = _new_queue(ctrl, cmd, ctrl.state.granted_sqs, ctrl.sqs, "SQ")
     pc, qprio, cqid = bool(cmd.cdw11 & 0x1), (cmd.cdw11 >> 1) & 0x3, cmd.cdw11 >> 16
-    if cqid == 0 or cqid not in ctrl.cqs:
-        raise specific(CommandSpecific.COMPLETION_QUEUE_INVALID, f"CQ {cqid}")
-    if not pc:
-        raise invalid_field("CAP.CQR=1: queues must be physically contiguous")
-    if (ctrl.state.regs.cc >> CC_IOSQES_SHIFT) & CC_IOSQES_MASK != SQES_LOG2:
-        raise invalid_field("CC.IOSQES")
-    _check_base(ctrl, cmd.prp1)
-    ctrl.sqs[qid] = SQState(qid=qid, base=cmd.prp1, size=qsize, cqid=cqid, qprio=qprio, pc=pc)
-    dbbuf.queue_created(ctrl, qid, is_cq=False)
+    sq = SQState(qid=cmd.cdw10 & 0xFFFF, base=cmd.prp1, size=((cmd.cdw10 >> 16) & 0xFFFF) + 1,
+                 cqid=cqid, qprio=qprio, pc=pc)
+    check_new_queue(ctrl, sq, ctrl.state.regs.cc, ctrl.state.granted_sqs, ctrl.sqs, ctrl.cqs)
+    ctrl.sqs[sq.qid] = sq
+    dbbuf.queue_created(ctrl, sq.qid, is_cq=False)
     return 0, 0
 
 

@@ -11,7 +11,7 @@ import pytest
 from emulator.host.lm import MigrationHost
 from emulator.nvme.migration import ctrlstate, wire
 from emulator.nvme.migration.wire import Seqind
-from emulator.nvme.spec import FID, AdminOpcode, CommandSpecific as CS, Generic, IoOpcode
+from emulator.nvme.spec import REG_CC, FID, AdminOpcode, CommandSpecific as CS, Generic, IoOpcode
 from tp4159_common import (  # noqa: F401
     IO, MMC, Lm, aer_submit, aer_wait, flush_posted, generic, invalid_field, lm, specific, stalls,
     write,
@@ -259,6 +259,30 @@ def test_set_nvme_defined_state_only(spare) -> None:  # type: ignore[no-untyped-
     c = h3.wait(1, cid)
     assert c.ok
     assert h3.read(1, 0, 8).data == bytes([0x77]) * 4096
+
+
+def test_set_state_applies_the_create_queue_rules(spare) -> None:  # type: ignore[no-untyped-def]
+    """The queues of a Controller State are checked as Create I/O CQ/SQ checks them
+    (admin_queues.check_new_queue): against the granted Number of Queues, not only
+    max_io_queues, and against CC.IOSQES/IOCQES."""
+    e, g, m = spare  # the source has two I/O queue pairs
+    assert m.suspend(IO).ok
+    state = m.get_state(IO, csuuidi=0)[0]
+    h3 = e.host(SPARE, init=False, memory=g.mem)
+    h3.enable()
+    assert h3.set_features(FID.NUMBER_OF_QUEUES, 0).ok  # one pair granted (max_io_queues is 4)
+    assert m.suspend(SPARE).ok
+    specific(m.set_state(SPARE, state, csuuidi=0), CS.NOT_ENOUGH_RESOURCES)  # queue 2
+    assert m.resume(SPARE).ok
+    assert h3.set_features(FID.NUMBER_OF_QUEUES, 1 | (1 << 16)).ok  # two pairs
+    cc = h3.t.mmio_read(REG_CC, 4)
+    h3.t.mmio_write(REG_CC, 4, cc & ~(0xF << 16))  # CC.IOSQES 0: no I/O SQ may be created
+    assert m.suspend(SPARE).ok
+    invalid_field(m.set_state(SPARE, state, csuuidi=0))
+    assert m.resume(SPARE).ok
+    h3.t.mmio_write(REG_CC, 4, cc)
+    assert m.suspend(SPARE).ok
+    assert m.set_state(SPARE, state, csuuidi=0).ok  # with both rules met the same state fits
 
 
 def test_resume_signals_completions_the_host_has_not_consumed(spare) -> None:  # type: ignore[no-untyped-def]

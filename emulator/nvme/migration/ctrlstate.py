@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from emulator.nvme import queues
+from emulator.nvme.admin_queues import check_new_queue
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.model import MMC_KEY, TARGET_KEY, target_state
 from emulator.nvme.spec import (
-    CC_MPS_MASK, CC_MPS_SHIFT, CommandSpecific, invalid_field, specific,
+    CommandSpecific, NvmeError, invalid_field, specific,
 )
 from emulator.nvme.state import ControllerState, CQState, SQState
 
@@ -189,7 +190,11 @@ def _parse_vendor(part: bytes) -> dict[str, Any]:
 
 
 def _check_queues(target: "Controller", p: ParsedState) -> None:
-    """The queues to create must fit this controller (as Create I/O CQ/SQ would check)."""
+    """The queues to create must fit this controller: the rules of Create I/O
+    CQ/SQ (admin_queues.check_new_queue), against the CC and Number of Queues
+    the restored controller will have.  A queue id beyond the granted queues
+    is Not Enough Resources (38h); any other failure Invalid Field, the status
+    Migration Send gives to a bad Controller State."""
     if p.has_nvme:
         sqs, cqs = p.sqs, p.cqs
     elif p.vendor is not None:
@@ -197,23 +202,27 @@ def _check_queues(target: "Controller", p: ParsedState) -> None:
         sqs, cqs = [q for q in st.sqs if q.qid], [q for q in st.cqs if q.qid]
     else:
         return
-    cc = p.vendor["state"].regs.cc if p.vendor is not None else target.state.regs.cc
-    page = 1 << (12 + ((cc >> CC_MPS_SHIFT) & CC_MPS_MASK))
-    cfg = target.config
-    cqids = {q.qid for q in cqs}
-    every: list[SQState | CQState] = [*sqs, *cqs]
-    for q in every:
-        if q.qid > cfg.max_io_queues:  # more queues than this controller has
+    mine = target.state if p.vendor is None else p.vendor["state"]
+    top = target.config.max_io_queues - 1  # 0's based, as granted
+    if mine.granted_sqs > top or mine.granted_cqs > top:
+        raise specific(CommandSpecific.NOT_ENOUGH_RESOURCES,
+                       f"{mine.granted_sqs + 1} SQs / {mine.granted_cqs + 1} CQs granted")
+    for q in [*sqs, *cqs]:
+        granted = mine.granted_cqs if isinstance(q, CQState) else mine.granted_sqs
+        if q.qid > granted + 1:  # more queues than this controller grants
             raise specific(CommandSpecific.NOT_ENOUGH_RESOURCES, f"queue {q.qid}")
-        if (q.qid == 0 or not 2 <= q.size <= cfg.mqes + 1 or not q.pc or not q.base
-                or q.base & (page - 1) or q.head >= q.size or q.tail >= q.size):
-            raise invalid_field(f"queue {q.qid} state invalid")
-    for sq in sqs:
-        if sq.cqid not in cqids:
-            raise invalid_field(f"SQ {sq.qid} bound to missing CQ {sq.cqid}")
-    for cq in cqs:
-        if cq.iv >= cfg.msix_vectors:
-            raise invalid_field(f"CQ {cq.qid} interrupt vector {cq.iv}")
+    cqids: set[int] = set()
+    sqids: set[int] = set()
+    for q in [*cqs, *sqs]:  # CQs first: an SQ names its CQ
+        is_cq = isinstance(q, CQState)
+        granted, existing = (mine.granted_cqs, cqids) if is_cq else (mine.granted_sqs, sqids)
+        try:
+            check_new_queue(target, q, mine.regs.cc, granted, existing, cqids)
+        except NvmeError as e:
+            raise invalid_field(f"queue {q.qid} state invalid: {e}") from e
+        if q.head >= q.size or q.tail >= q.size:
+            raise invalid_field(f"queue {q.qid} state invalid: head/tail beyond its size")
+        existing.add(q.qid)
 
 
 def commit(target: "Controller", p: ParsedState) -> None:
