@@ -18,12 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _unavailable=None)
         try:
             importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError:
-            pass
+        except ModuleNotFoundError as e:
+            # The other subcommands stay usable; this one says why it cannot run.
+            p.set_defaults(_unavailable=f"{module} cannot be imported: {e}")
     args = parser.parse_args(argv)
+    if args._unavailable:
+        print(f"nvme-emu {args.command}: {args._unavailable}", file=sys.stderr)
+        return 2
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

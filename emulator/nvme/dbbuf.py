@@ -20,8 +20,10 @@ Layout of both buffers (stride 4 << CAP.DSTRD, DSTRD=0): SQ y at 8*y, CQ y at 8*
 """
 from __future__ import annotations
 
+import logging
 import struct
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
@@ -36,6 +38,10 @@ KEY = "dbbuf"
 NEVER = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
 _fence = threading.Lock()
+log = logging.getLogger("nvme.dbbuf")
+# Controllers whose shadow buffers already failed a DMA: logged once at warning,
+# then at debug (the host may keep ringing with a buffer it unmapped).
+_warned: "weakref.WeakSet[Controller]" = weakref.WeakSet()
 
 
 def barrier() -> None:
@@ -50,10 +56,20 @@ def config(ctrl: "Controller") -> tuple[int, int] | None:
     return (v[0], v[1]) if v else None
 
 
+def _dma_failed(ctrl: "Controller", what: str, addr: int, err: DmaError) -> None:
+    """A shadow doorbell or EventIdx access outside mapped memory: no command
+    to fail, so the doorbell value stays as the MMIO write left it; say so."""
+    level = logging.DEBUG if ctrl in _warned else logging.WARNING
+    _warned.add(ctrl)
+    log.log(level, "ctrl %d: Doorbell Buffer Config %s at %#x failed (%s); "
+            "using the MMIO doorbell values", ctrl.cntlid, what, addr, err)
+
+
 def _read(ctrl: "Controller", addr: int) -> int | None:
     try:
         return _U32.unpack(ctrl.memory.read(addr, 4))[0] if ctrl.memory else None
-    except DmaError:
+    except DmaError as e:
+        _dma_failed(ctrl, "shadow doorbell read", addr, e)
         return None
 
 
@@ -61,8 +77,8 @@ def _write(ctrl: "Controller", addr: int, value: int) -> None:
     if ctrl.memory is not None:
         try:
             ctrl.memory.write(addr, _U32.pack(value & 0xFFFFFFFF))
-        except DmaError:
-            pass
+        except DmaError as e:
+            _dma_failed(ctrl, "EventIdx/shadow write", addr, e)
 
 
 def doorbell_buffer_config(ctrl: "Controller", cmd: Command) -> Result:

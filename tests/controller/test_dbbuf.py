@@ -147,3 +147,28 @@ def test_stale_mmio_value_does_not_move_the_tail_back(emu):
     while 4 not in got and time.monotonic() < deadline:
         got += s.reap()
     assert sorted(got) == [1, 2, 3, 4]
+
+
+def test_unreachable_shadow_buffer_is_logged_not_swallowed(caplog):
+    """A shadow doorbell access outside mapped memory has no command to fail: the
+    controller keeps the MMIO values and logs it (warning once, then debug)."""
+    import logging
+
+    from emulator.memory import MappedMemory
+    from emulator.nvme import dbbuf
+    from emulator.nvme.config import ControllerConfig
+    from emulator.nvme.dispatch import new_controller
+    from emulator.nvme.state import CQState
+    from emulator.subsystem.subsystem import Subsystem
+
+    ctrl = new_controller(ControllerConfig(1), Subsystem())
+    ctrl.memory = MappedMemory()  # the host unmapped everything
+    ctrl.state.vendor[dbbuf.KEY] = [0x10000, 0x20000]
+    cq = CQState(qid=1, base=0x30000, size=4, head=2)
+    with caplog.at_level(logging.DEBUG, logger="nvme.dbbuf"):
+        dbbuf.refresh_cq_head(ctrl, cq, arm=True)
+    assert cq.head == 2
+    records = [r for r in caplog.records if r.name == "nvme.dbbuf"]
+    assert records[0].levelno == logging.WARNING
+    assert "ctrl 1" in records[0].getMessage() and "0x1000c" in records[0].getMessage()
+    assert len(records) == 3 and all(r.levelno == logging.DEBUG for r in records[1:])
