@@ -1,22 +1,17 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Any, Callable, Iterator
-
 import os
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import settings
 
-sys.path.insert(0, str(Path(__file__).parent))
+from emu_fixture import Emu  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 # CI runs property tests with a fixed seed (reproducible); local runs explore.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
     settings.load_profile("ci")
-
-from emu_fixture import Emu  # noqa: E402
 
 
 @pytest.fixture

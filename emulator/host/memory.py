@@ -41,9 +41,6 @@ class HostMemory:
         size = max(PAGE, (size + PAGE - 1) // PAGE * PAGE)
         self._free.setdefault(size, []).append(iova - self.iova)
 
-    def contains(self, iova: int, length: int = 1) -> bool:
-        return self.iova <= iova and iova + length <= self.iova + self.size
-
     def buf(self, iova: int, length: int) -> memoryview:
         off = iova - self.iova
         if off < 0 or off + length > self.size:

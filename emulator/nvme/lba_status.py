@@ -7,7 +7,7 @@
   Reporting Allocated LBA Supported (NVM CS 1.2 Figure 120).
 * OACS.GLSS (Identify Controller bit 9) stays 0.
 
-Settled from spec text (docs/nvme-live-migration.md §12 had these UNCONFIRMED):
+Settled from spec text (summaries of the TP left these open):
 
 * GLSS vs RALBAS.  NVM CS 1.2 §5.2.2: "If Action Types 10h and 11h are
   supported (refer to the ... GLSS bit in ... OACS), then the controller

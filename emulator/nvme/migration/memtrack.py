@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvme.lm.memtrack")
 
-# Identify Controller limits (doc §3.1).  MINMRTG/MAXMRTG use the RMRTG code
-# (2^n x 4 KiB): libnvme documents them as "the minimum/maximum value
-# supported in the RMRTG field", which settles the doc's UNCONFIRMED tag.
+# Identify Controller limits (Base 2.1 §5.1.13.2.1, bytes 570-575).  MINMRTG/MAXMRTG
+# use the RMRTG code (2^n x 4 KiB): libnvme documents them as "the minimum/maximum
+# value supported in the RMRTG field" (the spec names the fields only).
 CMMRTD = 64  # descriptors one MMC tracks, all targets together
 NMMRTD = 256  # ... the whole subsystem
 MINMRTG = 0  # 4 KiB

@@ -11,7 +11,7 @@ changed, after the change is visible and before the command's completion
 Markers (LBACIR 10b, no range): ESA 001b when logging starts and on Resume,
 011b on Suspend, 010b on stop.  The entry that fills the queue carries ESA
 111b whatever it is, logging stops, and the One-Shot CDQ Full event goes out
-(doc §6.3); we prefer 111b over 010b/011b for a marker that fills the queue
+(NVM CS 1.2 §5.6; Base 2.1 §8.1.6); we prefer 111b over 010b/011b for a marker that fills the queue
 because the host must learn that the queue is full.
 """
 from __future__ import annotations
