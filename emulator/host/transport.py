@@ -17,7 +17,7 @@ from emulator.host.memory import HostMemory
 from emulator.memory import MappedMemory
 
 if TYPE_CHECKING:
-    from emulator.nvme.controller import Controller
+    from emulator.pci.device import MmioDevice
     from emulator.vfio_user.client import VfioUserClient
 
 # PCI config space offsets (PCI Local Bus 3.0 §6.1, §6.8.2)
@@ -48,9 +48,10 @@ class Transport(Protocol):
 
 
 class DirectTransport:
-    """Drives an in-process Controller; completions are found by polling."""
+    """Drives an in-process controller (anything with BAR0 registers); completions
+    are found by polling."""
 
-    def __init__(self, controller: "Controller", memory: HostMemory) -> None:
+    def __init__(self, controller: "MmioDevice", memory: HostMemory) -> None:
         self.controller = controller
         self.memory = memory
         self.dma = MappedMemory()
@@ -96,7 +97,7 @@ class VfioUserTransport:
         for index in range(9):  # like QEMU at realize; we keep no region fds
             try:
                 info = client.region_info(index)
-            except Exception:
+            except OSError:  # VfioUserError: the server has no region ``index``
                 continue
             if getattr(info, "fd", None) is not None:
                 os.close(info.fd)
