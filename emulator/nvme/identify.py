@@ -11,7 +11,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from emulator.nvme.spec import (
-    BROADCAST_NSID, CNS, CSI_NVM, Command, Generic, NVME_VERSION, SQES_LOG2,
+    BROADCAST_NSID, CSI_NVM, Command, Generic, NVME_VERSION, SQES_LOG2,
     CQES_LOG2, generic, invalid_field,
 )
 from emulator.nvme.tables import Result

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.nvme.migration import cdq, ctrlstate, memtrack, wire
-from emulator.nvme.spec import CNS, Command, invalid_field
+from emulator.nvme.spec import Command, invalid_field
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
