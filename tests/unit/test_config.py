@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from emulator.nvme.config import ControllerConfig, NamespaceConfig, SubsystemInfo
 from emulator.subsystem.config import (ConfigError, SubsystemConfig, default_config, default_state_dir,
                                        load_config, parse_config, parse_size)
 
@@ -115,6 +116,17 @@ def test_minimal_defaults() -> None:
     assert (ns.file, ns.lba_size, ns.tlbaag) == (Path("/cfg/state/ns1.img"), 512, 8)
     assert (ctrl.socket, ctrl.type, ctrl.namespaces) == (Path("/cfg/state/ctrl1.sock"), "io", (1,))
     assert cfg.subsystem.firmware == "0.1"
+
+
+def test_parsed_defaults_are_the_models_defaults() -> None:
+    """One model: what the loader fills in for absent keys is what the classes
+    the controller and the namespace take state as their defaults."""
+    cfg = parse_config(base(), Path("/cfg"))
+    ns, = cfg.namespaces
+    ctrl, = cfg.controllers
+    assert ns == NamespaceConfig(1, ns.file, ns.size)
+    assert ctrl == ControllerConfig(1, namespaces=(1,), socket=ctrl.socket)
+    assert cfg.subsystem == SubsystemInfo()
 
 
 def test_mmc_only_subsystem() -> None:
