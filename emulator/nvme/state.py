@@ -64,6 +64,8 @@ class AerState:
 class ControllerState:
     cntlid: int
     regs: RegisterState = field(default_factory=RegisterState)
+    # The queues, in a copy made by Controller.snapshot() (the running
+    # controller keeps them in Controller.sqs / Controller.cqs).
     sqs: list[SQState] = field(default_factory=list)
     cqs: list[CQState] = field(default_factory=list)
     # Current feature values by FID (values only for features with a dword

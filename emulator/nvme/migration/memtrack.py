@@ -56,7 +56,7 @@ def track_send_tmc(ctrl: "Controller", cmd: Command) -> Result:
     target = migratable(ctrl, cntlid)  # 1Fh, including CNTLID = the MMC itself
     tracks = mmc_state(ctrl).tracks
     if tact != wire.TACT_START:
-        if cntlid not in tracks:  # stopping what is not tracked here (UNCONFIRMED: 1Fh)
+        if cntlid not in tracks:  # stopping what is not tracked here: 1Fh (our choice)
             raise specific(CommandSpecific.INVALID_CONTROLLER_IDENTIFIER, "not tracked")
         del tracks[cntlid]
         _sync_observer(target)
