@@ -104,6 +104,36 @@ def test_held_completion_of_a_suspended_controller_rides_in_its_state(emu: Any) 
     assert g.queues[0].done.pop(aers[1]).dw0 & 0x7 == 0
 
 
+def test_held_completion_is_posted_by_the_destination(emu: Any) -> None:
+    """The same held completion, migrated with the vendor state: the destination
+    posts it once the guest frees a slot there."""
+    src, dst = emu(LM_CONFIG), emu(LM_CONFIG)
+    g = NvmeHost(src.connect(IO))
+    src.hosts.append(g)
+    g.enable(admin_qsize=32, admin_cqsize=4)
+    aers = [aer_submit(g), aer_submit(g)]
+    g.t.mmio_write(DOORBELL_BASE + 2 * 9 * 4, 4, 0)
+    assert g.wait(0, aers[0]).dw0 & 0x7 == 0
+    g.t.mmio_write(DOORBELL_BASE + 2 * 9 * 4, 4, 0)
+    a, b = _get_features(g), _get_features(g)
+    glp = g.submit(0, AdminOpcode.GET_LOG_PAGE, prp1=g.mem.alloc(PAGE), nsid=0xFFFFFFFF,
+                   cdw10=LID.ERROR_INFORMATION | ((PAGE // 4 - 1) << 16), ring=False)
+    g.ring_sq(0)
+    flush_posted(g)
+    mmhs, mmhd = MigrationHost(src.host(MMC)), MigrationHost(dst.host(MMC))
+    assert mmhs.suspend(IO).ok
+    state, _ = mmhs.get_state(IO)
+    assert mmhd.suspend(IO).ok
+    assert mmhd.set_state(IO, state).ok
+    source_transport = g.t
+    g.t = dst.connect(IO, memory=g.mem)
+    assert mmhd.resume(IO).ok
+    assert g.wait(0, glp, timeout=5).ok  # reaps a, b, the AER; the doorbell goes to the destination
+    assert g.queues[0].done.pop(a).ok and g.queues[0].done.pop(b).ok
+    assert g.queues[0].done.pop(aers[1]).dw0 & 0x7 == 0
+    source_transport.close()
+
+
 # ------------------------------------------------------------------ 2. shadow doorbells
 def _shadow_guest(e: Any) -> ShadowHost:
     g = e.host(IO, qsize=16)
