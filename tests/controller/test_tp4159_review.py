@@ -7,6 +7,8 @@ import struct
 import time
 from typing import Any
 
+import pytest
+
 from emulator.host.driver import CommandTimeout, NvmeHost
 from emulator.host.lm import MigrationHost
 from emulator.nvme.migration import wire
@@ -44,27 +46,37 @@ def _reap(s: ShadowHost, want: set[int], timeout: float = 5.0) -> None:
 
 
 # ------------------------------------------------------------------ 1. held completions
-def test_a_full_admin_cq_holds_the_completion_until_the_host_frees_a_slot(emu: Any) -> None:
-    """Track Send fills the LMQ; its One-Shot event completes an AER into the last
-    free slot of a 4-entry admin CQ (SQ of 32): the Track Send's own completion
-    must come once the host frees a slot, not be dropped."""
+@pytest.mark.parametrize("marker", ["track_send", "suspend"])
+def test_a_full_admin_cq_holds_the_completion_until_the_host_frees_a_slot(
+        emu: Any, marker: str) -> None:
+    """A Track Send (start) or Suspend marker fills the LMQ; its One-Shot event
+    completes an AER into the last free slot of a 4-entry admin CQ (SQ of 32):
+    the command's own completion must come once the host frees a slot, not be
+    dropped."""
     e = emu(LM_CONFIG)
     e.host(IO)
     h = NvmeHost(e.connect(MMC))
     e.hosts.append(h)
     h.enable(admin_qsize=32, admin_cqsize=4)
     m = MigrationHost(h)
-    q = m.udmq(IO, slots=2)  # one usable slot: the start marker fills it
+    if marker == "track_send":
+        q = m.udmq(IO, slots=2)  # one usable slot: the start marker fills it
+        cdw10, cdw11 = wire.TRACK_SEL_LUDC | (wire.LACT_START << 16), q.cdqid
+        opcode = AdminOpcode.TRACK_SEND
+    else:
+        q = m.udmq(IO, slots=3)  # the start marker, then the suspend marker fills it
+        assert m.log_start(q.cdqid).ok
+        cdw10, cdw11 = wire.MIGRATION_SEND_SUSPEND, IO | (wire.STYPE_SUSPEND << 16)
+        opcode = AdminOpcode.MIGRATION_SEND
     aer = aer_submit(h)
     a, b = _get_features(h), _get_features(h)
-    t = h.submit(0, AdminOpcode.TRACK_SEND, cdw11=q.cdqid,
-                 cdw10=wire.TRACK_SEL_LUDC | (wire.LACT_START << 16), ring=False)
+    t = h.submit(0, opcode, cdw10=cdw10, cdw11=cdw11, ring=False)
     h.ring_sq(0)
     c = h.wait(0, t, timeout=5)  # reaps a, b, the AER; the CQ head doorbell lets it out
     assert c.ok, c
     assert h.wait(0, a).ok and h.wait(0, b).ok
     assert one_shot(h.wait(0, aer)) == (wire.AEI_CDQ_FULL, q.cdqid)
-    assert [x.esa for x in m.drain(q, consume=False)] == [wire.Esa.LAST_FULL]
+    assert [x.esa for x in m.drain(q, consume=False)][-1] == wire.Esa.LAST_FULL
     # The queue goes on: later commands complete in order.
     assert h.admin(AdminOpcode.GET_FEATURES, cdw10=FID.ARBITRATION).ok
 
