@@ -104,14 +104,25 @@ def track_send_tmc(ctrl: "Controller", cmd: Command) -> Result:
 
 
 def _host_memory(target: "Controller", addr: int, length: int) -> bool:
-    """The whole range lies in memory the target's host mapped for DMA."""
-    if target.memory is None:
+    """The whole range lies in memory the target's host mapped for DMA (regions
+    without an fd count: they are host memory the controller just cannot reach)."""
+    memory = target.memory
+    if memory is None:
         return False
-    try:
-        target.memory.views(addr, length)  # read views: no copy, no write observer
-    except DmaError:
-        return False
-    return True
+    regions = getattr(memory, "regions", None)
+    if regions is None:
+        try:
+            memory.views(addr, length)  # read views: no copy, no write observer
+        except DmaError:
+            return False
+        return True
+    pos, end = addr, addr + length
+    for r in sorted(regions(), key=lambda r: r.iova):
+        if r.iova <= pos < r.iova + r.size:
+            pos = r.iova + r.size
+            if pos >= end:
+                return True
+    return False
 
 
 def _finest(ranges: list[list[int]], rmrtg: int) -> int:
