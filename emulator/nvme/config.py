@@ -57,6 +57,9 @@ class ControllerConfig:
     mqes: int = 1023  # CAP.MQES, 0's based
     mdts: int = 5  # max transfer 2^mdts x 4 KiB
     msix_vectors: int = 64
+    # Doorbell Buffer Config (OACS bit 8): None = on unless this is a migratable
+    # controller of a subsystem with an MMC (docs/tp4159.md, shadow doorbells).
+    doorbell_buffer: Optional[bool] = None
     socket: Optional[Path] = None  # where the runtime listens (the controller never looks)
 
     @property

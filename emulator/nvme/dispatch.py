@@ -18,7 +18,7 @@ from emulator.nvme import (
     admin_queues, aer, dbbuf, features, identify, io_cmds, lba_status, logpages, sanitize,
 )
 from emulator.nvme.config import ControllerConfig
-from emulator.nvme.controller import Controller
+from emulator.nvme.controller import Controller  # FIXME
 from emulator.nvme.migration import (
     cdq, identify_lm, lifecycle, memtrack, receive, send, track, udlog,
 )
@@ -99,6 +99,7 @@ def command_tables(config: ControllerConfig) -> CommandTables:
             LID.FIRMWARE_SLOT: logpages.firmware_slot,
             LID.CHANGED_NAMESPACES: logpages.changed_namespaces,
             LID.COMMANDS_SUPPORTED_EFFECTS: logpages.commands_supported_effects,
+            LID.FEATURE_IDENTIFIERS_SUPPORTED_EFFECTS: logpages.feature_identifiers_supported_effects,
             LID.SANITIZE_STATUS: sanitize.sanitize_status,
         },
         identify_controller=(sanitize.identify_sanicap,)
@@ -108,6 +109,9 @@ def command_tables(config: ControllerConfig) -> CommandTables:
         on_write=(udlog.on_write,),
         on_reset=(lifecycle.on_reset,),
         on_memory=(memtrack.on_memory,),
+        # Doorbell Buffer Config depends on the subsystem (an MMC next to it) and the
+        # doorbell_buffer key (docs/tp4159.md).
+        admin_available={AdminOpcode.DOORBELL_BUFFER_CONFIG: dbbuf.supported},
     )
 
 

@@ -25,6 +25,7 @@ CtrlPatcher = Callable[["Controller", bytearray], None]  # writes fields of CNS 
 NsPatcher = Callable[["Controller", "Namespace", bytearray], None]  # writes fields of CNS 05h
 WriteObserver = Callable[["Controller", int, int, int, bool], None]  # nsid, slba, nlb, dealloc
 ControllerHook = Callable[["Controller"], None]
+ControllerPredicate = Callable[["Controller"], bool]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class CommandTables:
     on_write: tuple[WriteObserver, ...] = ()  # user data changed by a command
     on_reset: tuple[ControllerHook, ...] = ()  # after a Controller Level Reset
     on_memory: tuple[ControllerHook, ...] = ()  # guest memory attached or detached
+    # Admin opcodes of ``admin`` that a controller offers only when the predicate
+    # holds (it may depend on the other controllers of the subsystem).
+    admin_available: Mapping[int, ControllerPredicate] = field(default_factory=dict)
 
 
 @dataclass

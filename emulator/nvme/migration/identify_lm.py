@@ -12,8 +12,7 @@ if TYPE_CHECKING:
 
 
 def identify_mmc_fields(ctrl: "Controller", b: bytearray) -> None:
-    """OACS.HMLMS, the tracking and CDQ limits, TRATTR: on MMCs only
-    (Base 2.1 §5.1.13.2.1, Identify Controller bytes 570-587).
+    """OACS.HMLMS, the tracking and CDQ limits, TRATTR: on MMCs only (Identify Controller bytes 570-587).
     HMPRE stays 0 on every controller (no Host Memory Buffer next to an MMC)."""
     if not ctrl.config.is_mmc:
         return
