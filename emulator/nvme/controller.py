@@ -395,29 +395,40 @@ class Controller:
 
     # ------------------------------------------------------------------ data transfer
     def data_views(self, cmd: Command, length: int, to_host: bool) -> list[memoryview]:
-        """Views of the command's PRP data buffer; to_host = controller writes memory."""
-        if self.memory is None:
-            raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
-        segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        """Views of the command's PRP data buffer, for system calls only (see MappedMemory);
+        to_host = controller writes memory."""
         views: list[memoryview] = []
-        for addr, n in segs:
-            views.extend(self.memory.views(addr, n, write=to_host))
+        for addr, n in self.data_segments(cmd, length):
+            views.extend(self.memory.views(addr, n, write=to_host))  # type: ignore[union-attr]
         return views
 
+    def data_segments(self, cmd: Command, length: int) -> list[tuple[int, int]]:
+        """(address, length) segments of the command's PRP data buffer."""
+        if self.memory is None:
+            raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
+        return prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+
     def data_to_host(self, cmd: Command, payload: bytes, length: int | None = None) -> None:
-        """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer."""
+        """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer.
+
+        Through ``memory.write`` (not the views): memory that can shrink under
+        its mapping then gives a DmaError instead of a SIGBUS.
+        """
         if length is None:
             length = len(payload)
         if len(payload) < length:
             payload = payload + bytes(length - len(payload))
         pos = 0
-        for v in self.data_views(cmd, length, to_host=True):
-            n = len(v)
-            v[:] = payload[pos:pos + n]
+        segs = self.data_segments(cmd, length)
+        for addr, n in segs:  # all mapped before any byte is stored
+            self.memory.views(addr, n)  # type: ignore[union-attr]
+        for addr, n in segs:
+            self.memory.write(addr, memoryview(payload)[pos:pos + n])  # type: ignore[union-attr]
             pos += n
 
     def data_from_host(self, cmd: Command, length: int) -> bytes:
-        return b"".join(bytes(v) for v in self.data_views(cmd, length, to_host=False))
+        return b"".join(self.memory.read(addr, n)  # type: ignore[union-attr]
+                        for addr, n in self.data_segments(cmd, length))
 
     # ------------------------------------------------------------------ interrupts
     def flush_interrupts(self) -> None:

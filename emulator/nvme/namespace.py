@@ -5,13 +5,40 @@ into the DMA views: no intermediate copy.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cbind import fileops
+from emulator.memory import DmaError
 from emulator.nvme.allocation import AllocationMap
+from emulator.nvme.spec import Generic, generic
+
+# A file system out of space (or quota): the namespace's thin provisioning ran
+# out, Capacity Exceeded (Base 2.1 Figure 103, SC 81h), never Internal Error.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def file_errors(what: str) -> Iterator[None]:
+    """Turn the OSErrors of a data-path system call into the command's status.
+
+    EFAULT: guest memory behind a DMA view is gone (its file shrank): a
+    DmaError (Data Transfer Error).  ENOSPC/EDQUOT: Capacity Exceeded.
+    Others propagate (Internal Error).
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.EFAULT:
+            raise DmaError(0, 0, f"{what}: guest memory unreachable") from None
+        if e.errno in _NO_SPACE:
+            raise generic(Generic.CAPACITY_EXCEEDED, f"{what}: {os.strerror(e.errno)}") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -54,10 +81,12 @@ class Namespace:
         return slba + nlb <= self.nsze
 
     def read_into(self, slba: int, views: list[memoryview]) -> None:
-        self._transfer(slba, views, read=True)
+        with file_errors("read"):
+            self._transfer(slba, views, read=True)
 
     def write_from(self, slba: int, nlb: int, views: list[memoryview]) -> None:
-        self._transfer(slba, views, read=False)
+        with file_errors("write"):
+            self._transfer(slba, views, read=False)
         self.allocation.mark_allocated(slba, nlb)
 
     def _transfer(self, slba: int, views: list[memoryview], read: bool) -> None:
@@ -88,7 +117,7 @@ class Namespace:
                     if read:  # beyond EOF reads as zeroes
                         sub[:] = bytes(len(sub))
                         break
-                    raise OSError("short write to backing file")
+                    raise OSError(errno.EIO, "short write to backing file")
                 sub = sub[k:]
                 off += k
             pos += n
@@ -99,16 +128,19 @@ class Namespace:
         if deallocate:
             self.deallocate(slba, nlb)
         else:
-            fileops.zero_range(self.fd, offset, length)
+            with file_errors("write zeroes"):
+                fileops.zero_range(self.fd, offset, length)
             self.allocation.mark_allocated(slba, nlb)
 
     def deallocate(self, slba: int, nlb: int) -> None:
-        fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
+        with file_errors("deallocate"):
+            fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
         self.allocation.mark_deallocated(slba, nlb)
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
-        self.allocation.save()
+        with file_errors("flush"):
+            os.fdatasync(self.fd)
+            self.allocation.save()
 
     def nuse(self) -> int:
         """Namespace Utilization in LBAs (allocated blocks)."""
@@ -121,6 +153,7 @@ class Namespace:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+                self.allocation.close()
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:
