@@ -19,13 +19,17 @@ from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode
 HERE = Path(__file__).resolve().parent
 
 
-def run_child(name: str) -> None:
-    """Run ``name`` of this module in a fresh interpreter; it must exit 0 (not die of SIGBUS)."""
+def run_child_in(module: str, name: str, *args: str) -> None:
+    """Run ``module.name(*args)`` in a fresh interpreter; it must exit 0 (not die of SIGBUS)."""
     code = (f"import sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; "
-            f"import test_memory_faults as t; t.{name}()")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            f"import {module} as t; t.{name}(*{args!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE)
     assert r.returncode != -signal.SIGBUS, f"killed by SIGBUS\n{r.stderr[-3000:]}"
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def run_child(name: str) -> None:
+    run_child_in("test_memory_faults", name)
 
 
 def _shrunk_host_memory() -> None:
