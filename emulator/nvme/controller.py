@@ -403,7 +403,12 @@ class Controller:
         return views
 
     def data_segments(self, cmd: Command, length: int) -> list[tuple[int, int]]:
-        """(address, length) segments of the command's PRP data buffer."""
+        """(address, length) segments of the command's PRP data buffer.
+
+        A transfer longer than MDTS (Identify Controller, Base 2.1 Figure 313)
+        is Invalid Field in Command, refused before anything is allocated."""
+        if length > self.max_transfer:
+            raise generic(Generic.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
         return prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
@@ -416,10 +421,10 @@ class Controller:
         """
         if length is None:
             length = len(payload)
+        segs = self.data_segments(cmd, length)
         if len(payload) < length:
             payload = payload + bytes(length - len(payload))
         pos = 0
-        segs = self.data_segments(cmd, length)
         for addr, n in segs:  # all mapped before any byte is stored
             self.memory.views(addr, n)  # type: ignore[union-attr]
         for addr, n in segs:
