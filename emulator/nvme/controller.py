@@ -20,7 +20,7 @@ from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
-    CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
+    CSTS_CFS, CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
     REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError, generic,
     status_field,
 )
@@ -214,7 +214,7 @@ class Controller:
         if (old & CC_EN) and not (new & CC_EN):
             r.cc = new
             self.controller_level_reset()
-            r.csts &= ~CSTS_RDY
+            r.csts &= ~(CSTS_RDY | CSTS_CFS)  # a reset clears the fatal status
             r.csts &= ~(0x3 << CSTS_SHST_SHIFT)
             return
         r.cc = new
@@ -334,8 +334,7 @@ class Controller:
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
-                log.error("ctrl %d: SQ %d fetch failed: %s", self.cntlid, sq.qid, e)
-                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
+                self.fatal(f"SQ {sq.qid} fetch failed: {e}")  # the queue is unusable
                 return
             cmd = Command(raw, sq.qid)
             self.execute(cmd)
@@ -383,9 +382,22 @@ class Controller:
             self._dbbuf.refresh_cq_head(self, cq, arm=True)
             if q.cq_full(cq):
                 return False
-        q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
+        try:
+            q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
+        except DmaError as e:
+            self.fatal(f"CQ {cq.qid}: completion not posted: {e}")
+            return False
         self._irq.setdefault(cq.qid, _IrqState()).pending += 1
         return True
+
+    def fatal(self, why: str) -> None:
+        """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
+
+        Logged once: until a reset clears CFS, later ones are not logged."""
+        r = self.state.regs
+        if not r.csts & CSTS_CFS:
+            log.error("ctrl %d: controller fatal status: %s", self.cntlid, why)
+        r.csts |= CSTS_CFS
 
     def record_error(self, cmd: Command, status: int) -> None:
         s = self.state
