@@ -45,6 +45,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -145,6 +146,8 @@ class AllocationMap:
         fd = os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)  # like the image it describes
             valid = (st.st_size == _HEADER.size + nbytes
                      and os.pread(fd, _HEADER.size, 0) == header)
             bits = np.zeros(nbytes, dtype=np.uint8)

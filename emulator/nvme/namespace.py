@@ -9,6 +9,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -53,6 +54,35 @@ class NamespaceConfig:
 IOV_MAX = 1024
 
 
+def open_backing_file(path: Path, size: int) -> int:
+    """Open (or create, 0600) a namespace's backing file of ``size`` bytes; growing it is fine.
+
+    Refused with ValueError: a symbolic link (never followed: its target would be
+    resized), anything but a regular file, and an existing file larger than
+    ``size`` (shrinking it would destroy the data past ``size``).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; refusing to follow it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > size:
+            raise ValueError(f"{path} holds {st.st_size} bytes but its namespace is configured as {size} bytes; "
+                             f"refusing to shrink it (configure size: {st.st_size} or more)")
+        if st.st_size < size:
+            os.ftruncate(fd, size)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Namespace:
     def __init__(self, config: NamespaceConfig, subsystem_nqn: str = "") -> None:
         self.config = config
@@ -62,9 +92,7 @@ class Namespace:
         self.nsze = config.size // config.lba_size
         self.path = Path(config.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self.fd).st_size != config.size:
-            os.ftruncate(self.fd, config.size)
+        self.fd = open_backing_file(self.path, config.size)
         # Stable unique identifiers (Identify NS NGUID/EUI64, NS descriptors).
         digest = hashlib.sha256(f"{subsystem_nqn}/{config.nsid}".encode()).digest()
         self.nguid = digest[:16]
@@ -72,8 +100,14 @@ class Namespace:
         self.uuid = bytearray(digest[:16])
         self.uuid[6] = (self.uuid[6] & 0x0F) | 0x80  # RFC 9562 version 8 (custom)
         self.uuid[8] = (self.uuid[8] & 0x3F) | 0x80
-        self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
-                                             config.lba_size)
+        try:
+            self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
+                                                 config.lba_size)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{self.path}.alloc is a symbolic link; refusing to follow it") from None
+            raise
 
     # -- data path -----------------------------------------------------------
     def in_range(self, slba: int, nlb: int) -> bool:
