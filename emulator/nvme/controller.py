@@ -417,7 +417,7 @@ class Controller:
     def data_segments(self, cmd: Command, length: int) -> list[tuple[int, int]]:
         """(address, length) segments of the command's PRP data buffer.
 
-        A transfer longer than MDTS (Identify Controller, Base 2.1 Figure 313)
+        A transfer longer than MDTS (Base 2.1, Identify Controller data structure, MDTS)
         is Invalid Field in Command, refused before anything is allocated."""
         if length > self.max_transfer:
             raise generic(Generic.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")

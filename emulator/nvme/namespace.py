@@ -20,7 +20,7 @@ from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.spec import Generic, generic
 
 # A file system out of space (or quota): the namespace's thin provisioning ran
-# out, Capacity Exceeded (Base 2.1 Figure 103, SC 81h), never Internal Error.
+# out: Capacity Exceeded (Base 2.1 Generic Command Status Values, SC 81h), never Internal Error.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
