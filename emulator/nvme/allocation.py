@@ -388,15 +388,27 @@ class AllocationMap:
         """fdatasync the sidecar (part of Flush: Base 2.1 §5.27.1.4 volatile write cache).
 
         Raises OSError when the bitmap cannot be stored (the caller's Flush fails)."""
+        fd = self.begin_save()
+        if fd >= 0:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                self.dirty = True
+                raise
+
+    def begin_save(self) -> int:
+        """The event-loop part of :meth:`save`: rewrite a bitmap whose write-through failed;
+        returns the fd to fdatasync (any thread may), or -1 when there is nothing to sync."""
         if self.sidecar_fd < 0:
-            return
+            return -1
         if self.stale:
             _write_exactly(self.sidecar_fd, memoryview(self.bits), _HEADER.size)
             self.stale = False
             self.dirty = True
-        if self.dirty:
-            os.fdatasync(self.sidecar_fd)
-        self.dirty = False
+        if not self.dirty:
+            return -1
+        self.dirty = False  # updates from now on need the next flush
+        return self.sidecar_fd
 
     def close(self) -> None:
         if self.sidecar_fd >= 0:

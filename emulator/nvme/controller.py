@@ -39,6 +39,14 @@ Handler = Callable[["Controller", Command], Result]
 
 _REGS = struct.Struct("<QIIIIIIIIQQ")
 
+# Bounded work (one event loop serves every controller of the process): SQs
+# with work are served round robin, ARB_BURST commands each per round (Base 2.1
+# §3.4.4, Round Robin arbitration), and a pass yields to the loop after
+# TURN_COMMANDS commands or TURN_SECONDS, continuing in a later loop turn.
+ARB_BURST = 8
+TURN_COMMANDS = 64
+TURN_SECONDS = 0.005
+
 ADMIN_HANDLERS: dict[int, Handler] = {}
 IO_HANDLERS: dict[int, Handler] = {}
 # Admin opcodes that exist on some controllers only (TP4159: MMC-only commands):
@@ -111,6 +119,10 @@ class Controller:
         self.cqs: dict[int, CQState] = {}
         self._irq: dict[int, _IrqState] = {}
         self._intx_pending = 0
+        self._ready: dict[int, None] = {}  # SQ ids with work, in round-robin order
+        self._in_pass = False
+        self._pass_scheduled = False
+        self.resets = 0
         self.observers = Observers()
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
@@ -257,6 +269,8 @@ class Controller:
             if st.timer:
                 st.timer.cancel()
         self._irq.clear()
+        self._ready.clear()
+        self.resets += 1  # offloaded commands of before the reset are not completed
         self.sqs.clear()
         self.cqs.clear()
         self.state.aer.outstanding.clear()
@@ -322,24 +336,67 @@ class Controller:
         return self.ready and not self.state.suspended and self.memory is not None
 
     def process_sq(self, sq: SQState) -> None:
+        """Run the commands ``sq`` makes available: at once without a scheduler, else in
+        bounded round-robin passes (see ARB_BURST), the first one right now."""
+        if self.scheduler is None:
+            self._run_sq(sq, None)
+            return
+        self._ready[sq.qid] = None
+        if not self._in_pass and not self._pass_scheduled:  # at most one pass per loop turn
+            self._pass()
+
+    def _pass(self) -> None:
+        """One bounded round-robin pass over the SQs with work; reschedules itself if work is left."""
+        self._pass_scheduled = False
+        self._in_pass = True
+        budget, deadline = TURN_COMMANDS, time.monotonic() + TURN_SECONDS
+        try:
+            while self._ready and budget > 0 and time.monotonic() < deadline:
+                for qid in list(self._ready):
+                    sq = self.sqs.get(qid)
+                    n = min(ARB_BURST, budget)
+                    done, more = self._run_sq(sq, n) if sq is not None else (0, False)
+                    budget -= done
+                    if not more:
+                        self._ready.pop(qid, None)
+                    if budget <= 0 or time.monotonic() >= deadline:
+                        break
+        finally:
+            self._in_pass = False
+        if self._ready and not self._pass_scheduled and self.scheduler is not None:
+            self._pass_scheduled = True
+            self.scheduler.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self._pass_scheduled:
+            self._pass()
+            self.flush_interrupts()
+
+    def _run_sq(self, sq: SQState, limit: int | None) -> tuple[int, bool]:
+        """Fetch and execute up to ``limit`` commands of ``sq``: (commands run, more to run now)."""
         memory = self.memory
+        done = 0
         while sq.head != sq.tail and self.can_fetch() and memory is not None:
+            if limit is not None and done >= limit:
+                return done, True
             cq = self.cqs.get(sq.cqid)
             if cq is None:
-                return
+                return done, False
             if q.cq_full(cq):
                 self._dbbuf.refresh_cq_head(self, cq, arm=True)
                 if q.cq_full(cq):
-                    return  # resumes when the host frees CQ slots (CQ head doorbell)
+                    return done, False  # resumes when the host frees CQ slots (CQ head doorbell)
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
                 self.fatal(f"SQ {sq.qid} fetch failed: {e}")  # the queue is unusable
-                return
+                return done, False
             cmd = Command(raw, sq.qid)
             self.execute(cmd)
+            done += 1
             if sq.qid not in self.sqs:
-                return  # deleted by the command itself
+                return done, False  # deleted by the command itself
+        return done, False
 
     def execute(self, cmd: Command) -> None:
         table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
@@ -357,18 +414,22 @@ class Controller:
                 return  # held (Asynchronous Event Request)
             dw0, dw1 = result
             status = 0
-        except NvmeError as e:
-            status, dw0, dw1 = e.status, e.dw0, e.dw1
-            self.record_error(cmd, status)
-        except DmaError as e:
-            log.info("ctrl %d: cid %d: %s", self.cntlid, cmd.cid, e)
-            status = status_field(0, Generic.DATA_TRANSFER_ERROR)
-            self.record_error(cmd, status)
-        except Exception:  # a bug must not take the process down
-            log.exception("ctrl %d: opcode %#x failed", self.cntlid, cmd.opc)
-            status = status_field(0, Generic.INTERNAL_ERROR)
-            self.record_error(cmd, status)
+        except Exception as e:  # a bug must not take the process down either
+            status, dw0, dw1 = self.failure(cmd, e)
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+
+    def failure(self, cmd: Command, e: BaseException) -> tuple[int, int, int]:
+        """(status, DW0, DW1) of a command that raised ``e``, recorded in the error log."""
+        if isinstance(e, NvmeError):
+            status, dw0, dw1 = e.status, e.dw0, e.dw1
+        elif isinstance(e, DmaError):
+            log.info("ctrl %d: cid %d: %s", self.cntlid, cmd.cid, e)
+            status, dw0, dw1 = status_field(0, Generic.DATA_TRANSFER_ERROR), 0, 0
+        else:
+            log.error("ctrl %d: opcode %#x failed", self.cntlid, cmd.opc, exc_info=e)
+            status, dw0, dw1 = status_field(0, Generic.INTERNAL_ERROR), 0, 0
+        self.record_error(cmd, status)
+        return status, dw0, dw1
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> bool:
         """Post a CQE for a command of ``sqid``; False if the CQ is gone or full."""

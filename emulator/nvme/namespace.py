@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cbind import fileops
 from emulator.memory import DmaError
@@ -167,14 +167,29 @@ class Namespace:
             self.allocation.mark_allocated(slba, nlb)
 
     def deallocate(self, slba: int, nlb: int) -> None:
-        with file_errors("deallocate"):
-            fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
+        self.punch(slba, nlb)
         self.allocation.mark_deallocated(slba, nlb)
 
+    def punch(self, slba: int, nlb: int) -> None:
+        """The file part of a deallocation (no bitmap update): safe on a worker thread."""
+        with file_errors("deallocate"):
+            fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
+
     def flush(self) -> None:
+        self.flush_begin()()
+
+    def flush_begin(self) -> Callable[[], None]:
+        """The event-loop part of a flush; returns the blocking part (fdatasync of the
+        data and the bitmap), safe on a worker thread."""
         with file_errors("flush"):
-            os.fdatasync(self.fd)
-            self.allocation.save()
+            fds = [self.fd, self.allocation.begin_save()]
+
+        def sync() -> None:
+            with file_errors("flush"):
+                for fd in fds:
+                    if fd >= 0:
+                        os.fdatasync(fd)
+        return sync
 
     def nuse(self) -> int:
         """Namespace Utilization in LBAs (allocated blocks)."""

@@ -38,8 +38,8 @@ def test_cq_outside_memory_sets_cfs_once(emu, caplog) -> None:  # type: ignore[n
     assert not h.t.mmio_read(REG_CSTS, 4) & CSTS_CFS
     caplog.clear()
     for _ in range(3):
-        h.submit(2, IoOpcode.FLUSH, nsid=1)
-    assert h.t.mmio_read(REG_CSTS, 4) & CSTS_CFS
+        h.submit(2, IoOpcode.READ, nsid=1, prp1=h.mem.alloc(4096))
+    h._wait_csts(CSTS_CFS, CSTS_CFS)
     fatal = [r for r in caplog.records if "fatal" in r.getMessage()]
     assert len(fatal) == 1 and fatal[0].exc_info is None
     assert not [r for r in caplog.records if r.exc_info]
