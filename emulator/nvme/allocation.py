@@ -65,6 +65,7 @@ _SCAN_MAX_WORDS = 1 << 19  # chunks double up to 32 Mi granules (4 MiB of bitmap
 _READ_CHUNK = 1 << 20  # bytes read at a time when checking granules at open
 _EXTENT_SLACK = 1 << 20  # SEEK_DATA may over-report by this much and still be trusted
 _EMPTY_RUNS = np.zeros((0, 2), dtype=np.int64)
+_MAX_RUN_WRITES = 4096  # write-through calls per update before one write covers the span
 
 
 def bitmap_words(granules: int) -> int:
@@ -277,12 +278,24 @@ class AllocationMap:
         if value:
             words[w0] |= first
             words[w1] |= last
-            words[w0 + 1:w1] = _ONES
         else:
             words[w0] &= ~first
             words[w1] &= ~last
-            words[w0 + 1:w1] = 0
-        self._write_through(w0, w1 + 1)
+        self._write_through(w0, w0 + 1)
+        self._write_through(w1, w1 + 1)
+        # Inner words: only those that change are stored and written through (deallocating a
+        # terabyte with a few scattered allocated granules touches a few words, not 32 MiB).
+        inner = words[w0 + 1:w1]
+        changed = np.flatnonzero(inner != _ONES) if value else np.flatnonzero(inner)
+        if not changed.size:
+            return
+        inner[changed] = _ONES if value else 0
+        breaks = np.flatnonzero(np.diff(changed) != 1) + 1
+        if breaks.size > _MAX_RUN_WRITES:  # very scattered: one write over the span
+            self._write_through(w0 + 1 + int(changed[0]), w0 + 2 + int(changed[-1]))
+            return
+        for run in np.split(changed, breaks):
+            self._write_through(w0 + 1 + int(run[0]), w0 + 2 + int(run[-1]))
 
     def _write_through(self, w0: int, w1: int) -> None:
         """Store words [w0, w1) into the sidecar (its page cache: a killed process loses nothing)."""
