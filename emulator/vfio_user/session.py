@@ -243,7 +243,11 @@ class Session:
                     raise MessageError(f"DMA_MAP past the end of its {st.st_size}-byte file")
                 key = (st.st_dev, st.st_ino)
             try:
-                self.memory.add(msg.iova, msg.size, fd, msg.offset, writable=bool(msg.flags & p.DMA_FLAG_WRITE))
+                region = self.memory.add(msg.iova, msg.size, fd, msg.offset,
+                                         writable=bool(msg.flags & p.DMA_FLAG_WRITE))
+                if region.guarded:
+                    self.log.info("DMA_MAP 0x%x+0x%x: its file is not sealed against shrinking; controller "
+                                  "accesses go through the kernel (slower, but safe)", msg.iova, msg.size)
             except FileExistsError:
                 raise MessageError(f"DMA_MAP 0x{msg.iova:x}+0x{msg.size:x} overlaps a map", errno.EEXIST) from None
             except OSError as e:
