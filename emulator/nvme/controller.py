@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
+from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.spec import (
@@ -40,14 +41,6 @@ Result = Optional[tuple[int, int]]
 Handler = Callable[["Controller", Command], Result]
 
 _REGS = struct.Struct("<QIIIIIIIIQQ")
-
-# Bounded work (one event loop serves every controller of the process): SQs
-# with work are served round robin, ARB_BURST commands each per round (Base 2.1
-# §3.4.4, Round Robin arbitration), and a pass yields to the loop after
-# TURN_COMMANDS commands or TURN_SECONDS, continuing in a later loop turn.
-ARB_BURST = 8
-TURN_COMMANDS = 64
-TURN_SECONDS = 0.005
 
 ADMIN_HANDLERS: dict[int, Handler] = {}
 IO_HANDLERS: dict[int, Handler] = {}
@@ -124,9 +117,7 @@ class Controller:
         self.cqs: dict[int, CQState] = {}
         self._irq: dict[int, _IrqState] = {}
         self._intx_pending = 0
-        self._ready: dict[int, None] = {}  # SQ ids with work, in round-robin order
-        self._in_pass = False
-        self._pass_scheduled = False
+        self.arbiter = Arbiter(self)  # bounded round-robin passes over the SQs with work
         self.resets = 0
         self.observers = Observers()
         self.started = time.monotonic()
@@ -274,7 +265,7 @@ class Controller:
             if st.timer:
                 st.timer.cancel()
         self._irq.clear()
-        self._ready.clear()
+        self.arbiter.clear()
         self.resets += 1  # offloaded commands of before the reset are not completed
         self.sqs.clear()
         self.cqs.clear()
@@ -353,42 +344,13 @@ class Controller:
 
     def process_sq(self, sq: SQState) -> None:
         """Run the commands ``sq`` makes available: at once without a scheduler, else in
-        bounded round-robin passes (see ARB_BURST), the first one right now."""
+        bounded round-robin passes (emulator/nvme/arbitration.py), the first one right now."""
         if self.scheduler is None:
-            self._run_sq(sq, None)
-            return
-        self._ready[sq.qid] = None
-        if not self._in_pass and not self._pass_scheduled:  # at most one pass per loop turn
-            self._pass()
+            self.run_sq(sq, None)
+        else:
+            self.arbiter.ready(sq.qid)
 
-    def _pass(self) -> None:
-        """One bounded round-robin pass over the SQs with work; reschedules itself if work is left."""
-        self._pass_scheduled = False
-        self._in_pass = True
-        budget, deadline = TURN_COMMANDS, time.monotonic() + TURN_SECONDS
-        try:
-            while self._ready and budget > 0 and time.monotonic() < deadline:
-                for qid in list(self._ready):
-                    sq = self.sqs.get(qid)
-                    n = min(ARB_BURST, budget)
-                    done, more = self._run_sq(sq, n) if sq is not None else (0, False)
-                    budget -= done
-                    if not more:
-                        self._ready.pop(qid, None)
-                    if budget <= 0 or time.monotonic() >= deadline:
-                        break
-        finally:
-            self._in_pass = False
-        if self._ready and not self._pass_scheduled and self.scheduler is not None:
-            self._pass_scheduled = True
-            self.scheduler.call_soon(self._continue)
-
-    def _continue(self) -> None:
-        if self._pass_scheduled:
-            self._pass()
-            self.flush_interrupts()
-
-    def _run_sq(self, sq: SQState, limit: int | None) -> tuple[int, bool]:
+    def run_sq(self, sq: SQState, limit: int | None) -> tuple[int, bool]:
         """Fetch and execute up to ``limit`` commands of ``sq``: (commands run, more to run now)."""
         memory = self.memory
         done = 0

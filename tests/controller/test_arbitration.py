@@ -14,7 +14,7 @@ from typing import Any, Callable
 from emulator.host.driver import NvmeHost
 from emulator.host.memory import HostMemory
 from emulator.host.transport import DirectTransport
-from emulator.nvme import controller as ctrl_mod
+from emulator.nvme import arbitration as ctrl_mod
 from emulator.nvme.controller import Controller, ControllerConfig
 from emulator.nvme.namespace import Namespace, NamespaceConfig
 from emulator.subsystem.subsystem import Subsystem
