@@ -66,6 +66,7 @@ _READ_CHUNK = 1 << 20  # bytes read at a time when checking granules at open
 _EXTENT_SLACK = 1 << 20  # SEEK_DATA may over-report by this much and still be trusted
 _EMPTY_RUNS = np.zeros((0, 2), dtype=np.int64)
 _MAX_RUN_WRITES = 4096  # write-through calls per update before one write covers the span
+_WRITE_GAP_WORDS = 512  # unchanged words (4 KiB) rewritten rather than starting another write
 
 
 def bitmap_words(granules: int) -> int:
@@ -290,7 +291,8 @@ class AllocationMap:
         if not changed.size:
             return
         inner[changed] = _ONES if value else 0
-        breaks = np.flatnonzero(np.diff(changed) != 1) + 1
+        # one write per group of changed words less than a page apart
+        breaks = np.flatnonzero(np.diff(changed) > _WRITE_GAP_WORDS) + 1
         if breaks.size > _MAX_RUN_WRITES:  # very scattered: one write over the span
             self._write_through(w0 + 1 + int(changed[0]), w0 + 2 + int(changed[-1]))
             return
