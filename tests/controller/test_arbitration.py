@@ -113,3 +113,28 @@ def test_long_file_operations_run_off_the_loop(emu, monkeypatch) -> None:  # typ
     assert kinds == {"punch", "fdatasync"}
     assert all(t != loop_thread for k, t in threads if k == "punch")
     assert any(t != loop_thread for k, t in threads if k == "fdatasync")
+
+
+def test_suspend_completes_offloaded_commands_first(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """TP4159 Suspend: every fetched command is complete before the controller is suspended,
+    including one whose fdatasync is still running on a worker thread."""
+    import time
+
+    from emulator.host.lm import MigrationHost
+    from emulator.nvme import namespace as ns_mod
+    from emulator.nvme.spec import IoOpcode
+    from tp4159_common import IO, LM_CONFIG, MMC, flush_posted
+    fdatasync = ns_mod.os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.3)  # a slow disk
+        fdatasync(fd)
+
+    e = emu(LM_CONFIG)
+    g, m = e.host(IO, io_queues=1), MigrationHost(e.host(MMC))
+    monkeypatch.setattr(ns_mod.os, "fdatasync", slow_fdatasync)
+    cid = g.submit(1, IoOpcode.FLUSH, nsid=1)
+    flush_posted(g)  # the Flush is fetched and its fdatasync runs on a worker thread
+    assert m.suspend(IO).ok
+    assert g.poll(1, cid) is not None  # completed before the suspend, not held by it
+    assert m.resume(IO).ok
