@@ -10,6 +10,7 @@ suspended the command is aborted with Controller Suspended (39h) (§5.1.22:
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -55,12 +56,13 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     def erase() -> None:  # on a worker thread: file operations only
         for ns in namespaces:
             ns.punch(0, ns.nsze)
+            os.fdatasync(ns.fd)
 
     def then(_: None) -> Result:
         syncs = []
         for ns in namespaces:
             ns.allocation.mark_deallocated(0, ns.nsze)
-            syncs.append(ns.flush_begin())
+            syncs.append(ns.allocation.save)  # the bitmap's words that changed
         for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
             for hook in ctrl.observers.on_write:
                 hook(ctrl, attached.nsid, 0, attached.nsze, True)
