@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from cbind import fileops
 from emulator.memory import DmaError
+from emulator.nvme import offload
 from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.spec import Generic, generic
 
@@ -197,6 +198,7 @@ class Namespace:
 
     def close(self) -> None:
         if self.fd >= 0:
+            offload.wait_idle()  # no worker thread may still use the fd
             try:
                 self.flush()
             finally:

@@ -79,3 +79,11 @@ def drain(ctrl: "Controller") -> None:
         assert job.future is not None
         job.future.exception()  # waits; the outcome is taken by finish()
         job.finish()
+
+
+def wait_idle() -> None:
+    """Wait until no offloaded work runs (before closing the files it uses)."""
+    for jobs in list(_inflight.values()):
+        for job in list(jobs):
+            if job.future is not None:
+                job.future.exception()
