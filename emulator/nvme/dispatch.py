@@ -18,7 +18,7 @@ from emulator.nvme import (
     admin_queues, aer, dbbuf, features, identify, io_cmds, lba_status, logpages, sanitize,
 )
 from emulator.nvme.config import ControllerConfig
-from emulator.nvme.controller import Controller  # FIXME
+from emulator.nvme.controller import Controller  # FIXME  # FIXME
 from emulator.nvme.migration import (
     cdq, identify_lm, lifecycle, memtrack, receive, send, track, udlog,
 )
