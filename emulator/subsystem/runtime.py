@@ -20,6 +20,7 @@ from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem.config import SubsystemConfig
 from emulator.subsystem.subsystem import Subsystem
+from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
 from emulator.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("nvme-emu")
@@ -27,7 +28,8 @@ T = TypeVar("T")
 
 
 class Runtime:
-    def __init__(self, config: SubsystemConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: SubsystemConfig, loop: asyncio.AbstractEventLoop,
+                 visible_writes: Mode = DEFAULT_MODE) -> None:
         self.config = config
         self.loop = loop
         info = config.subsystem
@@ -52,7 +54,8 @@ class Runtime:
             self.functions[cc.cntlid] = fn
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
-                                                     logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"))
+                                                     logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"),
+                                                     visible_writes=visible_writes)
 
     def start(self) -> list[str]:
         """Listen on every controller socket; returns the socket paths."""
