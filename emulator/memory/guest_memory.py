@@ -32,5 +32,9 @@ class GuestMemory(Protocol):
     def read(self, addr: int, length: int) -> bytes:
         ...
 
+    def reachable(self, addr: int, length: int, write: bool = False) -> bool:
+        """True if [addr, addr+length) is mapped (and writable with ``write``); no access made."""
+        ...
+
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         ...

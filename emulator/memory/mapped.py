@@ -4,6 +4,12 @@ Regions come from vfio-user DMA_MAP (fd + offset) or from a test host that
 registers its own memfd.  Each region gets its own mapping (QEMU sends a
 fresh dup of the same memfd for every map; Python's mmap keeps a dup of the
 fd per mapping).
+
+Unmapping follows VFIO type1: a range removes every region inside it, and a
+region it only partly covers is cut to what lies outside (the pieces share the
+mapping).  So after an unmap nothing in the range can be reached, whatever the
+client mapped there before; a map over an existing region is refused, the
+caller keeps the old one (vfio-user §3.1: EEXIST).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ class Region:
     # None for a region that came without an fd: it exists but cannot be reached.
     mem: memoryview | None = None
     _mmap: mmap.mmap | None = field(default=None, repr=False)
+    # regions cut from one DMA_MAP share its mmap: [users], closed when the last goes
+    _users: list[int] = field(default_factory=lambda: [1], repr=False)
 
     @property
     def end(self) -> int:
@@ -74,14 +82,38 @@ class MappedMemory:
         return region
 
     def remove(self, iova: int, size: int) -> bool:
-        """Unmap the region that exactly matches; False if there is none."""
-        i = bisect.bisect_left(self._starts, iova)
-        if i < len(self._regions) and self._regions[i].iova == iova and self._regions[i].size == size:
-            self._release(self._regions[i])
-            del self._starts[i]
-            del self._regions[i]
-            return True
-        return False
+        """Unmap [iova, iova+size): regions inside go, regions partly inside are cut.
+
+        False if nothing was mapped there."""
+        end = iova + size
+        i = max(0, bisect.bisect_right(self._starts, iova) - 1)
+        hit = False
+        while i < len(self._regions) and self._regions[i].iova < end:
+            r = self._regions[i]
+            if r.end <= iova:
+                i += 1
+                continue
+            hit = True
+            keep = [piece for piece in (self._cut(r, r.iova, iova), self._cut(r, end, r.end)) if piece]
+            self._release(r)
+            self._regions[i:i + 1] = keep
+            self._starts[i:i + 1] = [k.iova for k in keep]
+            i += len(keep)
+        return hit
+
+    @staticmethod
+    def _cut(r: Region, start: int, stop: int) -> Region | None:
+        """The part [start, stop) of ``r`` as a region sharing its mapping (None if empty)."""
+        if stop <= start:
+            return None
+        off = start - r.iova
+        piece = Region(start, stop - start, r.writable, r.fd_offset + off)
+        if r.mem is not None:
+            piece.mem = r.mem[off:off + piece.size]
+            piece._mmap = r._mmap
+            piece._users = r._users
+            r._users[0] += 1
+        return piece
 
     def clear(self) -> None:
         for r in self._regions:
@@ -94,7 +126,8 @@ class MappedMemory:
         if r.mem is not None:
             r.mem.release()
             r.mem = None
-        if r._mmap is not None:
+        r._users[0] -= 1
+        if r._mmap is not None and r._users[0] <= 0:
             try:
                 r._mmap.close()
             except BufferError:
@@ -106,8 +139,23 @@ class MappedMemory:
     def regions(self) -> list[Region]:
         return list(self._regions)
 
+    def reachable(self, addr: int, length: int, write: bool = False) -> bool:
+        """True if the device can access [addr, addr+length) (and store into it with ``write``)."""
+        try:
+            self._span(addr, length, write)
+        except DmaError:
+            return False
+        return True
+
     # -- access ---------------------------------------------------------
     def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
+        out = self._span(addr, length, write)
+        if write and self.observers and out:
+            for obs in self.observers:
+                obs(addr, length)
+        return out
+
+    def _span(self, addr: int, length: int, write: bool) -> list[memoryview]:
         if length < 0 or addr < 0:
             raise DmaError(addr, length, "bad range")
         out: list[memoryview] = []
@@ -131,9 +179,6 @@ class MappedMemory:
             pos += n
             remaining -= n
             i += 1
-        if write and self.observers:
-            for obs in self.observers:
-                obs(addr, length)
         return out
 
     def read(self, addr: int, length: int) -> bytes:

@@ -331,11 +331,15 @@ class Controller:
                 self._dbbuf.refresh_cq_head(self, cq, arm=True)
                 if q.cq_full(cq):
                     return  # resumes when the host frees CQ slots (CQ head doorbell)
+            # Queue memory can be unmapped for a while (QEMU remaps guest RAM on PAM changes):
+            # the entry stays in the SQ and runs once a DMA_MAP brings the memory back.
+            if not q.cq_slot_reachable(cq, memory):
+                log.info("ctrl %d: CQ %d entry unmapped: SQ %d waits for a DMA map", self.cntlid, cq.qid, sq.qid)
+                return
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
-                log.error("ctrl %d: SQ %d fetch failed: %s", self.cntlid, sq.qid, e)
-                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
+                log.info("ctrl %d: SQ %d entry unreachable (%s): waits for a DMA map", self.cntlid, sq.qid, e)
                 return
             cmd = Command(raw, sq.qid)
             self.execute(cmd)
@@ -383,7 +387,11 @@ class Controller:
             self._dbbuf.refresh_cq_head(self, cq, arm=True)
             if q.cq_full(cq):
                 return False
-        q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
+        try:
+            q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
+        except DmaError as e:  # only for completions posted outside an SQ's processing (e.g. AER)
+            log.error("ctrl %d: CQ %d entry unreachable, completion of cid %d lost: %s", self.cntlid, cq.qid, cid, e)
+            return False
         self._irq.setdefault(cq.qid, _IrqState()).pending += 1
         return True
 

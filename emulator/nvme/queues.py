@@ -13,6 +13,11 @@ def sq_fetch(sq: SQState, memory: GuestMemory) -> bytes:
     return raw
 
 
+def cq_slot_reachable(cq: CQState, memory: GuestMemory) -> bool:
+    """The CQ entry at the tail can be written (False while the host remaps that memory)."""
+    return memory.reachable(cq.base + cq.tail * CQE_SIZE, CQE_SIZE, write=True)
+
+
 def cq_full(cq: CQState, reserved: int = 0) -> bool:
     """Full when tail+1 == head (one slot is always unused, §3.3.1.5)."""
     used = (cq.tail - cq.head) % cq.size + reserved

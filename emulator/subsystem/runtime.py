@@ -80,8 +80,9 @@ class Runtime:
 class RuntimeThread:
     """A Runtime on its own event loop in a background thread."""
 
-    def __init__(self, config: SubsystemConfig) -> None:
+    def __init__(self, config: SubsystemConfig, visible_writes: Mode = DEFAULT_MODE) -> None:
         self.config = config
+        self.visible_writes = visible_writes
         self.loop = asyncio.new_event_loop()
         self._ready: Future[Runtime] = Future()
         self._thread = threading.Thread(target=self._main, name="nvme-emu", daemon=True)
@@ -91,7 +92,7 @@ class RuntimeThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            rt = Runtime(self.config, self.loop)
+            rt = Runtime(self.config, self.loop, visible_writes=self.visible_writes)
             self.sockets = rt.start()
             self.runtime = rt
             self._ready.set_result(rt)

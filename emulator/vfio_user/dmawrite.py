@@ -95,6 +95,9 @@ class VisibleWrites:
             return [memoryview(self._overlay(addr, b"".join(bytes(v) for v in direct)))]
         return direct
 
+    def reachable(self, addr: int, length: int, write: bool = False) -> bool:
+        return self.inner.reachable(addr, length, write)
+
     def read(self, addr: int, length: int) -> bytes:
         return b"".join(bytes(v) for v in self.views(addr, length))
 

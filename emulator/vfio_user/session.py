@@ -288,6 +288,9 @@ class Session:
             except OSError as e:
                 raise MessageError(f"DMA_MAP cannot map the fd: {e}", e.errno or errno.EINVAL) from None
             self._maps[msg.iova] = _DmaMap(msg.size, msg.offset, msg.flags, key)
+            mapped = getattr(self.backend, "dma_mapped", None)
+            if callable(mapped):  # the device retries what waited for unmapped memory
+                mapped()
             if key is not None and fd is not None:
                 # keep one fd per backing file (a connection hand-over needs it), close the dups
                 kept = self._files.setdefault(key, [fd, 0])
@@ -308,6 +311,25 @@ class Session:
                 close_fds((kept[0],))
                 del self._files[record.file]  # type: ignore[arg-type]
 
+    def _unmap_range(self, start: int, end: int) -> None:
+        """Forget the maps inside [start, end); keep the outside parts of maps it cuts (as memory does)."""
+        for iova, record in sorted(self._maps.items()):
+            stop = iova + record.size
+            if stop <= start or iova >= end:
+                continue
+            pieces = [(a, b) for a, b in ((iova, min(stop, start)), (max(iova, end), stop)) if a < b]
+            for a, b in pieces:  # each piece holds the backing file too
+                self._maps[a] = _DmaMap(b - a, record.offset + (a - iova), record.flags, record.file)
+                kept = self._files.get(record.file) if record.file else None
+                if kept is not None:
+                    kept[1] += 1
+            if iova not in dict(pieces):
+                self._unmap(iova)
+            else:  # the head piece replaced the record in place: drop the old record's file use
+                kept = self._files.get(record.file) if record.file else None
+                if kept is not None:
+                    kept[1] -= 1
+
     def _dma_unmap(self, msg: m.DmaUnmapRequest) -> m.Message:
         self.log.debug("DMA_UNMAP 0x%x+0x%x flags 0x%x", msg.iova, msg.size, msg.flags)
         if msg.flags & ~p.DMA_UNMAP_ALL:
@@ -319,7 +341,7 @@ class Session:
             for iova in list(self._maps):
                 self._unmap(iova)
         elif self.memory.remove(msg.iova, msg.size):
-            self._unmap(msg.iova)
+            self._unmap_range(msg.iova, msg.iova + msg.size)
         else:
             self.log.info("DMA_UNMAP of unmapped 0x%x+0x%x ignored", msg.iova, msg.size)
         return m.DmaUnmapReply(msg.iova, msg.size, msg.flags, msg.argsz)
