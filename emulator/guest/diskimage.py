@@ -37,6 +37,18 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"   # UEFI 2.10 §5.3.3 EFI Syst
 MBR_CODE_SIZE = 440        # boot code in front of the disk signature and the partition table
 
 
+HOST_TOOLS = ("sfdisk", "mkfs.fat", "mcopy", "mmd", "syslinux", "objcopy", "mke2fs")
+FILES = ("syslinux_mbr", "efi_stub", "ovmf_code", "ovmf_vars")
+
+
+def require_tools(env: GuestEnv) -> None:
+    """Raise GuestEnvMissing (naming scripts/guest-env) unless every tool and file is there."""
+    for name in HOST_TOOLS:
+        env.host_tool(name)
+    for name in FILES:
+        env.file(name)
+
+
 class DiskImageError(RuntimeError):
     """A tool failed; the message carries its output."""
 

@@ -38,3 +38,8 @@ class GuestMemory(Protocol):
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         ...
+
+    def store_now(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """A store the host must see at once, before the device's next read of guest memory
+        (doorbell-buffer EventIdx); never code.  Plain memory: the same as :meth:`write`."""
+        ...

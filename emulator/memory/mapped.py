@@ -194,3 +194,5 @@ class MappedMemory:
             n = len(v)
             v[:] = mv[pos:pos + n]
             pos += n
+
+    store_now = write

@@ -18,7 +18,9 @@ sees it:
   them are acknowledged (so the CQE that follows a read lands after its data);
 * interrupts wait until every DMA_WRITE sent before them is acknowledged
   (the eventfd is a separate path and could overtake the socket);
-* the device's own reads see its queued and in-flight writes.
+* the device's own reads see its queued and in-flight writes;
+* stores the host must see at once (shadow-doorbell EventIdx, ``store_now``)
+  bypass the queue: they are not code, and the EventIdx protocol depends on them.
 
 Modes: ``off`` (mmap only), ``boot`` (writes below 1 MiB, the real-mode memory
 where BIOS boot code runs; Linux never does DMA there), ``all`` (every write).
@@ -108,6 +110,20 @@ class VisibleWrites:
             n = len(v)
             v[:] = mv[pos:pos + n]
             pos += n
+
+    def store_now(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Straight through the mapping, even while messages are pending: the shadow-doorbell
+        EventIdx protocol needs the host to see it before the device re-reads the doorbells."""
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for v in self.inner.views(addr, len(mv), write=True):
+            v[:] = mv[pos:pos + len(v)]
+            pos += len(v)
+        for a, d in self._pieces():  # a pending message over the same bytes would undo it
+            if isinstance(d, bytearray):
+                lo, hi = max(a, addr), min(a + len(d), addr + len(mv))
+                if lo < hi:
+                    d[lo - a:hi - a] = mv[lo - addr:hi - addr]
 
     def _pieces(self) -> list[tuple[int, bytes | bytearray]]:
         return ([(a, d) for _, a, d in self._sent] + list(self._inflight.values()) + list(self._queued))

@@ -49,11 +49,11 @@ def _boot_from_disk(boot_guest, emulator, guest_env, guest_workdir: Path, firmwa
     assert result.results.get("firmware") == ("bios" if firmware == "seabios" else "uefi")
 
 
-def test_seabios_boots_from_the_disk(boot_guest, emulator, guest_env, guest_workdir):
+def test_seabios_boots_from_the_disk(boot_guest, emulator, boot_disk_env, guest_workdir):
     """MBR, then the partition's boot sector, both read to 0x7c00; syslinux loads kernel and initrd."""
-    _boot_from_disk(boot_guest, emulator, guest_env, guest_workdir, "seabios")
+    _boot_from_disk(boot_guest, emulator, boot_disk_env, guest_workdir, "seabios")
 
 
-def test_ovmf_boots_from_the_disk(boot_guest, emulator, guest_env, guest_workdir):
+def test_ovmf_boots_from_the_disk(boot_guest, emulator, boot_disk_env, guest_workdir):
     """OVMF starts EFI/BOOT/BOOTX64.EFI (a UKI: EFI stub + kernel + initrd + cmdline) from the ESP."""
-    _boot_from_disk(boot_guest, emulator, guest_env, guest_workdir, "ovmf")
+    _boot_from_disk(boot_guest, emulator, boot_disk_env, guest_workdir, "ovmf")

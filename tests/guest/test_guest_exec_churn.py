@@ -27,12 +27,12 @@ mkdir -p /mnt && check mount mount -t ext4 -o ro /dev/nvme0n1 /mnt
 
 @pytest.mark.parametrize("mode,append", [("boot", ""), ("all", "init_on_alloc=0"), ("off", "init_on_alloc=0"), ("boot", "init_on_alloc=0"), ("all", "")],
                          )
-def test_programs_from_the_disk_under_page_cache_churn(boot_guest, emulator, guest_env, guest_workdir,
+def test_programs_from_the_disk_under_page_cache_churn(boot_guest, emulator, boot_disk_env, guest_workdir,
                                                        mode, append):
     state = guest_workdir / "emu"
     state.mkdir()
-    expected = build_tree(guest_env, guest_workdir / "tree")
-    ext4_image(guest_env, state / "progs.img", guest_workdir / "tree", 64 << 20)
+    expected = build_tree(boot_disk_env, guest_workdir / "tree")
+    ext4_image(boot_disk_env, state / "progs.img", guest_workdir / "tree", 64 << 20)
     emu = emulator({"state_dir": str(state),
                     "namespaces": [{"nsid": 1, "file": "progs.img", "size": 64 << 20}],
                     "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 2}]},
@@ -42,5 +42,7 @@ def test_programs_from_the_disk_under_page_cache_churn(boot_guest, emulator, gue
                      vfio_user=[VfioUserDevice(emu.sockets[0])])
     result = boot_guest(spec, timeout=900, name="churn")
     bad = {k: v for k, v in result.results.items() if k.startswith("bad_")}
+    print(f"mode={mode} append={append!r}: {result.results.get('runs')} runs, {result.results.get('bad')} bad, "
+          f"{result.results.get('seconds')} s")
     assert result.results.get("runs") == str(ROUNDS * RUNS * len(expected)), result.summary()
     assert result.results.get("bad") == "0", bad

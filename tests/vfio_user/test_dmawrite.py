@@ -87,3 +87,13 @@ def test_off_mode_is_refused():
 def test_dma_write_reply_forms():
     assert m.DmaWriteReply.decode(memoryview(b""), []) == m.DmaWriteReply(0, 0)   # bare header
     assert m.DmaWriteReply.decode(memoryview(bytes(16)), []) == m.DmaWriteReply(0, 0)
+
+
+def test_store_now_bypasses_pending_messages(mem):
+    """Shadow-doorbell EventIdx stores must reach the host at once, even behind queued writes."""
+    vw = VisibleWrites(mem, Irqs(), "all", notify=lambda: None, max_xfer=4096)
+    vw.write(0x5000, b"\0" * 16)
+    vw.store_now(0x5004, b"\x07\0\0\0")
+    assert mem.read(0x5004, 4) == b"\x07\0\0\0"
+    (msg,) = _sent(vw)
+    assert msg.data[4:8] == b"\x07\0\0\0"             # the queued write does not undo it
