@@ -5,7 +5,9 @@ page-cache pages through its own mapping, so a page that held one program's
 code and is refilled with another's could run stale code.  Debian's kernel zeroes
 every page it allocates (init_on_alloc=1, a CPU store QEMU sees), which hides
 that; with ``init_on_alloc=0`` nothing does, and only ``--visible-writes all``
-(every device write as a vfio-user DMA_WRITE) keeps the runs right.
+(every device write as a vfio-user DMA_WRITE) keeps the runs right.  Measured
+with ``init_on_alloc=0`` and ``--visible-writes off`` or ``boot``: 120 of 144 runs
+died with SIGSEGV, every one after the first drop_caches (docs/boot.md).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from emulator.guest.diskimage import ext4_image
 from emulator.guest.execdisk import build_tree, churn_script
+from emulator.guest.qemu import GuestSpec, VfioUserDevice
 
 pytestmark = pytest.mark.guest
 
@@ -25,8 +28,8 @@ mkdir -p /mnt && check mount mount -t ext4 -o ro /dev/nvme0n1 /mnt
 """
 
 
-@pytest.mark.parametrize("mode,append", [("boot", ""), ("all", "init_on_alloc=0"), ("off", "init_on_alloc=0"), ("boot", "init_on_alloc=0"), ("all", "")],
-                         )
+@pytest.mark.parametrize("mode,append", [("boot", ""), ("all", "init_on_alloc=0")],
+                         ids=["default-kernel", "init_on_alloc=0-visible-writes-all"])
 def test_programs_from_the_disk_under_page_cache_churn(boot_guest, emulator, boot_disk_env, guest_workdir,
                                                        mode, append):
     state = guest_workdir / "emu"
@@ -37,7 +40,6 @@ def test_programs_from_the_disk_under_page_cache_churn(boot_guest, emulator, boo
                     "namespaces": [{"nsid": 1, "file": "progs.img", "size": 64 << 20}],
                     "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 2}]},
                    command=[sys.executable, "-m", "emulator", "serve", "--visible-writes", mode])
-    from emulator.guest.qemu import GuestSpec, VfioUserDevice
     spec = GuestSpec(init=BODY + churn_script("/mnt", expected, ROUNDS, RUNS, FILL_MB), append=append,
                      vfio_user=[VfioUserDevice(emu.sockets[0])])
     result = boot_guest(spec, timeout=900, name="churn")
