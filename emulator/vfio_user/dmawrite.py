@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Literal
 
-from emulator.memory import MappedMemory, WriteObserver
+from emulator.memory import MappedMemory, Region, WriteObserver
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.backend import IrqLines
 
@@ -99,6 +99,9 @@ class VisibleWrites:
 
     def reachable(self, addr: int, length: int, write: bool = False) -> bool:
         return self.inner.reachable(addr, length, write)
+
+    def regions(self) -> list[Region]:
+        return self.inner.regions()
 
     def read(self, addr: int, length: int) -> bytes:
         return b"".join(bytes(v) for v in self.views(addr, length))
