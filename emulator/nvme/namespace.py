@@ -36,7 +36,12 @@ class Namespace:
         self.path = Path(config.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self.fd).st_size != config.size:
+        have = os.fstat(self.fd).st_size
+        if have > config.size:  # an existing disk image: never cut it
+            os.close(self.fd)
+            raise ValueError(f"namespace {config.nsid}: {self.path} holds {have} bytes, more than its "
+                             f"size {config.size}; set size to the file's size")
+        if have != config.size:
             os.ftruncate(self.fd, config.size)
         # Stable unique identifiers (Identify NS NGUID/EUI64, NS descriptors).
         digest = hashlib.sha256(f"{subsystem_nqn}/{config.nsid}".encode()).digest()
