@@ -10,15 +10,44 @@ region it only partly covers is cut to what lies outside (the pieces share the
 mapping).  So after an unmap nothing in the range can be reached, whatever the
 client mapped there before; a map over an existing region is refused, the
 caller keeps the old one (vfio-user §3.1: EEXIST).
+
+Fault safety: a client (or anyone holding the file) may shrink a mapped file,
+and a load or store past its new end raises SIGBUS, which would kill the
+process.  A region whose fd is a memfd sealed against shrinking
+(F_SEAL_SHRINK, what QEMU's memory-backend-memfd does by default) cannot lose
+pages, and is read and written directly.  Any other region is *guarded*:
+:meth:`MappedMemory.read` and :meth:`MappedMemory.write` copy through the
+kernel (``emulator.memory.safecopy``), so a lost page is a :class:`DmaError` (a Data
+Transfer Error for the command) instead of a crash.  The views handed out by
+:meth:`MappedMemory.views` are for system calls (preadv/pwritev), which meet a
+lost page with EFAULT; Python code must not load or store through them.
 """
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 
-from emulator.memory.guest_memory import DmaError, WriteObserver
+from emulator.memory import safecopy
+from emulator.memory.guest_memory import UNMAPPED, DmaError, WriteObserver
+
+
+# Python 3.13+ can map without keeping its own dup of the fd (one fd less per region).
+_NO_FD_COPY: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def sealed_against_shrink(fd: int) -> bool:
+    """True if nobody can make ``fd``'s file smaller (a memfd with F_SEAL_SHRINK)."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # not a memfd (EINVAL): any holder may truncate it
+        return False
+
+
+MAX_HOLES = 256  # unmapped ranges remembered (QEMU's remaps leave a few at a time)
 
 
 @dataclass
@@ -29,6 +58,8 @@ class Region:
     fd_offset: int = 0
     # None for a region that came without an fd: it exists but cannot be reached.
     mem: memoryview | None = None
+    # True when the file may shrink under the mapping: copies go through the kernel.
+    guarded: bool = False
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     # regions cut from one DMA_MAP share its mmap: [users], closed when the last goes
     _users: list[int] = field(default_factory=lambda: [1], repr=False)
@@ -45,6 +76,8 @@ class MappedMemory:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self.observers: list[WriteObserver] = []
+        # ranges the client unmapped and has not mapped again: [start, end)
+        self._holes: list[tuple[int, int]] = []
 
     # -- map management -------------------------------------------------
     def add(self, iova: int, size: int, fd: int | None, fd_offset: int = 0,
@@ -74,12 +107,23 @@ class MappedMemory:
             length = skip + size
             length += (-length) % align
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=base)
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=base, **_NO_FD_COPY)
             region._mmap = m
             region.mem = memoryview(m)[skip:skip + size]
+            region.guarded = not sealed_against_shrink(fd)
         self._starts.insert(i, iova)
         self._regions.insert(i, region)
+        self._fill_holes(iova, iova + size)
         return region
+
+    def _fill_holes(self, start: int, end: int) -> None:
+        keep: list[tuple[int, int]] = []
+        for a, b in self._holes:
+            keep += [(x, y) for x, y in ((a, min(b, start)), (max(a, end), b)) if x < y]
+        self._holes = keep
+
+    def _why_unmapped(self, pos: int) -> str:
+        return UNMAPPED if any(a <= pos < b for a, b in self._holes) else "outside mapped memory"
 
     def remove(self, iova: int, size: int) -> bool:
         """Unmap [iova, iova+size): regions inside go, regions partly inside are cut.
@@ -99,6 +143,10 @@ class MappedMemory:
             self._regions[i:i + 1] = keep
             self._starts[i:i + 1] = [k.iova for k in keep]
             i += len(keep)
+        if hit:
+            self._fill_holes(iova, end)
+            self._holes.append((iova, end))
+            del self._holes[:-MAX_HOLES]
         return hit
 
     @staticmethod
@@ -107,7 +155,7 @@ class MappedMemory:
         if stop <= start:
             return None
         off = start - r.iova
-        piece = Region(start, stop - start, r.writable, r.fd_offset + off)
+        piece = Region(start, stop - start, r.writable, r.fd_offset + off, guarded=r.guarded)
         if r.mem is not None:
             piece.mem = r.mem[off:off + piece.size]
             piece._mmap = r._mmap
@@ -116,6 +164,7 @@ class MappedMemory:
         return piece
 
     def clear(self) -> None:
+        self._holes.clear()
         for r in self._regions:
             self._release(r)
         self._starts.clear()
@@ -139,60 +188,62 @@ class MappedMemory:
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def reachable(self, addr: int, length: int, write: bool = False) -> bool:
-        """True if the device can access [addr, addr+length) (and store into it with ``write``)."""
-        try:
-            self._span(addr, length, write)
-        except DmaError:
-            return False
-        return True
 
     # -- access ---------------------------------------------------------
-    def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
-        out = self._span(addr, length, write)
-        if write and self.observers and out:
-            for obs in self.observers:
-                obs(addr, length)
-        return out
-
-    def _span(self, addr: int, length: int, write: bool) -> list[memoryview]:
+    def _pieces(self, addr: int, length: int, write: bool) -> list[tuple[Region, int, int]]:
+        """(region, offset in it, length) covering [addr, addr+length), or DmaError."""
         if length < 0 or addr < 0:
             raise DmaError(addr, length, "bad range")
-        out: list[memoryview] = []
-        if length == 0:
-            return out
+        out: list[tuple[Region, int, int]] = []
         pos, remaining = addr, length
         i = bisect.bisect_right(self._starts, pos) - 1
         while remaining:
             if i < 0 or i >= len(self._regions):
-                raise DmaError(addr, length, "outside mapped memory")
+                raise DmaError(addr, length, self._why_unmapped(pos))
             r = self._regions[i]
             if not (r.iova <= pos < r.end):
-                raise DmaError(addr, length, "outside mapped memory")
+                raise DmaError(addr, length, self._why_unmapped(pos))
             if r.mem is None:
                 raise DmaError(addr, length, "into a region without an fd")
             if write and not r.writable:
                 raise DmaError(addr, length, "write into read-only memory")
             off = pos - r.iova
             n = min(remaining, r.size - off)
-            out.append(r.mem[off:off + n])
+            out.append((r, off, n))
             pos += n
             remaining -= n
             i += 1
+        if write and self.observers:
+            for obs in self.observers:
+                obs(addr, length)
         return out
 
+    def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
+        return [r.mem[off:off + n] for r, off, n in self._pieces(addr, length, write)]  # type: ignore[index]
+
     def read(self, addr: int, length: int) -> bytes:
-        vs = self.views(addr, length)
-        if len(vs) == 1:
-            return bytes(vs[0])
-        return b"".join(bytes(v) for v in vs)
+        out = []
+        for r, off, n in self._pieces(addr, length, False):
+            v = r.mem[off:off + n]  # type: ignore[index]
+            if r.guarded:
+                got = safecopy.read(v)
+                if got is None:
+                    raise DmaError(addr, length, "beyond the end of the mapped file")
+                out.append(got)
+            else:
+                out.append(bytes(v))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
         pos = 0
-        for v in self.views(addr, len(mv), write=True):
-            n = len(v)
-            v[:] = mv[pos:pos + n]
+        for r, off, n in self._pieces(addr, len(mv), True):
+            v = r.mem[off:off + n]  # type: ignore[index]
+            if r.guarded:
+                if not safecopy.write(v, mv[pos:pos + n]):
+                    raise DmaError(addr, len(mv), "beyond the end of the mapped file")
+            else:
+                v[:] = mv[pos:pos + n]
             pos += n
 
     store_now = write

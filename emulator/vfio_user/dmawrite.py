@@ -94,34 +94,31 @@ class VisibleWrites:
             self._queued.append((addr, buf))
             return [memoryview(buf)]
         if self.pending and self._overlaps(addr, length):
-            return [memoryview(self._overlay(addr, b"".join(bytes(v) for v in direct)))]
+            return [memoryview(self._overlay(addr, self.inner.read(addr, length)))]
         return direct
-
-    def reachable(self, addr: int, length: int, write: bool = False) -> bool:
-        return self.inner.reachable(addr, length, write)
 
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
     def read(self, addr: int, length: int) -> bytes:
-        return b"".join(bytes(v) for v in self.views(addr, length))
+        data = self.inner.read(addr, length)  # fault-safe copy (see MappedMemory)
+        if self.pending and self._overlaps(addr, length):
+            return self._overlay(addr, data)
+        return data
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
-        pos = 0
-        for v in self.views(addr, len(mv), write=True):
-            n = len(v)
-            v[:] = mv[pos:pos + n]
-            pos += n
+        if not self._by_message(addr, len(mv)):
+            self.inner.write(addr, mv)  # fault-safe store (see MappedMemory)
+            return
+        (buf,) = self.views(addr, len(mv), write=True)
+        buf[:] = mv  # our own buffer, sent as DMA_WRITE
 
     def store_now(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Straight through the mapping, even while messages are pending: the shadow-doorbell
         EventIdx protocol needs the host to see it before the device re-reads the doorbells."""
         mv = memoryview(data).cast("B")
-        pos = 0
-        for v in self.inner.views(addr, len(mv), write=True):
-            v[:] = mv[pos:pos + len(v)]
-            pos += len(v)
+        self.inner.write(addr, mv)
         for a, d in self._pieces():  # a pending message over the same bytes would undo it
             if isinstance(d, bytearray):
                 lo, hi = max(a, addr), min(a + len(d), addr + len(mv))
@@ -197,8 +194,7 @@ class VisibleWrites:
             self.log.warning("DMA_WRITE 0x%x+0x%x refused by the client (errno %d); written through the mmap",
                              addr, len(data), error)
             try:
-                for v, off in _spread(self.inner.views(addr, len(data), write=True)):
-                    v[:] = data[off:off + len(v)]
+                self.inner.write(addr, data)
             except Exception as e:  # noqa: BLE001 - the map went away meanwhile
                 self.log.warning("DMA_WRITE fallback failed: %s", e)
         self._release()
@@ -218,10 +214,3 @@ class VisibleWrites:
         self._sent.clear()
         self._deferred.clear()
 
-
-def _spread(views: list[memoryview]) -> list[tuple[memoryview, int]]:
-    out, off = [], 0
-    for v in views:
-        out.append((v, off))
-        off += len(v)
-    return out

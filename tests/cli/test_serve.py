@@ -78,16 +78,3 @@ def test_serve_visible_writes_modes() -> None:
     _, err = bad.communicate(timeout=20)
     assert bad.returncode == 2 and "--visible-writes" in err
 
-
-def test_serve_never_cuts_an_existing_image() -> None:
-    """An existing disk image bigger than the namespace size is refused, not truncated."""
-    d = Path(tempfile.mkdtemp(prefix="ne-"))
-    with open(d / "disk.img", "wb") as f:
-        f.truncate(16 << 20)
-    (d / "c.yaml").write_text(yaml.safe_dump({
-        "state_dir": str(d), "namespaces": [{"nsid": 1, "file": "disk.img", "size": "8MiB"}],
-        "controllers": [{"cntlid": 1}]}))
-    p = _serve(str(d / "c.yaml"))
-    _, err = p.communicate(timeout=20)
-    assert p.returncode == 1 and "disk.img" in err and "size" in err
-    assert (d / "disk.img").stat().st_size == 16 << 20
