@@ -319,6 +319,17 @@ class NvmePciFunction:
             return PciFunctionState(bytes(self.config.data), bytes(self.msix.table),
                                     bytes(self.msix.pba), self._intx_pending)
 
+    # DeviceBackend: opaque device state for a connection hand-over (the NVMe
+    # controller's own state moves by TP4159 Migration Receive / Send).
+    def export_device_state(self) -> dict[str, object]:
+        return {"pci_function": self.save_state().to_dict()}
+
+    def import_device_state(self, state: dict[str, object]) -> None:
+        saved = state.get("pci_function")
+        if not isinstance(saved, dict):
+            raise ValueError("no PCI function state")
+        self.load_state(PciFunctionState.from_dict(saved))
+
     def load_state(self, state: PciFunctionState) -> None:
         """Restore a saved function; ValueError if it is not this kind of function."""
         if len(state.config) != self.config.size:

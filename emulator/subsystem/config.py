@@ -3,6 +3,7 @@
 Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
 
     state_dir: ./state        # relative to the YAML file's directory
+    control_socket: control.sock  # JSON-RPC control socket, relative to state_dir (mode 0600)
     subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1"}
     namespaces:
       - nsid: 1               # 1..1024, unique
@@ -114,6 +115,11 @@ class SubsystemConfig:
     subsystem: SubsystemInfo
     namespaces: tuple[NamespaceConfig, ...]
     controllers: tuple[ControllerConfig, ...]
+    control_socket: Path | None = None  # None: <state_dir>/control.sock
+
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
 
     def namespace(self, nsid: int) -> NamespaceConfig:
         for ns in self.namespaces:
@@ -131,6 +137,7 @@ class SubsystemConfig:
         """Plain data (absolute paths, sizes in bytes); ``parse_config`` reads it back."""
         return {
             "state_dir": str(self.state_dir),
+            "control_socket": str(self.control_path),
             "subsystem": {"nqn": self.subsystem.nqn, "serial": self.subsystem.serial,
                           "model": self.subsystem.model, "firmware": self.subsystem.firmware},
             "namespaces": [{"nsid": ns.nsid, "file": str(ns.file), "size": ns.size,
@@ -183,7 +190,7 @@ def load_config(path: str | os.PathLike[str]) -> SubsystemConfig:
 def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig:
     """Validate already-parsed YAML; ``base_dir`` anchors a relative ``state_dir``."""
     top = _mapping(data, "(top level)")
-    _check_keys(top, "", ("state_dir", "subsystem", "namespaces", "controllers"))
+    _check_keys(top, "", ("state_dir", "control_socket", "subsystem", "namespaces", "controllers"))
     if "state_dir" in top:
         state_dir = _path(top["state_dir"], "state_dir", Path(base_dir).absolute())
     else:
@@ -209,7 +216,11 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
         _unique(ctrl.cntlid, [c.cntlid for c in controllers], f"controllers[{i}].cntlid")
         _unique(ctrl.socket, [c.socket for c in controllers], f"controllers[{i}].socket")
         controllers.append(ctrl)
-    return SubsystemConfig(state_dir, subsystem, tuple(namespaces), tuple(controllers))
+    control = _path(top.get("control_socket", "control.sock"), "control_socket", state_dir)
+    if len(os.fsencode(control)) > UNIX_PATH_MAX:
+        raise ConfigError("control_socket", f"{control} is too long for a unix socket")
+    _unique(control, [c.socket for c in controllers], "control_socket")
+    return SubsystemConfig(state_dir, subsystem, tuple(namespaces), tuple(controllers), control)
 
 
 # -- sections ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from emulator.control import ControlServer
 from emulator.nvme.controller import Controller, ControllerConfig
 from emulator.nvme.namespace import Namespace, NamespaceConfig
 from emulator.pci.function import NvmePciFunction
@@ -53,9 +54,15 @@ class Runtime:
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
                                                      logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"))
+        self.log = log
+        self.control = ControlServer(config.control_path, loop)
+        from emulator.subsystem.handover import Handover
+        Handover(self).register(self.control)
 
     def start(self) -> list[str]:
-        """Listen on every controller socket; returns the socket paths."""
+        """Listen on the control socket and every controller socket; returns the
+        controller socket paths."""
+        self.control.start()
         paths = []
         for cntlid, server in self.servers.items():
             server.start()
@@ -63,6 +70,7 @@ class Runtime:
         return paths
 
     def close(self) -> None:
+        self.control.close()
         for server in self.servers.values():
             try:
                 server.close()

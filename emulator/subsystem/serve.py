@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, loop.stop)
     for path in runtime.start():
         print(f"listening on {path}", flush=True)
+    print(f"control socket {runtime.control.path}", flush=True)
     try:
         loop.run_forever()
     finally:

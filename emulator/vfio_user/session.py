@@ -38,7 +38,8 @@ class HandoverState:
     """What a new owner of a live connection needs besides the socket (all but fds is JSON-able).
 
     ``dma_maps`` rows are (iova, size, offset, flags, index into ``dma_fds`` or -1);
-    ``irq_fds`` rows are (irq index, sub-index, SET_IRQS action, fd).  The fds
+    ``irq_fds`` rows are (irq index, sub-index, SET_IRQS action, fd);
+    ``irq_masks`` rows are (irq index, sub-index, masked, pending).  The fds
     belong to this object until :meth:`Session.restore` consumes them.
     """
 
@@ -46,6 +47,31 @@ class HandoverState:
     dma_maps: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     dma_fds: list[int] = field(default_factory=list)
     irq_fds: list[tuple[int, int, int, int]] = field(default_factory=list)
+    irq_masks: list[tuple[int, int, bool, bool]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the fds; ``fds()`` lists those in the order ``from_dict`` expects."""
+        return {"client_caps": self.client_caps, "dma_maps": [list(r) for r in self.dma_maps],
+                "ndma_fds": len(self.dma_fds), "irq_fds": [list(r[:3]) for r in self.irq_fds],
+                "irq_masks": [list(r) for r in self.irq_masks]}
+
+    def fds(self) -> list[int]:
+        return self.dma_fds + [row[3] for row in self.irq_fds]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], fds: list[int]) -> "HandoverState":
+        """Inverse of to_dict with the fds received; ValueError (fds closed) if they do not match."""
+        try:
+            ndma, irqs = int(d["ndma_fds"]), d["irq_fds"]
+            if len(fds) != ndma + len(irqs):
+                raise ValueError(f"{len(fds)} fds for {ndma} DMA and {len(irqs)} irq fds")
+            return cls(dict(d["client_caps"]),
+                       [(int(a), int(b), int(c), int(e), int(f)) for a, b, c, e, f in d["dma_maps"]],
+                       fds[:ndma], [(int(i), int(s), int(a), fd) for (i, s, a), fd in zip(irqs, fds[ndma:])],
+                       [(int(i), int(s), bool(m), bool(p)) for i, s, m, p in d.get("irq_masks", [])])
+        except (KeyError, TypeError, ValueError) as e:
+            close_fds(fds)
+            raise ValueError(f"malformed session hand-over state: {e}") from e
 
     def close(self) -> None:
         close_fds(self.dma_fds + [row[3] for row in self.irq_fds])
@@ -145,7 +171,12 @@ class Session:
         state.dma_maps = [(iova, r.size, r.offset, r.flags, files.index(r.file) if r.file else -1)
                           for iova, r in self._maps.items()]
         state.irq_fds = [(i, sub, action, os.dup(fd)) for i, sub, action, fd in self.irqs.assignments()]
+        state.irq_masks = self.irqs.mask_state()
         return state
+
+    def dma_maps(self) -> list[tuple[int, int]]:
+        """(iova, size) of every DMA map, ascending."""
+        return sorted((iova, r.size) for iova, r in self._maps.items())
 
     def restore(self, state: HandoverState) -> None:
         """Take over a negotiated connection's maps and interrupt fds; consumes ``state``'s fds."""
@@ -156,6 +187,7 @@ class Session:
                 self._dma_map(m.DmaMapRequest(iova, size, flags, offset, fd))
             for index, sub, action, fd in state.irq_fds:
                 self.irqs.set_irqs(p.IRQ_SET_DATA_EVENTFD | action, index, sub, 1, [os.dup(fd)])
+            self.irqs.restore_masks(state.irq_masks)
         finally:
             state.close()
 

@@ -72,6 +72,9 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
     target = migratable(mmc, cntlid)
     if not target.state.suspended:
         raise specific(CommandSpecific.CONTROLLER_NOT_SUSPENDED, f"controller {cntlid}")
+    if target_state(target).released:
+        # Its host connection went to another process (docs/live-migration.md).
+        raise generic(Generic.COMMAND_SEQUENCE_ERROR, f"controller {cntlid} was migrated away")
     if cntlid in mmc_state(mmc).sequences:
         # A Set Controller State sequence was opened and not verified/committed.
         raise generic(Generic.COMMAND_SEQUENCE_ERROR, "controller state not committed")
@@ -83,11 +86,21 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
 
 def wake(target: "Controller") -> None:
     """End the suspended state: fetch what the host queued meanwhile, re-signal CQs."""
+    if target_state(target).released:
+        return  # migrated away: suspended for good
     target.state.suspended = False
     ts = target_state(target)
     ts.suspended_by, ts.suspended_at = -1, []
     target.kick()
     target.rearm_interrupts()
+
+
+def release(target: "Controller") -> None:
+    """The controller's host connection moved to another process after a live
+    migration: it stays suspended (as the MMH left it) and refuses Resume."""
+    target.state.suspended = True
+    target_state(target).released = True
+    log.info("controller %d released after migration", target.cntlid)
 
 
 def set_controller_state(mmc: "Controller", cmd: Command) -> Result:

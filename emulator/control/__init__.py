@@ -1,0 +1,11 @@
+"""The control socket of an emulator process: JSON-RPC 2.0 over a UNIX socket.
+
+``server.ControlServer`` runs on the process's asyncio loop; methods are
+registered by name (``register``).  ``client.ControlClient`` is a blocking
+client (the migration tool, tests).  Wire format: ``docs/control-socket.md``.
+This package knows nothing of vfio-user, PCI or NVMe.
+"""
+from emulator.control.client import ControlClient, ControlError
+from emulator.control.server import ControlServer, MethodError, Reply, Request
+
+__all__ = ["ControlClient", "ControlError", "ControlServer", "MethodError", "Reply", "Request"]
