@@ -45,7 +45,7 @@ class Handover:
         self.rt = runtime
 
     def register(self, control: ControlServer) -> None:
-        for name, fn in (("session.info", self.info), ("handover.pause", self.pause),
+        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
                          ("handover.unpause", self.unpause), ("handover.export", self.export),
                          ("handover.adopt", self.adopt), ("handover.start", self.start),
                          ("handover.discard", self.discard), ("handover.release", self.release)):
@@ -65,6 +65,15 @@ class Handover:
         (marks.add if on else marks.discard)(cntlid)
 
     # -- methods ------------------------------------------------------------------
+    def subsystem_info(self, req: Request) -> dict[str, Any]:
+        """NQN, namespaces and controllers (with their socket paths) of this process."""
+        cfg = self.rt.config
+        return {"nqn": cfg.subsystem.nqn, "control_socket": str(cfg.control_path),
+                "namespaces": [{"nsid": n.nsid, "size": n.size, "lba_size": n.lba_size}
+                               for n in cfg.namespaces],
+                "controllers": [{"cntlid": c.cntlid, "type": c.type, "socket": str(c.socket),
+                                 "namespaces": list(c.namespaces)} for c in cfg.controllers]}
+
     def info(self, req: Request) -> dict[str, Any]:
         """{"connected", "paused", "dma": [[iova, size], ...]} of a controller's socket."""
         _, server = self._server(req)
