@@ -115,11 +115,13 @@ _STAGES = ("start", "connected", "logging", "suspended", "paused", "adopted", "r
 class Engine:
     def __init__(self, source: Endpoint, destination: Endpoint, options: Options | None = None, *,
                  on_progress: Callable[[Progress], None] | None = None,
-                 before_switch: Callable[["Engine"], None] | None = None) -> None:
+                 before_switch: Callable[["Engine"], None] | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> None:
         self.src, self.dst = source, destination
         self.opt = options or Options()
         self.on_progress = on_progress
         self.before_switch = before_switch
+        self.on_stage = on_stage
         self.report = Report()
         self.progress = Progress("connect")
         self.stage = "start"
@@ -170,7 +172,11 @@ class Engine:
 
     # -- progress -------------------------------------------------------------------------
     def _set_stage(self, stage: str) -> None:
+        """Stages (what would need undoing): connected, logging, suspended, paused,
+        adopted, resumed (committed), released, done."""
         self.stage = stage
+        if self.on_stage is not None:
+            self.on_stage(stage)
 
     def _phase(self, name: str) -> None:
         self._finish_phase()

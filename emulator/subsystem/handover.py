@@ -140,9 +140,15 @@ class Handover:
     def discard(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
         if server.paused:
-            server.disconnect()
+            self._discard(cntlid, server)
         self._mark(req.conn, "staged", cntlid, False)
         return {}
+
+    def _discard(self, cntlid: int, server: VfioUserServer) -> None:
+        """Drop an adopted session that never ran here; the controller goes back to its
+        power-on state (a later migration can set a state into it again)."""
+        server.disconnect()
+        self.rt.subsystem.controllers[cntlid].function_reset()
 
     def release(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
@@ -167,4 +173,4 @@ class Handover:
             if server is not None and server.paused:
                 self.rt.log.warning("control client left an adopted session of controller %d: discarded",
                                     cntlid)
-                server.disconnect()
+                self._discard(cntlid, server)
