@@ -86,7 +86,7 @@ class Round:
 class Report:
     ok: bool = False
     error: str | None = None
-    rounds: int = 0
+    rounds: int = 0  # copy passes of logged ranges, the one after the suspend included
     bytes_copied: int = 0
     bytes_allocated: int = 0
     bytes_logged: int = 0
@@ -293,8 +293,8 @@ class Engine:
                 return logged  # small, not shrinking, or the last round: copy after the suspend
             self._copy(logged)
             seconds = time.monotonic() - t0
-            self.report.round_stats.append(Round(number, size, size, seconds))
-            self.report.rounds = number
+            self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, seconds))
+            self.report.rounds = len(self.report.round_stats)
             self.progress.dirty_rate = size / max(seconds, 1e-6)
             prev = size
         return {}
@@ -339,11 +339,11 @@ class Engine:
         for nsid, rs in pending.items():
             logged.setdefault(nsid, []).extend(rs)
         size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
-        self.progress.round += 1
         t0 = time.monotonic()
         self._copy(logged)
-        self.report.round_stats.append(Round(self.progress.round, size, size, time.monotonic() - t0))
-        self.report.rounds = self.progress.round
+        self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, time.monotonic() - t0))
+        self.report.rounds = len(self.report.round_stats)
+        self.progress.round = self.report.rounds
 
     # -- 4./5. state and hand-over -----------------------------------------------------------
     def _switch(self) -> None:
