@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"(baseline run {d['baseline_max_latency_ms']} ms), MMH downtime {d['mmh_downtime_ms']} ms "
                       f"(median {statistics.median(d['mmh_downtime_ms']):.1f}), fio failures {d['fio_failures']}",
                       flush=True)
+                for steps in d["downtime_steps_ms"]:
+                    print(f"    downtime steps (ms): {steps}", flush=True)
         if not args.skip_bulk:
             for pct in (10, 90):
                 r = bulk(work / f"bulk{pct}", pct)

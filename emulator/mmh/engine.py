@@ -368,7 +368,7 @@ class Engine:
         src.call("handover.pause", cntlid=src.cntlid)
         self._step("pause")
         self._set_stage("paused")
-        state, _ = src.lm.get_state(src.cntlid)
+        state, _ = src.lm.get_state(src.cntlid, piece=64 << 10)  # one command for a few KiB
         self._step("get state")
         if self.before_switch is not None:
             self.before_switch(self)
