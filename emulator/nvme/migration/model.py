@@ -111,6 +111,10 @@ class TargetState:
     # The controller moved to another process (live migration hand-over): it
     # stays suspended for good and refuses Resume.
     released: bool = False
+    # Its host connection is paused for a hand-over: a wake (Resume, MMC reset) waits
+    # until the hand-over is undone (wake_pending) or becomes a release.
+    held: bool = False
+    wake_pending: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetState":
