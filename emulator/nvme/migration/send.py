@@ -99,6 +99,7 @@ def wake(target: "Controller") -> None:
         ts.wake_pending = True  # its connection is being handed over: decided by hold(False)
         return
     target.state.suspended = False
+    ctrlstate.forget(target)
     ts = target_state(target)
     ts.suspended_by, ts.suspended_at = -1, []
     target.kick()
