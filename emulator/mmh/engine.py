@@ -134,7 +134,7 @@ class Engine:
         self.tracking = False
         self.formats: dict[int, int] = {}  # nsid -> LBA size
         self._t_phase = 0.0
-        self._t_step = 0.0
+        self._t_step = self._t_suspend = 0.0
 
     # -- public -----------------------------------------------------------------------
     def run(self) -> Report:
@@ -151,11 +151,9 @@ class Engine:
             self._phase("pre-copy")
             pending = self._precopy()
             self._phase("suspend")
-            t_suspend = time.monotonic()
             self._suspend_and_copy(pending)
             self._phase("state")
             self._switch()
-            self.report.downtime_ms = (time.monotonic() - t_suspend) * 1000
             self._phase("done")
             self.report.ok = True
         except Exception as e:
@@ -344,7 +342,7 @@ class Engine:
     def _suspend_and_copy(self, pending: dict[int, list[Range]]) -> None:
         src = self.src
         assert src.lm is not None
-        self._t_step = time.monotonic()
+        self._t_step = self._t_suspend = time.monotonic()
         self._check(src.lm.suspend(src.cntlid, dudmq=True), "source: Migration Send (Suspend)")
         self._step("suspend")
         self._set_stage("suspended")
@@ -402,6 +400,7 @@ class Engine:
                 raise MigrationError("destination did not start serving the connection")
             time.sleep(0.0005)
         self._step("commit")
+        self.report.downtime_ms = (time.monotonic() - self._t_suspend) * 1000
         self._set_stage("done")
         # The suspended source writes no guest memory any more: Track Receive after the switch.
         if self.tracking:
