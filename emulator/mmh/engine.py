@@ -389,16 +389,8 @@ class Engine:
         # Committed: at the Resume the destination releases the source's copy of the
         # connection and reads it (its control socket does, even if the MMH dies now).
         self._set_stage("resumed")
-        deadline = time.monotonic() + 10
-        while True:
-            info = dst.call("session.info", cntlid=dst.cntlid)
-            if info["connected"] and not info["paused"]:
-                break
-            if not info["connected"]:
-                raise MigrationError("destination dropped the connection at the commit (see its log)")
-            if time.monotonic() > deadline:
-                raise MigrationError("destination did not start serving the connection")
-            time.sleep(0.0005)
+        if not dst.call("handover.wait", cntlid=dst.cntlid, timeout=10)["serving"]:
+            raise MigrationError("destination does not serve the connection after the commit (see its log)")
         self._step("commit")
         self.report.downtime_ms = (time.monotonic() - self._t_suspend) * 1000
         self._set_stage("done")
