@@ -47,7 +47,6 @@ from emulator.host.memory import HostMemory
 from emulator.mmh.copier import Copier
 from emulator.mmh.endpoint import Endpoint, MigrationError
 from emulator.mmh.ranges import Range, coalesce, split, total
-from emulator.nvme.migration import wire
 from emulator.nvme.migration.wire import Esa, Lbacir
 
 log = logging.getLogger("nvme-emu.migrate")
