@@ -127,8 +127,12 @@ class ControlServer:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:
+        except OSError as e:  # e.g. EMFILE: back off instead of spinning on a readable listener
             self.log.error("control accept failed: %s", e)
+            fd = self._listener.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.call_later(0.1, lambda: self._listener is not None
+                                 and self.loop.add_reader(fd, self._on_accept))
             return
         sock.setblocking(False)
         self._count += 1
