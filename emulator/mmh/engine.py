@@ -12,10 +12,12 @@ destination process while the guest runs, and returns a :class:`Report`:
    starts on the guest's DMA regions (Track Send SEL 1h).
 2. Pre-copy: Get LBA Status ATYPE 02h gives the allocated ranges, which are
    copied (read on the source MMC, write on the destination MMC).  Then the
-   queue is drained and the logged ranges copied, round after round, until a
-   round's ranges are small (``small_bytes``), stop shrinking, or
-   ``max_rounds`` is reached.  A queue that fills (ESA 111b) stops logging:
-   logging restarts and the whole allocated space is copied again.
+   queue is drained and its entries applied in order (last written: copied;
+   last deallocated: deallocated on the destination), round after round,
+   until a round is small (``small_bytes``), stops shrinking, or
+   ``max_rounds`` is reached.  A queue that fills (ESA 111b) stops logging and
+   loses changes: logging restarts, the destination's allocation beyond the
+   source's is deallocated and the whole allocated space copied again.
 3. Suspend (Migration Send SEL 0h, DUDMQ=1, so the queue is deleted after the
    ESA 011b marker: that ends the logging); the last ranges are copied.
 4. State: the source stops reading the guest's vfio-user connection at a
