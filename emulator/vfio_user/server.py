@@ -413,16 +413,17 @@ class VfioUserServer:
     def pause(self) -> None:
         """Stop reading the client at a message boundary (later messages wait in the socket).
 
-        RuntimeError when no client is connected, or a message is half read
-        or a reply half sent (call again later).
+        RuntimeError when no client is connected, a message is half read, a
+        reply half sent, or DMA_WRITE requests await their replies (call again
+        later).
         """
         c = self._client
         if c is None:
             raise RuntimeError("no client connected")
         if not c.reading:
             return
-        if not c.conn.at_message_boundary or c.out:
-            raise RuntimeError("not at a message boundary")
+        if not c.conn.at_message_boundary or c.out or c.session.requests_pending:
+            raise RuntimeError("not at a message boundary")  # (or DMA_WRITEs await replies)
         c.reading = False
         self.loop.remove_reader(c.fd)
         self.log.info("vfio-user client paused for hand-over")
