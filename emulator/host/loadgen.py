@@ -22,6 +22,7 @@ import ctypes
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,13 +108,6 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------- the driving loop
-class _Slot:
-    __slots__ = ("iova",)
-
-    def __init__(self, iova: int) -> None:
-        self.iova = iova
-
-
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
             seed: int = 1, cq_doorbell_every: int = 1) -> JobResult:
@@ -310,7 +304,6 @@ def run(args: argparse.Namespace) -> int:
         if child is not None:
             child.terminate()
             child.wait(30)
-        import shutil
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
