@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scenario": ("emulator.guest.scenario", "turn a qemu-configs scenario into a running setup"),
     "migrate": ("emulator.mmh.cli", "live-migrate a guest's disk between two nvme-emu processes"),
     "demo": ("emulator.guest.demo", "boot a guest on the embedded default, write, verify, show nvme-cli"),
+    "bench": ("emulator.host.loadgen", "drive a serve child over vfio-user, no guest: IOPS, CPU µs per I/O"),
 }
 
 

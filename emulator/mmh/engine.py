@@ -143,7 +143,7 @@ class Engine:
         t0 = time.monotonic()
         try:
             self._phase("connect")
-            self.mem = HostMemory(self.opt.memory_bytes, name="nvme-emu-mmh", seal=True)
+            self.mem = HostMemory(self.opt.memory_bytes, name="nvme-emu-mmh", sealed=True)
             self.src.connect(self.mem)
             self.dst.connect(self.mem)
             self.copier = Copier(self.src.host, self.dst.host, self.mem, depth=self.opt.depth)  # type: ignore[arg-type]
