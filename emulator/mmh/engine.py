@@ -45,6 +45,7 @@ from emulator.host.lm import HostCdq
 from emulator.host.memory import HostMemory
 from emulator.mmh.copier import Copier
 from emulator.mmh.endpoint import Endpoint, MigrationError
+from emulator.mmh.plan import precopy_done
 from emulator.mmh.ranges import Range, coalesce, split, total
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.wire import Esa, Lbacir
@@ -289,7 +290,7 @@ class Engine:
                 prev = None
                 continue
             size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
-            if size <= self.opt.small_bytes or (prev is not None and size >= prev) or number == self.opt.max_rounds:
+            if precopy_done(number, size, prev, self.opt.max_rounds, self.opt.small_bytes):
                 return logged  # small, not shrinking, or the last round: copy after the suspend
             self._copy(logged)
             seconds = time.monotonic() - t0

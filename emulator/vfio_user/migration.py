@@ -226,6 +226,12 @@ class MigrationFeatures:
             self.device.reset()
         self.state = MigState.RUNNING
 
+    def client_gone(self) -> None:
+        """The client disconnected: its DMA logging ends with it (the migration state stays)."""
+        if self.logging and self.device is not None:
+            self.device.logging_stop()
+        self.logging = False
+
     # -- DMA logging ------------------------------------------------------------------------
     def _logging_start(self, data: bytes) -> bytes:
         page_size, n, _ = self._unpack(LOGGING_HEAD, data)

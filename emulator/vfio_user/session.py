@@ -165,6 +165,10 @@ class Session:
         self._files.clear()
         self.irqs.close()
         try:
+            self.migration.client_gone()
+        except Exception:
+            self.log.exception("stopping DMA logging failed")
+        try:
             self.backend.detach()
         except Exception:
             self.log.exception("backend detach failed")
