@@ -237,10 +237,10 @@ class MigrationFeatures:
         page_size, n, _ = self._unpack(LOGGING_HEAD, data)
         if len(data) < LOGGING_HEAD.size + n * LOGGING_RANGE.size:
             raise MessageError(f"DMA_LOGGING_START with {n} ranges and {len(data)} bytes")
-        if self.logging:
-            raise MessageError("DMA logging already started", errno.EBUSY)
         if page_size == 0 or page_size & (page_size - 1):
             raise MessageError(f"DMA logging page size {page_size}")
+        if self.logging:
+            raise MessageError("DMA logging already started", errno.EBUSY)
         ranges = [LOGGING_RANGE.unpack_from(data, LOGGING_HEAD.size + i * LOGGING_RANGE.size) for i in range(n)]
         for iova, length in ranges:
             if length == 0 or iova + length > 1 << 64:
