@@ -139,107 +139,135 @@ class Vmm:
     def migrate(self, dest_socket: str, guest_step: Callable[[], None] | None = None, *, max_rounds: int = 10,
                 small_bytes: int = 256 << 10,
                 before_switch: Callable[[VmRam, VmRam], None] | None = None) -> MigrationReport:
-        rep = MigrationReport()
-        t_start = time.monotonic()
-        src, ram = self.client, self.ram
-        new_ram = VmRam(ram.size, ram.iova, "vm-ram-dest")
-        dst = VfioUserClient(dest_socket, timeout=30.0)
-        source_stopped = False
-        try:
-            dst.negotiate()
-            dst.dma_map(new_ram.iova, new_ram.size, fd=new_ram.fd, offset=0, flags=3)
-            dst.device_info()
-            set_state(dst, MigState.RESUMING)
+        """Move the VM to the device at ``dest_socket``; the guest driver then runs there."""
+        made: list[VfioUserTransport] = []
 
-            def to_dst(data: bytes) -> None:
-                rep.stream_bytes += len(data)
-                write_stream(dst, data)
-            self._logging(src, True)
-            ram.take_cpu_dirty()
-            new_ram.view[:] = ram.view  # round 0: the whole RAM
-            rep.ram_bytes_copied += ram.size
-            set_state(src, MigState.PRE_COPY)
-            prev: int | None = None
-            while True:
-                rep.rounds += 1
-                size = read_stream(src, to_dst) + self._copy_dirty(src, ram, new_ram, rep)
-                rep.round_sizes.append(size)
-                if guest_step is not None:  # the guest runs on while the VMM copies
-                    guest_step()
-                if precopy_done(rep.rounds, size, prev, max_rounds, small_bytes):
-                    break
-                prev = size
-            # Stop-copy: the guest is stopped (no more guest_step), then the device.
-            t_stop = time.monotonic()
-            set_state(src, MigState.STOP_COPY)
-            source_stopped = True
-            self._copy_dirty(src, ram, new_ram, rep)
-            before = rep.stream_bytes
-            read_stream(src, to_dst)
-            rep.stream_bytes_stop_copy = rep.stream_bytes - before
-            self._logging(src, False)
-            set_state(dst, MigState.STOP)  # the destination verifies and loads the stream
-            new_ram.adopt_allocator(ram)
-            if before_switch is not None:
-                before_switch(ram, new_ram)
-            transport = VfioUserTransport(dst, new_ram, resumed=True)
-            set_state(dst, MigState.RUNNING)
-            rep.downtime_ms = (time.monotonic() - t_stop) * 1000
-        except BaseException:
-            self._undo(src, source_stopped)
-            dst.close()
-            new_ram.close()
-            raise
-        # Committed: the source stays stopped; the guest goes on on the destination.
-        set_state(src, MigState.STOP)
+        def interrupts(dst: VfioUserClient, new_ram: VmRam) -> None:
+            made.append(VfioUserTransport(dst, new_ram, resumed=True))
+        dst, new_ram, rep = migrate_device(self.client, self.ram, dest_socket, guest_step, max_rounds=max_rounds,
+                                           small_bytes=small_bytes, before_switch=before_switch,
+                                           before_running=interrupts)
         self.host.t.close()
-        ram.close()
+        self.ram.close()
         self.client, self.ram = dst, new_ram
-        self.host.t, self.host.mem = transport, new_ram
-        rep.total_ms = (time.monotonic() - t_start) * 1000
+        self.host.t, self.host.mem = made[0], new_ram
         return rep
 
-    def _undo(self, src: VfioUserClient, stopped: bool) -> None:
-        """Back to RUNNING on the source (the migration failed before the destination ran)."""
+
+def migrate_device(src: VfioUserClient, ram: VmRam, dest_socket: str,
+                   guest_step: Callable[[], None] | None = None, *, max_rounds: int = 10,
+                   small_bytes: int = 256 << 10, before_switch: Callable[[VmRam, VmRam], None] | None = None,
+                   before_running: Callable[[VfioUserClient, VmRam], None] | None = None,
+                   precopy_to_destination: bool = True) -> tuple[VfioUserClient, VmRam, MigrationReport]:
+    """Migrate the device behind ``src`` (with the VM RAM ``ram`` it DMAs into) to a new
+    device at ``dest_socket``; returns the destination client, the new RAM and a report.
+    The source is left in STOP.  Device-agnostic: it speaks only VFIO migration v2.
+
+    ``precopy_to_destination`` False reads the pre-copy data and drops it, as
+    libvfio-user's sample client does: its sample server's stop-copy data is the
+    whole state again, and its destination takes only that."""
+    rep = MigrationReport()
+    t_start = time.monotonic()
+    new_ram = VmRam(ram.size, ram.iova, "vm-ram-dest")
+    dst = VfioUserClient(dest_socket, timeout=30.0)
+    source_stopped = False
+    try:
+        dst.negotiate()
+        dst.dma_map(new_ram.iova, new_ram.size, fd=new_ram.fd, offset=0, flags=3)
+        dst.device_info()
+        set_state(dst, MigState.RESUMING)
+
+        precopy = True
+
+        def to_dst(data: bytes) -> None:
+            rep.stream_bytes += len(data)
+            if precopy_to_destination or not precopy:
+                write_stream(dst, data)
+        dma_logging(src, ram, True)
+        ram.take_cpu_dirty()
+        new_ram.view[:] = ram.view  # round 0: the whole RAM
+        rep.ram_bytes_copied += ram.size
+        set_state(src, MigState.PRE_COPY)
+        prev: int | None = None
+        while True:
+            rep.rounds += 1
+            size = read_stream(src, to_dst) + copy_dirty(src, ram, new_ram, rep)
+            rep.round_sizes.append(size)
+            if guest_step is not None:  # the guest runs on while the VMM copies
+                guest_step()
+            if precopy_done(rep.rounds, size, prev, max_rounds, small_bytes):
+                break
+            prev = size
+        # Stop-copy: the guest is stopped (no more guest_step), then the device.
+        t_stop = time.monotonic()
+        set_state(src, MigState.STOP_COPY)
+        source_stopped, precopy = True, False
+        copy_dirty(src, ram, new_ram, rep)
+        before = rep.stream_bytes
+        read_stream(src, to_dst)
+        rep.stream_bytes_stop_copy = rep.stream_bytes - before
+        dma_logging(src, ram, False)
+        set_state(dst, MigState.STOP)  # the destination verifies and loads the stream
+        new_ram.adopt_allocator(ram)
+        if before_switch is not None:
+            before_switch(ram, new_ram)
+        if before_running is not None:
+            before_running(dst, new_ram)
+        set_state(dst, MigState.RUNNING)
+        rep.downtime_ms = (time.monotonic() - t_stop) * 1000
+    except BaseException:
+        _undo(src, ram, source_stopped)
+        dst.close()
+        new_ram.close()
+        raise
+    # Committed: the source stays stopped; the guest goes on on the destination.
+    set_state(src, MigState.STOP)
+    rep.total_ms = (time.monotonic() - t_start) * 1000
+    return dst, new_ram, rep
+
+
+def _undo(src: VfioUserClient, ram: VmRam, stopped: bool) -> None:
+    """Back to RUNNING on the source (the migration failed before the destination ran)."""
+    for step in (lambda: dma_logging(src, ram, False), lambda: set_state(src, MigState.RUNNING)):
         try:
-            self._logging(src, False)
+            step()
         except Exception:
             pass
-        try:
-            set_state(src, MigState.RUNNING)
-        except Exception:
-            pass
 
-    def _logging(self, client: VfioUserClient, on: bool) -> None:
-        """DMA_LOGGING_START on the whole RAM at 4 KiB pages, or DMA_LOGGING_STOP."""
-        if on:
-            data = LOGGING_HEAD.pack(PAGE, 1, 0) + LOGGING_RANGE.pack(self.ram.iova, self.ram.size)
-            reply = client.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_START, data)
-            chosen = LOGGING_HEAD.unpack_from(reply.data)[0]
-            if chosen != PAGE:
-                raise RuntimeError(f"the device logs at {chosen}-byte pages, the VMM copies 4 KiB pages")
-            return
-        try:
-            client.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_STOP, LOGGING_HEAD.pack(PAGE, 0, 0))
-        except OSError:
-            pass
 
-    def _copy_dirty(self, src: VfioUserClient, ram: VmRam, new_ram: VmRam, rep: MigrationReport) -> int:
-        """Copy the pages the CPU or the device wrote since the last call; returns the bytes copied."""
-        pages = ram.size // PAGE
-        argsz = p.DEVICE_FEATURE.size + LOGGING_REPORT.size + 8 * ((pages + 63) // 64)
-        reply = src.device_feature(p.DEVICE_FEATURE_GET | FEATURE_DMA_LOGGING_REPORT,
-                                   LOGGING_REPORT.pack(ram.iova, ram.size, PAGE), argsz)
-        bitmap = np.frombuffer(reply.data, dtype=np.uint8, offset=LOGGING_REPORT.size)
-        device = np.unpackbits(bitmap, bitorder="little")[:pages].astype(bool)
-        rep.device_pages_reported += int(device.sum())
-        dirty = device | ram.take_cpu_dirty()
-        idx = np.flatnonzero(np.diff(np.concatenate(([0], dirty.view(np.int8), [0]))))
-        copied = 0
-        for lo, hi in zip(idx[0::2], idx[1::2]):
-            a, b = int(lo) * PAGE, int(hi) * PAGE
-            new_ram.view[a:b] = ram.view[a:b]
-            copied += b - a
-        rep.ram_bytes_copied += copied
-        return copied
+def dma_logging(client: VfioUserClient, ram: VmRam, on: bool, ranged: bool = True) -> None:
+    """DMA_LOGGING_START on the whole RAM at 4 KiB pages (``ranged`` False: num_ranges 0,
+    everything mapped), or DMA_LOGGING_STOP."""
+    if on:
+        data = (LOGGING_HEAD.pack(PAGE, 1, 0) + LOGGING_RANGE.pack(ram.iova, ram.size) if ranged
+                else LOGGING_HEAD.pack(PAGE, 0, 0))
+        reply = client.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_START, data)
+        chosen = LOGGING_HEAD.unpack_from(reply.data)[0]
+        if chosen != PAGE:
+            raise RuntimeError(f"the device logs at {chosen}-byte pages, the VMM copies 4 KiB pages")
+        return
+    try:
+        client.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_STOP, LOGGING_HEAD.pack(PAGE, 0, 0))
+    except OSError:
+        pass
 
+
+def copy_dirty(src: VfioUserClient, ram: VmRam, new_ram: VmRam, rep: MigrationReport) -> int:
+    """Copy the pages the CPU or the device wrote since the last call; returns the bytes copied."""
+    pages = ram.size // PAGE
+    argsz = p.DEVICE_FEATURE.size + LOGGING_REPORT.size + 8 * ((pages + 63) // 64)
+    reply = src.device_feature(p.DEVICE_FEATURE_GET | FEATURE_DMA_LOGGING_REPORT,
+                               LOGGING_REPORT.pack(ram.iova, ram.size, PAGE), argsz)
+    bitmap = np.frombuffer(reply.data, dtype=np.uint8, offset=LOGGING_REPORT.size)
+    device = np.unpackbits(bitmap, bitorder="little")[:pages].astype(bool)
+    device = np.pad(device, (0, pages - len(device)))  # a peer may send a short (even empty) bitmap
+    rep.device_pages_reported += int(device.sum())
+    dirty = device | ram.take_cpu_dirty()
+    idx = np.flatnonzero(np.diff(np.concatenate(([0], dirty.view(np.int8), [0]))))
+    copied = 0
+    for lo, hi in zip(idx[0::2], idx[1::2]):
+        a, b = int(lo) * PAGE, int(hi) * PAGE
+        new_ram.view[a:b] = ram.view[a:b]
+        copied += b - a
+    rep.ram_bytes_copied += copied
+    return copied
