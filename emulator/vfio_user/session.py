@@ -376,6 +376,8 @@ class Session:
         return m.DeviceResetReply()
 
     def _device_feature(self, msg: m.DeviceFeatureRequest) -> m.Message:
+        self.log.info("DEVICE_FEATURE %d: feature %d, flags 0x%x, argsz %d", msg.msg_id,
+                      msg.flags & p.DEVICE_FEATURE_MASK, msg.flags >> 16, msg.argsz)
         argsz, flags, data = self.migration.feature(msg.argsz, msg.flags, msg.data)
         return m.DeviceFeatureReply(flags, data, argsz)
 
