@@ -138,7 +138,8 @@ class Vmm:
     # -- migration ---------------------------------------------------------------------
     def migrate(self, dest_socket: str, guest_step: Callable[[], None] | None = None, *, max_rounds: int = 10,
                 small_bytes: int = 256 << 10,
-                before_switch: Callable[[VmRam, VmRam], None] | None = None) -> MigrationReport:
+                before_switch: Callable[[VmRam, VmRam], None] | None = None,
+                on_stream: Callable[[bytes, bool], None] | None = None) -> MigrationReport:
         """Move the VM to the device at ``dest_socket``; the guest driver then runs there."""
         made: list[VfioUserTransport] = []
 
@@ -146,7 +147,7 @@ class Vmm:
             made.append(VfioUserTransport(dst, new_ram, resumed=True))
         dst, new_ram, rep = migrate_device(self.client, self.ram, dest_socket, guest_step, max_rounds=max_rounds,
                                            small_bytes=small_bytes, before_switch=before_switch,
-                                           before_running=interrupts)
+                                           before_running=interrupts, on_stream=on_stream)
         self.host.t.close()
         self.ram.close()
         self.client, self.ram = dst, new_ram
@@ -158,14 +159,16 @@ def migrate_device(src: VfioUserClient, ram: VmRam, dest_socket: str,
                    guest_step: Callable[[], None] | None = None, *, max_rounds: int = 10,
                    small_bytes: int = 256 << 10, before_switch: Callable[[VmRam, VmRam], None] | None = None,
                    before_running: Callable[[VfioUserClient, VmRam], None] | None = None,
-                   precopy_to_destination: bool = True) -> tuple[VfioUserClient, VmRam, MigrationReport]:
+                   precopy_to_destination: bool = True,
+                   on_stream: Callable[[bytes, bool], None] | None = None) -> tuple[VfioUserClient, VmRam, MigrationReport]:
     """Migrate the device behind ``src`` (with the VM RAM ``ram`` it DMAs into) to a new
     device at ``dest_socket``; returns the destination client, the new RAM and a report.
     The source is left in STOP.  Device-agnostic: it speaks only VFIO migration v2.
 
     ``precopy_to_destination`` False reads the pre-copy data and drops it, as
     libvfio-user's sample client does: its sample server's stop-copy data is the
-    whole state again, and its destination takes only that."""
+    whole state again, and its destination takes only that.  ``on_stream(data,
+    stop_copy)`` sees every piece of the device stream (benchmarks)."""
     rep = MigrationReport()
     t_start = time.monotonic()
     new_ram = VmRam(ram.size, ram.iova, "vm-ram-dest")
@@ -181,6 +184,8 @@ def migrate_device(src: VfioUserClient, ram: VmRam, dest_socket: str,
 
         def to_dst(data: bytes) -> None:
             rep.stream_bytes += len(data)
+            if on_stream is not None:
+                on_stream(data, not precopy)
             if precopy_to_destination or not precopy:
                 write_stream(dst, data)
         dma_logging(src, ram, True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Iterator
 
 from emulator.mmh.ranges import Range, coalesce, split
