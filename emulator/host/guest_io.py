@@ -45,7 +45,7 @@ class RandomIo:
         self.busy: dict[int, _Cmd] = {}  # cid -> command in flight
         self.blocks_busy: set[int] = set()
         self.unrung = 0
-        self.completions = self.writes = self.reads = 0
+        self.completions = self.writes = self.reads = self.submitted = 0
         self.serial = 0
 
     def _submit(self, op: int, block: int, ring: bool) -> None:
@@ -63,6 +63,7 @@ class RandomIo:
         if cid in self.busy:
             raise VerifyError(f"CID {cid} reused while in flight")
         self.busy[cid] = _Cmd(op, block, buf, data)
+        self.submitted += 1
         self.blocks_busy.add(block)
         self.unrung = 0 if ring else self.unrung + 1
 
@@ -109,6 +110,15 @@ class RandomIo:
             self._submit(op, block, ring=not (leave_in_flight and i >= n - unrung))
         if not leave_in_flight:
             self.drain()
+
+    def burst(self, n: int) -> None:
+        """Submit ``n`` commands, reaping as the queue fills (leaves the last in flight)."""
+        target = self.submitted + n
+        while self.submitted < target:
+            before = self.submitted
+            self.step(min(32, target - self.submitted))
+            if self.submitted == before:
+                time.sleep(0.0005)
 
     def drain(self, timeout: float = 30.0) -> None:
         if self.unrung:

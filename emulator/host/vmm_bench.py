@@ -8,7 +8,7 @@ prefilled with ``--allocated`` bytes of data in 1 MiB extents spread over the
 namespace.  A VMM-style client (emulator/host/vmm.py) drives the controller
 with ``--queues`` I/O queue pairs (more queues: a bigger controller state) and
 runs random 4 KiB I/O (60% writes) while it migrates the VM A -> B: ``--writes``
-commands per pre-copy round and as many again just before the stop.  Per case
+commands after each pre-copy round (the last burst just before the stop).  Per case
 it reports the stop-copy downtime (source STOP_COPY sent -> destination
 RUNNING) and the stream: total, stop-copy part, and in the stop-copy part the
 user data, the Controller State and the PCI function state (the stream's own
@@ -74,7 +74,7 @@ def run_case(size: int, allocated: int, writes: int, queues: int, ram: int) -> d
                 if stop_copy:
                     stop_sections[kind.name] += len(body) + 16
         w0 = guest.writes
-        rep = vmm.migrate(str(procs[1].sockets[0]), lambda: guest.step(writes), small_bytes=1 << 20, on_stream=tap)
+        rep = vmm.migrate(str(procs[1].sockets[0]), lambda: guest.burst(writes), small_bytes=1 << 20, on_stream=tap)
         guest.drain()
         dirtied = (guest.writes - w0) * BLOCK
         vmm.close()
