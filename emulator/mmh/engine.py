@@ -20,13 +20,13 @@ destination process while the guest runs, and returns a :class:`Report`:
    ESA 011b marker: that ends the logging); the last ranges are copied.
 4. State: the source stops reading the guest's vfio-user connection at a
    message boundary (control socket), Migration Receive gets the whole
-   controller state (NVMe-defined and vendor), Track Receive the guest pages
-   the controller wrote; Migration Send Suspend + Set Controller State on the
-   destination.
+   controller state (NVMe-defined and vendor); Set Controller State on the
+   destination (whose controller was suspended during the preparation).
 5. Hand-over: the connection, DMA and interrupt fds and the PCI function state
    go to the destination (control sockets, SCM_RIGHTS); Resume there; the
    source releases the connection (its controller stays suspended for good);
-   the destination reads the connection.
+   the destination reads the connection.  Then Track Receive reports the
+   guest pages the source controller wrote while tracked.
 
 Any failure before the destination's Resume undoes what was done: the
 destination drops what it adopted, the source reads its connection again and
@@ -58,7 +58,7 @@ MAX_TRACKED_GRANULES = 1 << 24  # per target (docs/tp4159.md)
 @dataclass
 class Options:
     max_rounds: int = 10  # pre-copy rounds of logged ranges
-    small_bytes: int = 1 << 20  # a round's ranges this small end the pre-copy
+    small_bytes: int = 256 << 10  # a round's ranges this small end the pre-copy
     lmq_slots: int = 4096  # LBA Migration Queue entries (32 bytes each)
     depth: int = 16  # copy commands in flight per side
     memory_bytes: int = 64 << 20  # the MMH's host memory (memfd)
@@ -87,7 +87,7 @@ class Round:
 class Report:
     ok: bool = False
     error: str | None = None
-    rounds: int = 0
+    rounds: int = 0  # copy passes of logged ranges, the one after the suspend included
     bytes_copied: int = 0
     bytes_allocated: int = 0
     bytes_logged: int = 0
@@ -97,6 +97,7 @@ class Report:
     pages_reported: int = 0  # Track Receive: guest pages the source wrote while tracked
     round_stats: list[Round] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)
+    downtime_steps_ms: dict[str, float] = field(default_factory=dict)  # where the downtime went
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +134,7 @@ class Engine:
         self.tracking = False
         self.formats: dict[int, int] = {}  # nsid -> LBA size
         self._t_phase = 0.0
+        self._t_step = 0.0
 
     # -- public -----------------------------------------------------------------------
     def run(self) -> Report:
@@ -172,6 +174,12 @@ class Engine:
         return self.report
 
     # -- progress -------------------------------------------------------------------------
+    def _step(self, name: str) -> None:
+        """Close the downtime step ``name`` (started at the previous step)."""
+        now = time.monotonic()
+        self.report.downtime_steps_ms[name] = (now - self._t_step) * 1000
+        self._t_step = now
+
     def _set_stage(self, stage: str) -> None:
         """Stages (what would need undoing): connected, logging, suspended, paused,
         adopted, resumed (committed), released, done."""
@@ -231,6 +239,9 @@ class Engine:
                 c = dst.host.deallocate(nsid, chunk)  # type: ignore[union-attr]
                 if not c.ok:
                     raise MigrationError(f"destination: cannot deallocate stale data of namespace {nsid}")
+        # The destination's controller waits suspended for the state (Set Controller State
+        # needs it suspended or enabled; it is not enabled).
+        self._check(dst.lm.suspend(dst.cntlid), "destination: Migration Send (Suspend)")
         # Log user data changes, then track the guest's memory.
         self.lmq = src.lm.udmq(src.cntlid, slots=self.opt.lmq_slots)
         self._check(src.lm.log_start(self.lmq.cdqid), "source: Track Send (start logging)")
@@ -276,7 +287,8 @@ class Engine:
         return out
 
     def _precopy(self) -> dict[int, list[Range]]:
-        """Bulk copy, then rounds of logged ranges; returns the ranges left for after the suspend."""
+        """Bulk copy, then rounds of logged ranges until a round is small or stops shrinking;
+        returns ranges left for after the suspend (none: every drained range is copied)."""
         alloc = self._allocated()
         self.report.bytes_allocated = sum(total(r) * self.formats[n] for n, r in alloc.items())
         self._copy(alloc)
@@ -290,13 +302,14 @@ class Engine:
                 prev = None
                 continue
             size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
+            if size:
+                self._copy(logged)
+                seconds = time.monotonic() - t0
+                self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, seconds))
+                self.report.rounds = len(self.report.round_stats)
+                self.progress.dirty_rate = size / max(seconds, 1e-6)
             if precopy_done(number, size, prev, self.opt.max_rounds, self.opt.small_bytes):
-                return logged  # small, not shrinking, or the last round: copy after the suspend
-            self._copy(logged)
-            seconds = time.monotonic() - t0
-            self.report.round_stats.append(Round(number, size, size, seconds))
-            self.report.rounds = number
-            self.progress.dirty_rate = size / max(seconds, 1e-6)
+                break  # small, not shrinking, or the last round: the rest is copied after the suspend
             prev = size
         return {}
 
@@ -331,7 +344,9 @@ class Engine:
     def _suspend_and_copy(self, pending: dict[int, list[Range]]) -> None:
         src = self.src
         assert src.lm is not None
+        self._t_step = time.monotonic()
         self._check(src.lm.suspend(src.cntlid, dudmq=True), "source: Migration Send (Suspend)")
+        self._step("suspend")
         self._set_stage("suspended")
         self.lmq_deleted = True  # DUDMQ: the ESA 011b marker is posted, then the queue is deleted
         logged, overflow = self._drain(consume=False)
@@ -340,28 +355,27 @@ class Engine:
         for nsid, rs in pending.items():
             logged.setdefault(nsid, []).extend(rs)
         size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
-        self.progress.round += 1
         t0 = time.monotonic()
         self._copy(logged)
-        self.report.round_stats.append(Round(self.progress.round, size, size, time.monotonic() - t0))
-        self.report.rounds = self.progress.round
+        self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, time.monotonic() - t0))
+        self.report.rounds = len(self.report.round_stats)
+        self.progress.round = self.report.rounds
+        self._step("last copy")
 
     # -- 4./5. state and hand-over -----------------------------------------------------------
     def _switch(self) -> None:
         src, dst = self.src, self.dst
         assert src.lm is not None and dst.lm is not None
         src.call("handover.pause", cntlid=src.cntlid)
+        self._step("pause")
         self._set_stage("paused")
-        state, _ = src.lm.get_state(src.cntlid)
-        if self.tracking:
-            dirty, _ = src.lm.dirty_ranges(src.cntlid)
-            self.report.pages_reported = sum(n for _, n in dirty) // 4096
-            src.lm.track_memory_stop(src.cntlid)
-            self.tracking = False
+        state, _ = src.lm.get_state(src.cntlid, piece=64 << 10)  # one command for a few KiB
+        self._step("get state")
         if self.before_switch is not None:
             self.before_switch(self)
-        self._check(dst.lm.suspend(dst.cntlid), "destination: Migration Send (Suspend)")
+            self._step("before_switch hook")
         self._check(dst.lm.set_state(dst.cntlid, state), "destination: Set Controller State")
+        self._step("set state")
         assert src.control is not None and dst.control is not None
         result, fds = src.control.call_fds("handover.export", {"cntlid": src.cntlid})
         try:
@@ -370,8 +384,10 @@ class Engine:
             import os
             for fd in fds:
                 os.close(fd)
+        self._step("hand-over")
         self._set_stage("adopted")
         self._check(dst.lm.resume(dst.cntlid), "destination: Migration Send (Resume)")
+        self._step("resume")
         self._set_stage("resumed")
         # Committed: the destination runs the controller.  The source forgets the connection.
         try:
@@ -380,7 +396,14 @@ class Engine:
             log.warning("source: release failed (%s); the destination goes on", e)
         self._set_stage("released")
         dst.call("handover.start", cntlid=dst.cntlid)
+        self._step("release + start")
         self._set_stage("done")
+        # The suspended source writes no guest memory any more: Track Receive after the switch.
+        if self.tracking:
+            dirty, _ = src.lm.dirty_ranges(src.cntlid)
+            self.report.pages_reported = sum(n for _, n in dirty) // 4096
+            src.lm.track_memory_stop(src.cntlid)
+            self.tracking = False
 
     # -- undo ---------------------------------------------------------------------------------
     def _abort(self) -> None:
