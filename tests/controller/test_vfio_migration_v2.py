@@ -89,8 +89,8 @@ def test_source_keeps_running_when_the_destination_refuses(emu: Any) -> None:
         vmm.close()
 
 
-def _stop_copy_stream(e: Any) -> tuple[bytes, VmRam, VfioUserClient]:
-    """A whole stream from STOP -> STOP_COPY of a controller with some data written."""
+def _stop_copy_stream(e: Any) -> tuple[bytes, Vmm, RandomIo]:
+    """A whole stream from RUNNING -> STOP_COPY of a controller with some data written."""
     vmm = Vmm(e.rt.socket(1), ram_bytes=8 << 20)
     guest = RandomIo(vmm.host, 1, 64, seed=7)
     for _ in range(4):
@@ -98,7 +98,7 @@ def _stop_copy_stream(e: Any) -> tuple[bytes, VmRam, VfioUserClient]:
     set_state(vmm.client, MigState.STOP_COPY)
     out = bytearray()
     read_stream(vmm.client, out.extend)
-    return bytes(out), vmm.ram, vmm.client
+    return bytes(out), vmm, guest
 
 
 def _resume(e: Any, stream: bytes) -> tuple[VfioUserClient, Exception | None, dict[str, Any]]:
@@ -119,8 +119,10 @@ def _resume(e: Any, stream: bytes) -> tuple[VfioUserClient, Exception | None, di
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated tail", "wrong version"])
 def test_corrupt_stream_is_refused(emu: Any, damage: str) -> None:
+    """Refused on RESUMING (EINVAL), the destination controller untouched; the source
+    returns to RUNNING and its guest carries on with all its data."""
     a, b = emu(config()), emu(config())
-    stream, ram, src = _stop_copy_stream(a)
+    stream, vmm, guest = _stop_copy_stream(a)
     bad = bytearray(stream)
     if damage == "flipped byte":
         bad[len(bad) // 2] ^= 0x40
@@ -136,21 +138,23 @@ def test_corrupt_stream_is_refused(emu: Any, damage: str) -> None:
     dst.reset()
     assert get_state(dst) == MigState.RUNNING
     dst.close()
-    # the source goes back to RUNNING and keeps its data
-    set_state(src, MigState.RUNNING)
-    assert get_state(src) == MigState.RUNNING
-    src.close()
-    ram.close()
+    # the source goes back to RUNNING (STOP_COPY -> STOP -> RUNNING) with nothing lost
+    set_state(vmm.client, MigState.RUNNING)
+    assert get_state(vmm.client) == MigState.RUNNING
+    for _ in range(4):
+        guest.step(8)
+    guest.verify_all()
+    vmm.close()
 
 
 def test_shared_storage_streams_no_user_data(emu: Any, tmp_path: Path) -> None:
     shared = str(tmp_path / "shared-ns1.img")
     a = emu(config(shared))
-    stream, ram, src = _stop_copy_stream(a)
+    stream, vmm, guest = _stop_copy_stream(a)
     assert len(stream) < 64 << 10  # states only: no 4 KiB blocks of user data
-    set_state(src, MigState.RUNNING)
-    src.close()
-    ram.close()
+    assert guest.writes > 0
+    set_state(vmm.client, MigState.RUNNING)
+    vmm.close()
 
 
 def test_dma_logging_reports_the_device_writes(emu: Any) -> None:
@@ -196,5 +200,44 @@ def test_dma_logging_reports_the_device_writes(emu: Any) -> None:
         assert want <= set(pages.tolist()) <= granule_pages
         assert len(report(4096)) == 0  # cleared
         stop()
+    finally:
+        vmm.close()
+
+
+def test_every_arc_on_the_nvme_device(emu: Any) -> None:
+    """The state machine on the real device: every valid arc reaches its state (through
+    DEVICE_RESET to start from RUNNING); RESUMING -> STOP without a stream fails with
+    EINVAL into ERROR; the controller serves I/O again after a RUNNING arc."""
+    from emulator.vfio_user.migration import ARCS, arc_path
+    a = emu(config())
+    vmm = Vmm(a.rt.socket(1), ram_bytes=8 << 20)
+    c = vmm.client
+    states = list(ARCS)
+    try:
+        for cur in states:
+            for new in states:
+                c.reset()
+                path = arc_path(MigState.RUNNING, cur)
+                assert path is not None
+                set_state(c, cur)
+                full = arc_path(cur, new)
+                if full is None:
+                    with pytest.raises(VfioUserError) as e:
+                        set_state(c, new)
+                    assert e.value.errno == errno.EINVAL and get_state(c) == cur
+                    continue
+                if cur == MigState.RESUMING and full:  # leaving RESUMING commits: no stream here
+                    with pytest.raises(VfioUserError) as e:
+                        set_state(c, new)
+                    assert e.value.errno == errno.EINVAL and get_state(c) == MigState.ERROR
+                    continue
+                set_state(c, new)
+                assert get_state(c) == new, (cur, new)
+        c.reset()  # DEVICE_RESET also resets the controller: bring it up again
+        vmm.host.init(io_queues=1)
+        assert vmm.host.write(1, 0, b"\x5a" * 512).ok
+        set_state(c, MigState.STOP)
+        set_state(c, MigState.RUNNING)
+        assert vmm.host.read(1, 0, 1).data == b"\x5a" * 512
     finally:
         vmm.close()
