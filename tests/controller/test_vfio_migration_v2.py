@@ -20,6 +20,7 @@ from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient, VfioUserError
 from emulator.vfio_user.migration import MigState
 from lm_helpers import sparse_diff
+from tp4159_common import lm  # noqa: F401  (fixture)
 
 NS_BYTES = 16 << 20
 BLOCKS = 1024  # the guest's working set: the first 4 MiB
@@ -241,3 +242,38 @@ def test_every_arc_on_the_nvme_device(emu: Any) -> None:
         assert vmm.host.read(1, 0, 1).data == b"\x5a" * 512
     finally:
         vmm.close()
+
+
+def test_one_mechanism_two_front_ends(lm: Any) -> None:
+    """TP4159 Track Memory Changes (the MMC's Track Send/Receive) and VFIO DMA logging
+    (the guest connection's DEVICE_FEATURE) watch the same controller at once and see
+    the same device writes; each front end reads-and-clears only its own bitmap."""
+    from emulator.host.memory import PAGE
+    from emulator.vfio_user import protocol as p
+    from emulator.vfio_user.migration import (FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+                                              LOGGING_HEAD, LOGGING_RANGE, LOGGING_REPORT)
+    from tp4159_common import IO
+    g, mmc = lm.g, lm.m
+    client, mem = g.t.client, g.mem
+    assert mmc.track_memory(IO, [(mem.iova, mem.size >> 12)]).ok
+    client.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_START,
+                          LOGGING_HEAD.pack(PAGE, 1, 0) + LOGGING_RANGE.pack(mem.iova, mem.size))
+    n = mem.size // PAGE
+
+    def vfio_pages() -> set[int]:
+        reply = client.device_feature(p.DEVICE_FEATURE_GET | FEATURE_DMA_LOGGING_REPORT,
+                                      LOGGING_REPORT.pack(mem.iova, mem.size, PAGE), 8 + 24 + 8 * ((n + 63) // 64))
+        bits = np.unpackbits(np.frombuffer(reply.data, np.uint8, offset=24), bitorder="little")[:n]
+        return {mem.iova + int(i) * PAGE for i in np.flatnonzero(bits)}
+
+    def tmc_pages() -> set[int]:
+        _, _, _, runs = mmc.parse_tracked(mmc.track_receive(IO).data)
+        return {a + i for a, length in runs for i in range(0, length, PAGE)}
+    vfio_pages(), tmc_pages()  # what enabling tracking left behind
+    buf = mem.alloc(PAGE)
+    c = g.command(1, 0x02, nsid=1, prp1=buf, cdw12=7)  # Read: data + a CQE written by the device
+    assert c.ok
+    want = {buf, g.queues[1].cq_iova // PAGE * PAGE}
+    assert want <= tmc_pages()
+    assert want <= vfio_pages()  # still there: the TMC read cleared only its own bitmap
+    assert vfio_pages() == set() and tmc_pages() == set()
