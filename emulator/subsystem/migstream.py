@@ -97,9 +97,9 @@ class StreamParser:
         self._buf += data
         out: list[tuple[Kind, bytes]] = []
         while len(self._buf) >= SECTION.size:
-            kind, _, seq, length, crc = SECTION.unpack_from(self._buf)
-            if length > MAX_SECTION or kind not in Kind._value2member_map_:
-                raise StreamError(f"section {self.seq}: type {kind}, length {length}")
+            kind, reserved, seq, length, crc = SECTION.unpack_from(self._buf)
+            if length > MAX_SECTION or kind not in Kind._value2member_map_ or reserved:
+                raise StreamError(f"section {self.seq}: type {kind}, reserved {reserved}, length {length}")
             if seq != self.seq:
                 raise StreamError(f"section {seq} where {self.seq} was expected")
             if len(self._buf) < SECTION.size + length:
