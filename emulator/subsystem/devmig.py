@@ -18,10 +18,13 @@ NVMe controller behind a PCI function:
   state), the PCI function state and END.  From STOP without PRE_COPY the
   whole allocated data comes first.
 * RESUMING: sections are checked as they arrive (migstream.StreamParser);
-  user data of a verified DATA section is written at once, nothing else is
-  applied.  RESUMING -> STOP verifies the stream is whole, then loads the PCI
-  function state and commits the controller state; LBAs the stream never
-  wrote are deallocated (stale data of an earlier migration).
+  user data of a verified DATA section is written at once (what it overwrote
+  is kept aside, UserDataUndo), nothing else is applied.  RESUMING -> STOP
+  verifies the stream is whole, then loads the PCI function state and commits
+  the controller state; LBAs the stream never wrote are deallocated (stale
+  data of an earlier migration).  A refused or abandoned stream (bad section,
+  failed commit, DEVICE_RESET) puts the overwritten user data back: the
+  destination is left as it was.
 * Namespaces on shared storage: no user data in the stream at all.
 
 Ranges are (SLBA, NLB) and go through the MMH engine's range helpers
@@ -31,24 +34,69 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 from emulator.mmh.ranges import Range, coalesce, split
 from emulator.nvme.migration import ctrlstate, memtrack
 from emulator.nvme.migration.model import target_state
 from emulator.nvme.migration.send import wake
 from emulator.pci.state import PciFunctionState
-from emulator.subsystem.migstream import DATA_HEAD, Kind, StreamParser, StreamWriter
+from emulator.subsystem.migstream import DATA_HEAD, Kind, StreamError, StreamParser, StreamWriter
 from emulator.vfio_user.migration import MigState
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
+    from emulator.nvme.namespace import Namespace
     from emulator.pci.function import NvmePciFunction
 
 log = logging.getLogger("nvme-emu.devmig")
 
 DATA_CHUNK = 256 << 10  # user data bytes per DATA section
+
+
+class UserDataUndo:
+    """What a RESUMING stream overwrote in the namespaces, to put back if the stream is
+    refused or abandoned: the old bytes (in a temporary file beside the backing file)
+    and which TLBAAG granules were allocated."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._pos = 0
+        self._records: list[tuple["Namespace", int, int, int, list[tuple[int, int]]]] = []
+
+    def save(self, ns: "Namespace", slba: int, nlb: int) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=ns.path.parent, prefix=".migration-undo-")
+        old = bytearray(nlb * ns.lba_size)
+        ns.read_into(slba, [memoryview(old)])
+        a = ns.allocation
+        runs, _ = a.runs(slba // a.tlbaag, -(-(slba + nlb) // a.tlbaag))
+        os.pwrite(self._file.fileno(), old, self._pos)
+        self._records.append((ns, slba, nlb, self._pos, [(int(lo), int(hi)) for lo, hi in runs]))
+        self._pos += len(old)
+
+    def rollback(self) -> None:
+        """Newest first: the old bytes back, then the granules that were not allocated
+        deallocated again (the rest of such a granule held nothing before either)."""
+        for ns, slba, nlb, pos, allocated in reversed(self._records):
+            assert self._file is not None
+            old = bytearray(os.pread(self._file.fileno(), nlb * ns.lba_size, pos))
+            ns.write_from(slba, nlb, [memoryview(old)])
+            t = ns.allocation.tlbaag
+            g = slba // t
+            for lo, hi in allocated + [(-(-(slba + nlb) // t), 0)]:
+                if lo > g:
+                    ns.deallocate(g * t, min(lo * t, ns.nsze) - g * t)
+                g = max(g, hi)
+        self.discard()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._records, self._pos = None, [], 0
 
 
 class NvmeDeviceMigration:
@@ -60,6 +108,11 @@ class NvmeDeviceMigration:
         self.stats = {"rounds": 0, "data_bytes": 0, "state_bytes": 0, "stream_bytes": 0}
 
     def _reset_stream(self) -> None:
+        """Drop any stream; a RESUMING stream never committed has its user data undone."""
+        undo = getattr(self, "_undo", None)
+        if undo is not None:
+            undo.rollback()
+        self._undo: UserDataUndo | None = None
         self._writer: StreamWriter | None = None
         self._sections: Iterator[bytes] | None = None
         self._buf = bytearray()
@@ -97,6 +150,7 @@ class NvmeDeviceMigration:
         elif new == MigState.RESUMING:
             self._parser = StreamParser()
             self._written = {}
+            self._undo = UserDataUndo()
 
     def reset(self) -> None:
         self._reset_stream()
@@ -120,13 +174,25 @@ class NvmeDeviceMigration:
 
     def write(self, data: bytes) -> None:
         assert self._parser is not None
-        for kind, body in self._parser.feed(data):  # StreamError (a ValueError) -> EINVAL
-            if kind == Kind.DATA:
-                self._apply_data(body)
-            elif kind == Kind.CONTROLLER:
-                self._pending = (body, self._pending[1] if self._pending else b"")
-            elif kind == Kind.PCI:
-                self._pending = (self._pending[0] if self._pending else b"", body)
+        try:
+            for kind, body in self._parser.feed(data):  # StreamError (a ValueError) -> EINVAL
+                if kind == Kind.DATA:
+                    self._apply_data(body)
+                elif kind == Kind.CONTROLLER:
+                    self._pending = (body, self._pending[1] if self._pending else b"")
+                elif kind == Kind.PCI:
+                    self._pending = (self._pending[0] if self._pending else b"", body)
+        except Exception:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        """The stream is refused: what it wrote goes back; later writes are refused too."""
+        if self._undo is not None:
+            self._undo.rollback()
+        self._written = {}
+        if self._parser is not None and self._parser.error is None:
+            self._parser.error = StreamError("the stream was refused")
 
     def logging_start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
         if not ranges:  # num_ranges 0: everything the client mapped
@@ -234,20 +300,41 @@ class NvmeDeviceMigration:
         nlb = len(data) // ns.lba_size
         if not ns.in_range(slba, nlb):
             raise ValueError(f"DATA section beyond namespace {nsid}: {slba}+{nlb}")
+        if self._undo is not None:
+            self._undo.save(ns, slba, nlb)
         ns.write_from(slba, nlb, [data])
         self._written.setdefault(nsid, []).append((slba, nlb))
 
     def _commit(self) -> None:
-        """RESUMING -> STOP: the stream must be whole; then the states (undone if they fail)."""
+        """RESUMING -> STOP: the stream must be whole; then the states (undone if they fail).
+        Refused: the user data the stream wrote is put back as well."""
+        try:
+            saved_pci, state = self._verified()
+            self._load(saved_pci, state)
+        except Exception:
+            self._rollback()
+            raise
+        if self._undo is not None:
+            self._undo.discard()
+            self._undo = None
+        assert self._parser is not None
+        if not self._parser.flags & 1:
+            self._deallocate_unwritten()
+        self._parser, self._pending = None, None
+        log.info("controller %d: migration stream committed", self.ctrl.cntlid)
+
+    def _verified(self) -> tuple[PciFunctionState, bytes]:
         assert self._parser is not None
         self._parser.finish()
         if self._pending is None or not self._pending[0] or not self._pending[1]:
             raise ValueError("the stream has no controller or PCI function state")
         state, pci = self._pending
         try:
-            saved_pci = PciFunctionState.from_dict(json.loads(pci))
+            return PciFunctionState.from_dict(json.loads(pci)), state
         except (ValueError, TypeError) as e:
             raise ValueError(f"PCI function state unreadable: {e}") from e
+
+    def _load(self, saved_pci: PciFunctionState, state: bytes) -> None:
         c = self.ctrl
         before_ctrl, before_pci = c.export_state(), self.fn.save_state()
         try:
@@ -261,10 +348,6 @@ class NvmeDeviceMigration:
             c.import_state(before_ctrl)
             self.fn.load_state(before_pci)
             raise ValueError(f"controller state refused: {e}") from e
-        if not self._parser.flags & 1:
-            self._deallocate_unwritten()
-        self._parser, self._pending = None, None
-        log.info("controller %d: migration stream committed", c.cntlid)
 
     def _deallocate_unwritten(self) -> None:
         for ns in self.ctrl.attached_namespaces():

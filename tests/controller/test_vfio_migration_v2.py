@@ -8,6 +8,7 @@ completion and every read returns the model's data, across both switches."""
 from __future__ import annotations
 
 import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from emulator.host.guest_io import RandomIo
 from emulator.host.vmm import Vmm, VmRam, get_state, read_stream, set_state
+from emulator.subsystem.migstream import SECTION, Kind
 from emulator.vfio_user import messages as m
 from emulator.vfio_user.client import VfioUserClient, VfioUserError
 from emulator.vfio_user.migration import MigState
@@ -102,6 +104,16 @@ def _stop_copy_stream(e: Any) -> tuple[bytes, Vmm, RandomIo]:
     return bytes(out), vmm, guest
 
 
+def _section_offset(stream: bytes, kind: Kind) -> int:
+    pos = 0
+    while pos < len(stream):
+        k, _, _, length, _ = SECTION.unpack_from(stream, pos)
+        if k == kind:
+            return pos
+        pos += SECTION.size + length
+    raise AssertionError(f"no {kind.name} section")
+
+
 def _resume(e: Any, stream: bytes) -> tuple[VfioUserClient, Exception | None, dict[str, Any]]:
     """RESUMING, the stream, STOP; the controller's state as it was in RESUMING."""
     dst = VfioUserClient(e.rt.socket(1))
@@ -120,13 +132,21 @@ def _resume(e: Any, stream: bytes) -> tuple[VfioUserClient, Exception | None, di
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated tail", "wrong version"])
 def test_corrupt_stream_is_refused(emu: Any, damage: str) -> None:
-    """Refused on RESUMING (EINVAL), the destination controller untouched; the source
-    returns to RUNNING and its guest carries on with all its data."""
+    """Refused on RESUMING (EINVAL): the destination's controller and namespace (data
+    and allocation) untouched; the source returns to RUNNING and its guest carries on
+    with all its data."""
     a, b = emu(config()), emu(config())
+    old = Vmm(b.rt.socket(1), ram_bytes=8 << 20)  # data of an earlier life on the destination
+    for blk in range(0, 96, 2):
+        assert old.host.write(1, blk * 8, bytes([blk + 1]) * 4096).ok
+    old.close()
+    b_file, b_copy = ns_file(b), b.state_dir / "before.img"
+    shutil.copyfile(b_file, b_copy)
+    nuse = b.call(lambda: b.subsystem.namespaces[1].nuse())
     stream, vmm, guest = _stop_copy_stream(a)
     bad = bytearray(stream)
-    if damage == "flipped byte":
-        bad[len(bad) // 2] ^= 0x40
+    if damage == "flipped byte":  # in the Controller State: every DATA section was written before
+        bad[_section_offset(stream, Kind.CONTROLLER) + SECTION.size + 40] ^= 0x40
     elif damage == "truncated tail":
         del bad[-100:]
     else:
@@ -136,6 +156,9 @@ def test_corrupt_stream_is_refused(emu: Any, damage: str) -> None:
     after = b.call(lambda: b.subsystem.controllers[1].export_state(0.0))
     assert after["state"] == before["state"]  # the destination controller is untouched
     assert get_state(dst) in (MigState.RESUMING, MigState.ERROR)
+    # ... and so is its namespace: data and allocation as before the stream
+    assert sparse_diff(b_copy, b_file, NS_BYTES) == []
+    assert b.call(lambda: b.subsystem.namespaces[1].nuse()) == nuse
     dst.reset()
     assert get_state(dst) == MigState.RUNNING
     dst.close()
