@@ -224,6 +224,13 @@ def test_dma_logging_reports_the_device_writes(emu: Any) -> None:
         assert want <= set(pages.tolist()) <= granule_pages
         assert len(report(4096)) == 0  # cleared
         stop()
+        # num_ranges 0: everything the client mapped (the whole RAM here)
+        reply = c.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_START, LOGGING_HEAD.pack(4096, 0, 0))
+        assert LOGGING_HEAD.unpack_from(reply.data)[0] == 4096
+        cid = vmm.host.submit(1, 0x02, nsid=1, prp1=buf, cdw12=7)
+        assert vmm.host.wait(1, cid).ok
+        assert (buf - ram.iova) // PAGE in set(report(4096).tolist())
+        stop()
     finally:
         vmm.close()
 
