@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import IO, TYPE_CHECKING, Iterator
 
@@ -68,23 +69,28 @@ class UserDataUndo:
         self._records: list[tuple["Namespace", int, int, int, list[tuple[int, int]]]] = []
 
     def save(self, ns: "Namespace", slba: int, nlb: int) -> None:
+        a = ns.allocation
+        runs, _ = a.runs(slba // a.tlbaag, -(-(slba + nlb) // a.tlbaag))
+        allocated = [(int(lo), int(hi)) for lo, hi in runs]
+        if not allocated:  # nothing there (a fresh destination): undone by deallocating
+            self._records.append((ns, slba, nlb, -1, []))
+            return
         if self._file is None:
             self._file = tempfile.TemporaryFile(dir=ns.path.parent, prefix=".migration-undo-")
         old = bytearray(nlb * ns.lba_size)
         ns.read_into(slba, [memoryview(old)])
-        a = ns.allocation
-        runs, _ = a.runs(slba // a.tlbaag, -(-(slba + nlb) // a.tlbaag))
         os.pwrite(self._file.fileno(), old, self._pos)
-        self._records.append((ns, slba, nlb, self._pos, [(int(lo), int(hi)) for lo, hi in runs]))
+        self._records.append((ns, slba, nlb, self._pos, allocated))
         self._pos += len(old)
 
     def rollback(self) -> None:
         """Newest first: the old bytes back, then the granules that were not allocated
         deallocated again (the rest of such a granule held nothing before either)."""
         for ns, slba, nlb, pos, allocated in reversed(self._records):
-            assert self._file is not None
-            old = bytearray(os.pread(self._file.fileno(), nlb * ns.lba_size, pos))
-            ns.write_from(slba, nlb, [memoryview(old)])
+            if pos >= 0:
+                assert self._file is not None
+                old = bytearray(os.pread(self._file.fileno(), nlb * ns.lba_size, pos))
+                ns.write_from(slba, nlb, [memoryview(old)])
             t = ns.allocation.tlbaag
             g = slba // t
             for lo, hi in allocated + [(-(-(slba + nlb) // t), 0)]:
@@ -95,7 +101,8 @@ class UserDataUndo:
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # Freeing a large unlinked file takes a while: not during the downtime.
+            threading.Thread(target=self._file.close, name="undo-close", daemon=True).start()
         self._file, self._records, self._pos = None, [], 0
 
 

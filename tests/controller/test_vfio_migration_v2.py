@@ -98,6 +98,7 @@ def _stop_copy_stream(e: Any) -> tuple[bytes, Vmm, RandomIo]:
     guest = RandomIo(vmm.host, 1, 64, seed=7)
     for _ in range(4):
         guest.step(8, leave_in_flight=False)
+    assert vmm.host.write(1, 1000 * 8, b"\xee" * 4096).ok  # far from the guest's blocks
     set_state(vmm.client, MigState.STOP_COPY)
     out = bytearray()
     read_stream(vmm.client, out.extend)
@@ -137,7 +138,7 @@ def test_corrupt_stream_is_refused(emu: Any, damage: str) -> None:
     with all its data."""
     a, b = emu(config()), emu(config())
     old = Vmm(b.rt.socket(1), ram_bytes=8 << 20)  # data of an earlier life on the destination
-    for blk in range(0, 96, 2):
+    for blk in range(0, 96, 2):  # where the stream writes too; not at block 1000
         assert old.host.write(1, blk * 8, bytes([blk + 1]) * 4096).ok
     old.close()
     b_file, b_copy = ns_file(b), b.state_dir / "before.img"
