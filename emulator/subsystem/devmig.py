@@ -32,6 +32,7 @@ Ranges are (SLBA, NLB) and go through the MMH engine's range helpers
 """
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -307,10 +308,12 @@ class NvmeDeviceMigration:
         nlb = len(data) // ns.lba_size
         if not ns.in_range(slba, nlb):
             raise ValueError(f"DATA section beyond namespace {nsid}: {slba}+{nlb}")
-        if self._undo is not None:
+        written = self._written.setdefault(nsid, [])
+        if self._undo is not None and not _covers(written, slba, nlb):
+            # (LBAs this stream already wrote are put back by that earlier record)
             self._undo.save(ns, slba, nlb)
         ns.write_from(slba, nlb, [data])
-        self._written.setdefault(nsid, []).append((slba, nlb))
+        _add(written, slba, nlb)
 
     def _commit(self) -> None:
         """RESUMING -> STOP: the stream must be whole; then the states (undone if they fail).
@@ -359,7 +362,27 @@ class NvmeDeviceMigration:
     def _deallocate_unwritten(self) -> None:
         for ns in self.ctrl.attached_namespaces():
             pos = 0
-            for slba, nlb in coalesce(self._written.get(ns.nsid, [])) + [(ns.nsze, 0)]:
+            for slba, nlb in self._written.get(ns.nsid, []) + [(ns.nsze, 0)]:
                 if slba > pos:
                     ns.deallocate(pos, slba - pos)
                 pos = max(pos, slba + nlb)
+
+
+# -- sorted, disjoint, non-adjacent (SLBA, NLB) lists -----------------------------------
+def _covers(rs: list[Range], slba: int, nlb: int) -> bool:
+    i = bisect.bisect_right(rs, (slba, 1 << 64)) - 1
+    return i >= 0 and rs[i][0] <= slba and slba + nlb <= rs[i][0] + rs[i][1]
+
+
+def _add(rs: list[Range], slba: int, nlb: int) -> None:
+    """Insert [slba, slba+nlb) and merge what it overlaps or touches."""
+    lo = bisect.bisect_left(rs, (slba, 0))
+    if lo and rs[lo - 1][0] + rs[lo - 1][1] >= slba:
+        lo -= 1
+    hi, end = lo, slba + nlb
+    while hi < len(rs) and rs[hi][0] <= end:
+        hi += 1
+    if hi > lo:
+        slba = min(slba, rs[lo][0])
+        end = max(end, rs[hi - 1][0] + rs[hi - 1][1])
+    rs[lo:hi] = [(slba, end - slba)]
