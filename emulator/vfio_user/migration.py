@@ -259,6 +259,8 @@ class MigrationFeatures:
         assert self.device is not None
         words = (-(-length // page_size) + 63) >> 6
         need = p.DEVICE_FEATURE.size + LOGGING_REPORT.size + 8 * words
+        if need > p.MAX_DATA_XFER_SIZE:  # the bitmap must fit one reply
+            raise MessageError(f"DMA_LOGGING_REPORT of {words * 64} pages: bitmap over one reply")
         if argsz < need:
             raise MessageError(f"DMA_LOGGING_REPORT argsz {argsz} < {need}")
         bitmap = self.device.logging_report(iova, length, page_size)

@@ -212,6 +212,10 @@ def test_dma_logging_reports_the_device_writes(emu: Any) -> None:
         stop()
         assert start(1 << 30) == 4 << 20  # MAXMRTG: 4 MiB granules
         stop()
+        with pytest.raises(VfioUserError) as e:  # more than 2^24 granules even at 4 MiB
+            c.device_feature(p.DEVICE_FEATURE_SET | FEATURE_DMA_LOGGING_START,
+                             LOGGING_HEAD.pack(4096, 1, 0) + LOGGING_RANGE.pack(0, 1 << 63))
+        assert e.value.errno == errno.EINVAL
         assert start(8192) == 8192
         vmm.host.write(1, 0, b"\x11" * 4096)
         report(4096)  # read-and-clear: what enabling the queues left behind

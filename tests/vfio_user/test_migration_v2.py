@@ -226,6 +226,9 @@ def test_dma_logging(mig: tuple[MigratingBackend, VfioUserClient]) -> None:
     assert reply.data == report + b"\x05" + bytes(7)
     assert errno_of(lambda: c.device_feature(GET | FEATURE_DMA_LOGGING_REPORT, report, argsz=8 + 24)) \
         == errno.EINVAL  # no room for the bitmap
+    huge = LOGGING_REPORT.pack(0, 1 << 62, 4096)  # a bitmap no reply can hold: refused, no allocation
+    assert errno_of(lambda: c.device_feature(GET | FEATURE_DMA_LOGGING_REPORT, huge, argsz=0xFFFFFFFF)) \
+        == errno.EINVAL
     c.device_feature(SET | FEATURE_DMA_LOGGING_STOP, LOGGING_HEAD.pack(0, 0, 0))
     assert errno_of(lambda: c.device_feature(SET | FEATURE_DMA_LOGGING_STOP, LOGGING_HEAD.pack(0, 0, 0))) \
         == errno.EINVAL

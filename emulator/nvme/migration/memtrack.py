@@ -223,7 +223,8 @@ _DMA_LOGS: "weakref.WeakKeyDictionary[Controller, MemTrackState]" = weakref.Weak
 def dma_log_start(target: "Controller", page_size: int, ranges: list[tuple[int, int]]) -> int:
     """Log the target's DMA writes into ``ranges`` (IOVA, length in bytes); returns the page
     size used: ``page_size`` clamped to the granularities Track Memory Changes supports
-    (MINMRTG..MAXMRTG), coarser if the ranges would need more than MAX_GRANULES."""
+    (MINMRTG..MAXMRTG), coarser (up to MAXMRTG) if the ranges would need more than
+    MAX_GRANULES; ValueError if even that is not enough."""
     gshift = min(max(page_size.bit_length() - 1, wire.GRANULE_BASE_SHIFT + MINMRTG),
                  wire.GRANULE_BASE_SHIFT + MAXMRTG)
 
@@ -231,6 +232,8 @@ def dma_log_start(target: "Controller", page_size: int, ranges: list[tuple[int, 
         return [[iova >> g << g, ((iova + length - 1) >> g) - (iova >> g) + 1] for iova, length in ranges]
     while sum(n for _, n in descriptors(gshift)) > MAX_GRANULES:
         gshift += 1
+        if gshift > wire.GRANULE_BASE_SHIFT + MAXMRTG:
+            raise ValueError(f"{len(ranges)} ranges need more than {MAX_GRANULES} granules of the largest size")
     rs = descriptors(gshift)
     _DMA_LOGS[target] = MemTrackState(cntlid=target.cntlid, gshift=gshift, ranges=rs,
                                       dirty=bytearray(sum(n for _, n in rs)))
@@ -249,7 +252,7 @@ def dma_log_report(target: "Controller", iova: int, length: int, page_size: int)
     granules reported are cleared."""
     t = _DMA_LOGS.get(target)
     npages = -(-length // page_size)
-    edges = np.zeros(npages + 1, dtype=np.int64)
+    edges = np.zeros(npages + 1, dtype=np.int32)
     if t is not None:
         bits = np.frombuffer(t.dirty, dtype=np.uint8)
         g = 1 << t.gshift
