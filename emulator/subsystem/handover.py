@@ -12,10 +12,10 @@ state transfer (docs/live-migration.md):
                                fds set up; the socket is not read yet.  With ``source``
                                (its control socket and CNTLID) the destination commits by
                                itself when its controller is resumed:
-* (MMH: Migration Send Resume on the destination) -> the destination calls the source's
-  ``handover.release`` (forget the connection; its controller stays suspended), then reads the
-  socket: QEMU's queued messages are served by it.  (Without ``source``: the MMH calls
-  ``handover.release`` and ``handover.start`` itself.)
+* (MMH: Migration Send Resume on the destination) -> the destination reads the socket
+  (QEMU's queued messages are served by it), then calls the source's ``handover.release``
+  (forget the connection; its controller stays suspended).  ``handover.wait`` returns once
+  it reads.  (Without ``source``: the MMH calls ``handover.release`` and ``handover.start``.)
 
 Undo steps: ``handover.unpause`` (source), ``handover.discard`` (destination).
 If the control client that paused a session disconnects, the source waits
@@ -60,7 +60,8 @@ class Handover:
         for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
                          ("handover.unpause", self.unpause), ("handover.export", self.export),
                          ("handover.adopt", self.adopt), ("handover.start", self.start),
-                         ("handover.discard", self.discard), ("handover.release", self.release)):
+                         ("handover.discard", self.discard), ("handover.release", self.release),
+                         ("handover.wait", self.wait)):
             control.register(name, fn)
         control.on_disconnect.append(self._client_gone)
         from emulator.nvme.migration import send
@@ -162,26 +163,29 @@ class Handover:
             self.rt.loop.call_soon(self._commit, cntlid)
 
     def _commit(self, cntlid: int) -> None:
-        """Release the source's copy of the connection, then read it here."""
+        """Read the connection here, then have the source forget its copy (the source is
+        paused and its controller held, so it does not read meanwhile)."""
         from emulator.control import ControlClient, ControlError
         source = self.sources.pop(cntlid, None)
         server = self.rt.servers[cntlid]
         if source is None or not server.paused:
             return
+        self.staged_by.pop(cntlid, None)
+        server.start_reading()
         try:
             with ControlClient(source["control"], timeout=COMMIT_TIMEOUT) as c:
                 c.call("handover.release", {"cntlid": source["cntlid"]})
-        except ControlError as e:
-            if e.code is not None:  # the source refused: it serves the connection itself
-                self.rt.log.error("source refused the release (%s): discarding the adopted session", e)
-                self._discard(cntlid, server)
-                return
-            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
-        except OSError as e:
-            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
-        self.staged_by.pop(cntlid, None)
-        server.start_reading()
+        except (ControlError, OSError) as e:  # a dead source took its copy with it
+            self.rt.log.warning("controller %d: the source did not release (%s)", cntlid, e)
         self.rt.log.info("controller %d: hand-over committed", cntlid)
+
+    async def wait(self, req: Request) -> dict[str, Any]:
+        """Wait until the connection of ``cntlid`` is read here (true), or is gone (false)."""
+        cntlid, server = self._server(req)
+        deadline = time.monotonic() + float(req.params.get("timeout", 10.0))
+        while server.paused and time.monotonic() < deadline:
+            await asyncio.sleep(0.0002)
+        return {"serving": server.connected and not server.paused}
 
     def start(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
