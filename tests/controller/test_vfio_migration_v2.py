@@ -312,3 +312,45 @@ def test_one_mechanism_two_front_ends(lm: Any) -> None:
     assert want <= tmc_pages()
     assert want <= vfio_pages()  # still there: the TMC read cleared only its own bitmap
     assert vfio_pages() == set() and tmc_pages() == set()
+
+
+def test_random_feature_requests_on_the_nvme_device(emu: Any) -> None:
+    """Random DEVICE_FEATURE requests at the real device (random states, logging ranges,
+    reports): never an internal error, never a dropped connection; the controller
+    serves I/O afterwards."""
+    import random
+    from emulator.vfio_user import protocol as p
+    from emulator.vfio_user.migration import (LOGGING_HEAD, LOGGING_RANGE, LOGGING_REPORT, MIG_STATE_DATA)
+    a = emu(config())
+    vmm = Vmm(a.rt.socket(1), ram_bytes=8 << 20)
+    c, ram = vmm.client, vmm.ram
+    rng = random.Random(9)
+    try:
+        for _ in range(300):
+            index = rng.choice([1, 2, 2, 2, 6, 7, 8, 3])
+            op = rng.choice([p.DEVICE_FEATURE_GET, p.DEVICE_FEATURE_SET, p.DEVICE_FEATURE_PROBE | p.DEVICE_FEATURE_GET])
+            if index == 2:
+                data = MIG_STATE_DATA.pack(rng.randrange(9), 0)
+            elif index == 6:
+                data = LOGGING_HEAD.pack(1 << rng.randrange(8, 32), 1, 0) + LOGGING_RANGE.pack(
+                    ram.iova + rng.randrange(0, ram.size, 4096), rng.randrange(1, ram.size))
+            elif index == 8:
+                data = LOGGING_REPORT.pack(ram.iova + rng.randrange(0, ram.size, 4096), rng.randrange(1, 1 << 24),
+                                           1 << rng.randrange(12, 24))
+            else:
+                data = bytes(rng.randrange(256) for _ in range(rng.choice([0, 8, 16])))
+            try:
+                c.device_feature(op | index, data, argsz=rng.choice([0, 16, 64 << 10]))
+            except VfioUserError as e:
+                assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EBUSY), (index, op, e)
+            if rng.random() < 0.1:
+                try:
+                    c.call(m.MigDataReadRequest(rng.randrange(1, 1 << 16)))
+                except VfioUserError as e:
+                    assert e.errno == errno.EINVAL
+        c.reset()
+        vmm.host.init(io_queues=1)
+        assert vmm.host.write(1, 8, b"\x77" * 512).ok
+        assert vmm.host.read(1, 8, 1).data == b"\x77" * 512
+    finally:
+        vmm.close()

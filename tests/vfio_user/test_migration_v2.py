@@ -242,3 +242,22 @@ def test_version_reply_is_a_subset_of_the_proposal(server: ServerThread) -> None
             assert set(caps) <= set(proposal), (proposal, caps)
             if proposal.get("write_multiple") is not True:
                 assert "write_multiple" not in caps
+
+
+def test_random_feature_requests_never_drop_the_connection(mig: tuple[MigratingBackend, VfioUserClient]) -> None:
+    """Random flags (any feature, any op bits) and random data: a reply or an error reply
+    every time, the session alive after each, and the state always one the uAPI allows."""
+    import random
+    b, c = mig
+    rng = random.Random(15)
+    for _ in range(400):
+        index = rng.choice([0, 1, 2, 3, 6, 7, 8, 9, rng.randrange(1 << 16)])
+        flags = index | (rng.randrange(16) << 16)
+        data = bytes(rng.randrange(256) for _ in range(rng.choice([0, 4, 8, 16, 24, 40, 100])))
+        try:
+            c.device_feature(flags, data, argsz=rng.choice([0, 8, 16, 64, 4096]))
+        except VfioUserError as e:
+            assert e.errno in (errno.EINVAL, errno.ENOTTY, errno.EBUSY), (hex(flags), e)
+        if state(c) == S.ERROR:
+            c.reset()
+    assert state(c) in USABLE
