@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvme-emu.devmig")
 
 DATA_CHUNK = 256 << 10  # user data bytes per DATA section
+MAX_CHANGES = 1 << 16  # logged writes kept before they are coalesced
 
 
 class UserDataUndo:
@@ -126,6 +127,7 @@ class NvmeDeviceMigration:
         self._buf = bytearray()
         self._round_over = False
         self._changes: list[tuple[int, int, int]] = []  # (nsid, slba, nlb) since the last round
+        self._limit = MAX_CHANGES
         self._parser: StreamParser | None = None
         self._pending: tuple[bytes, bytes] | None = None  # (controller state, pci state) received
         self._written: dict[int, list[Range]] = {}
@@ -251,6 +253,9 @@ class NvmeDeviceMigration:
 
     def _on_write(self, ctrl: "Controller", nsid: int, slba: int, nlb: int, deallocated: bool) -> None:
         self._changes.append((nsid, slba, nlb))
+        if len(self._changes) >= self._limit:  # nobody reads the rounds (a stalled VMM): coalesce
+            self._changes = [(n, a, k) for n, rs in self._take_changes().items() for a, k in rs]
+            self._limit = max(MAX_CHANGES, 2 * len(self._changes))  # (bounded by the namespace size)
 
     def _allocated(self) -> dict[int, list[Range]]:
         out: dict[int, list[Range]] = {}
