@@ -182,6 +182,27 @@ def test_shared_storage_streams_no_user_data(emu: Any, tmp_path: Path) -> None:
     vmm.close()
 
 
+def test_vm_migrates_on_shared_storage(emu: Any, tmp_path: Path) -> None:
+    """Both instances on one backing file: the stream carries the states only, and the
+    guest finds all its data on the destination (nothing deallocated there)."""
+    shared = str(tmp_path / "shared-ns1.img")
+    a, b = emu(config(shared)), emu(config(shared))
+    vmm = Vmm(a.rt.socket(1), ram_bytes=16 << 20)
+    guest = RandomIo(vmm.host, 1, BLOCKS, seed=4)
+    try:
+        for _ in range(10):
+            guest.step(16)
+        rep = vmm.migrate(b.rt.socket(1), lambda: guest.step(16))
+        assert rep.stream_bytes < 64 << 10
+        for _ in range(10):
+            guest.step(16)
+        guest.drain()
+        guest.verify_all()
+        assert guest.writes > 50
+    finally:
+        vmm.close()
+
+
 def test_dma_logging_reports_the_device_writes(emu: Any) -> None:
     """DMA_LOGGING_* over the Track Memory Changes mechanism: the page size asked for
     or the nearest supported one, reported back; the pages the device wrote."""
