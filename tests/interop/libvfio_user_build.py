@@ -7,7 +7,8 @@ directory next to the repository root).  The steps, run only when the cached
 build is missing:
 
 1. (CI only, as root) ``apt-get install meson ninja-build pkg-config
-   libjson-c-dev libcmocka-dev`` when meson, ninja or json-c are missing;
+   libjson-c-dev libcmocka-dev`` (after ``apt-get update`` if needed) when
+   meson, ninja, json-c or cmocka are missing;
 2. unpack the tarball into a fresh directory under
    ``~/.cache/nvme-emu/peers/`` (keyed by the tarball's and patch's hash);
 3. ``patch -p1`` with the samples patch (the sample's BAR1 becomes a power of
@@ -67,9 +68,11 @@ def sample_server() -> Path:
         return server
     if not _tools_ok():
         if in_ci() and os.geteuid() == 0:
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
-                           check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                           stdout=subprocess.DEVNULL)
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]
+            if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode:
+                subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(install, env=env, check=True, stdout=subprocess.DEVNULL)
         if not _tools_ok():
             _unavailable("meson, ninja and json-c/cmocka headers are needed: "
                          f"apt-get install {' '.join(APT_PACKAGES)}")
