@@ -34,8 +34,9 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from emulator.control import ControlServer, MethodError, Reply, Request
+from emulator.control import ControlClient, ControlError, ControlServer, MethodError, Reply, Request
 from emulator.control.server import ControlConnection
+from emulator.nvme.migration import send
 from emulator.vfio_user.codec import close_fds
 from emulator.vfio_user.server import VfioUserServer
 from emulator.vfio_user.session import HandoverState
@@ -57,14 +58,13 @@ class Handover:
         self.staged_by: dict[int, tuple[ControlConnection, Any]] = {}
 
     def register(self, control: ControlServer) -> None:
-        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
-                         ("handover.unpause", self.unpause), ("handover.export", self.export),
+        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info),
+                         ("handover.pause", self.pause), ("handover.unpause", self.unpause), ("handover.export", self.export),
                          ("handover.adopt", self.adopt), ("handover.start", self.start),
                          ("handover.discard", self.discard), ("handover.release", self.release),
                          ("handover.wait", self.wait)):
             control.register(name, fn)
         control.on_disconnect.append(self._client_gone)
-        from emulator.nvme.migration import send
         send.RESUMED.append(self._resumed)
 
     def _server(self, req: Request) -> tuple[int, VfioUserServer]:
@@ -73,7 +73,6 @@ class Handover:
         if server is None:
             raise MethodError(f"no controller {cntlid!r}")
         return cntlid, server
-
 
     # -- methods ------------------------------------------------------------------
     def subsystem_info(self, req: Request) -> dict[str, Any]:
@@ -103,7 +102,6 @@ class Handover:
                 if not server.connected or time.monotonic() > deadline:
                     raise MethodError(f"controller {cntlid}: cannot pause: {e}") from None
             await asyncio.sleep(0.0005)
-        from emulator.nvme.migration import send
         send.hold(self.rt.subsystem.controllers[cntlid], True)
         self.paused_by[cntlid] = (req.conn, server.session)
         return {}
@@ -114,7 +112,6 @@ class Handover:
         return {}
 
     def _unpause(self, cntlid: int, server: VfioUserServer) -> None:
-        from emulator.nvme.migration import send
         self.paused_by.pop(cntlid, None)
         if server.paused:
             server.start_reading()
@@ -165,7 +162,6 @@ class Handover:
     def _commit(self, cntlid: int) -> None:
         """Read the connection here, then have the source forget its copy (the source is
         paused and its controller held, so it does not read meanwhile)."""
-        from emulator.control import ControlClient, ControlError
         source = self.sources.pop(cntlid, None)
         server = self.rt.servers[cntlid]
         if source is None or not server.paused:
@@ -215,7 +211,6 @@ class Handover:
             server.release()
         except RuntimeError as e:
             raise MethodError(f"controller {cntlid}: {e}") from None
-        from emulator.nvme.migration import send
         send.release(self.rt.subsystem.controllers[cntlid])
         self.paused_by.pop(cntlid, None)
         return {}
