@@ -12,6 +12,7 @@ destination running with the source's BAR1."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -50,6 +51,7 @@ def two_servers(server_binary: Path) -> Iterator[list[str]]:
         for p in procs:
             p.terminate()
             p.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_vmm_client_migrates_the_sample_server_device(two_servers: list[str]) -> None:
