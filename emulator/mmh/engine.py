@@ -48,6 +48,7 @@ from emulator.host.lm import HostCdq
 from emulator.host.memory import HostMemory
 from emulator.mmh.copier import Copier
 from emulator.mmh.endpoint import Endpoint, MigrationError
+from emulator.mmh.plan import precopy_done
 from emulator.mmh.ranges import ChangeSet, Range, coalesce, split, subtract, total
 from emulator.nvme.migration.wire import Esa, Lbacir
 
@@ -308,8 +309,8 @@ class Engine:
                 self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, copied, seconds))
                 self.report.rounds = len(self.report.round_stats)
                 self.progress.dirty_rate = size / max(seconds, 1e-6)
-            if size <= self.opt.small_bytes or (prev is not None and size >= prev):
-                break  # small, or not shrinking: the rest is copied after the suspend
+            if precopy_done(number, size, prev, self.opt.max_rounds, self.opt.small_bytes):
+                break  # small, not shrinking, or the last round: the rest is copied after the suspend
             prev = size
 
     def _drain(self, consume: bool) -> tuple[dict[int, ChangeSet], bool]:

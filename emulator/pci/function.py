@@ -83,6 +83,7 @@ class NvmePciFunction:
         self.config = self._defaults.copy()
         self.msix = MsixTable(msix_vectors)
         self._device = device
+        self.mig_features: object | None = None  # vfio-user migration v2, set by the subsystem wiring
         self._memory: MappedMemory | None = None
         self._irqs: IrqLines | None = None
         self._lock = threading.RLock()

@@ -13,6 +13,8 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
                               # 2^63-1 and 2^33 TLBAAG granules (a 1 GiB bitmap)
         lba_size: 512         # 512 or 4096
         tlbaag: 8             # power of two; default 4 KiB / lba_size
+        shared_storage: false # true: the file is shared with the migration peer (no user data
+                              # in a vfio-user migration stream)
     controllers:
       - cntlid: 1             # 1..0xFFEF, unique
         socket: ctrl1.sock    # relative to state_dir; default ctrl<cntlid>.sock
@@ -93,6 +95,7 @@ class NamespaceConfig:
     size: int  # bytes
     lba_size: int
     tlbaag: int  # Tracked LBA Allocation Granularity, in LBAs
+    shared_storage: bool = False  # vfio-user migration v2 streams no user data
 
     @property
     def nlbas(self) -> int:
@@ -148,7 +151,8 @@ class SubsystemConfig:
             "subsystem": {"nqn": self.subsystem.nqn, "serial": self.subsystem.serial,
                           "model": self.subsystem.model, "firmware": self.subsystem.firmware},
             "namespaces": [{"nsid": ns.nsid, "file": str(ns.file), "size": ns.size,
-                            "lba_size": ns.lba_size, "tlbaag": ns.tlbaag} for ns in self.namespaces],
+                            "lba_size": ns.lba_size, "tlbaag": ns.tlbaag, "shared_storage": ns.shared_storage}
+                           for ns in self.namespaces],
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
                              "namespaces": list(c.namespaces), "max_io_queues": c.max_io_queues,
                              "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors,
@@ -251,7 +255,7 @@ def _subsystem(value: Any, path: str) -> SubsystemInfo:
 
 def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     m = _mapping(value, path)
-    _check_keys(m, path, ("nsid", "file", "size", "lba_size", "tlbaag"))
+    _check_keys(m, path, ("nsid", "file", "size", "lba_size", "tlbaag", "shared_storage"))
     nsid = _int(_required(m, "nsid", path), f"{path}.nsid", 1, NSID_MAX)
     file = _path(m.get("file", f"ns{nsid}.img"), f"{path}.file", state_dir)
     lba_size = _int(m.get("lba_size", 512), f"{path}.lba_size", 1, 1 << 32)
@@ -271,7 +275,10 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     if (granules + 63) // 64 * 8 > BITMAP_MAX:
         raise ConfigError(f"{path}.size", f"{size} bytes at tlbaag {tlbaag} needs {granules} allocation granules, "
                           f"more than {BITMAP_MAX * 8} (a {BITMAP_MAX >> 20} MiB bitmap): raise tlbaag")
-    return NamespaceConfig(nsid, file, size, lba_size, tlbaag)
+    shared = m.get("shared_storage", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{path}.shared_storage", f"must be true or false, not {shared!r}")
+    return NamespaceConfig(nsid, file, size, lba_size, tlbaag, shared)
 
 
 def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) -> ControllerConfig:

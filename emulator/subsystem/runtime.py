@@ -20,8 +20,10 @@ from emulator.nvme.namespace import Namespace, NamespaceConfig
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem.config import SubsystemConfig
+from emulator.subsystem.devmig import NvmeDeviceMigration
 from emulator.subsystem.subsystem import Subsystem
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
+from emulator.vfio_user.migration import MigrationFeatures
 from emulator.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("nvme-emu")
@@ -52,6 +54,10 @@ class Runtime:
                                  doorbell_buffer=cc.doorbell_buffer),
                 self.subsystem, irq=fn, scheduler=loop)
             fn.bind(ctrl)
+            # vfio-user migration v2 (DEVICE_FEATURE 16): the session finds it on the backend
+            if not cc.is_mmc:
+                shared = all(self.config.namespace(n).shared_storage for n in cc.namespaces) and bool(cc.namespaces)
+                fn.mig_features = MigrationFeatures(NvmeDeviceMigration(fn, ctrl, shared_storage=shared))
             self.subsystem.controllers[cc.cntlid] = ctrl
             self.functions[cc.cntlid] = fn
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
