@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from time import perf_counter_ns
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
+from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.spec import (
@@ -115,6 +117,8 @@ class Controller:
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
+        self.cmd_stats = CommandStats()  # management socket `stats` (not resumable state)
+        self.xfer_bytes = 0  # PRP data bytes mapped by data_views, for cmd_stats
         from emulator.nvme import commands  # noqa: F401  (registers the handlers)
         from emulator.nvme import dbbuf, features
         self._dbbuf = dbbuf
@@ -343,6 +347,7 @@ class Controller:
                 return  # deleted by the command itself
 
     def execute(self, cmd: Command) -> None:
+        t0, x0 = perf_counter_ns(), self.xfer_bytes
         table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
         handler = table.get(cmd.opc)
         dw0 = dw1 = 0
@@ -370,6 +375,7 @@ class Controller:
             status = status_field(0, Generic.INTERNAL_ERROR)
             self.record_error(cmd, status)
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+        self.cmd_stats.record(cmd.sqid, cmd.opc, status, self.xfer_bytes - x0, perf_counter_ns() - t0)
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> bool:
         """Post a CQE for a command of ``sqid``; False if the CQ is gone or full."""
@@ -399,6 +405,7 @@ class Controller:
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
         segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        self.xfer_bytes += length
         views: list[memoryview] = []
         for addr, n in segs:
             views.extend(self.memory.views(addr, n, write=to_host))
