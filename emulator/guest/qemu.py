@@ -126,6 +126,8 @@ class GuestSpec:
     append: str = ""
     extra_args: list[str] = field(default_factory=list)
     incoming: str | None = None          # "-incoming URI" (migration destination)
+    kernel: Path | None = None           # instead of the tool box's kernel
+    initramfs: Path | None = None        # instead of the tool box's base archive (/init is appended)
 
 
 def _check_socket_path(p: Path | str, what: str) -> None:
@@ -163,7 +165,7 @@ def qemu_command(env: GuestEnv, spec: GuestSpec, initrd: Path | str,
         "-machine", "q35,accel=tcg,memory-backend=mem0", "-cpu", "max", "-smp", "1", "-m", mem,
         "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "mon:stdio",
-        "-kernel", str(env.kernel), "-initrd", str(initrd),
+        "-kernel", str(spec.kernel or env.kernel), "-initrd", str(initrd),
         "-append", (DEFAULT_APPEND + " " + spec.append).strip(),
     ]
     if qmp_socket is not None:
@@ -292,7 +294,7 @@ class Guest:
         for nv in self.spec.qemu_nvme:
             nv.ensure_image()
         init = self.spec.init if self.spec.raw_init else wrap_init(self.spec.init)
-        build_initramfs(self.env, init, self.initrd, self.spec.extra_files)
+        build_initramfs(self.env, init, self.initrd, self.spec.extra_files, base=self.spec.initramfs)
         (self.workdir / "qemu.cmd").write_text(format_command(self.command, self.env.qemu_env) + "\n")
         log = open(self.console_log, "wb")
         log.write(f"# {shlex.join(self.command)}\n".encode())
