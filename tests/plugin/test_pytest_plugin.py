@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from emulator.guest.env import cache_dir
+
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = "emulator.pytest_plugin"
 
@@ -53,6 +55,12 @@ def test_a_failure_shows_the_emulator_log(nvme_emu):
     nvme_emu(name="failing")
     assert False, "on purpose"
 '''
+
+
+@pytest.fixture(autouse=True)
+def real_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester gives the inner run its own HOME: keep the real nvme-emu cache (C builds)."""
+    monkeypatch.setenv("NVME_EMU_CACHE", str(cache_dir()))
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
