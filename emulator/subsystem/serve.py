@@ -20,11 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path,
                    help="state directory for the embedded default (namespaces, sockets)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text: one line per event naming the controller; json: one object per line")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from emulator.subsystem.logfmt import setup_logging
+    setup_logging(str(args.log_level), getattr(args, "log_format", "text"))
     try:
         config = load_config(args.config) if args.config else default_config(args.state_dir)
     except ConfigError as e:
