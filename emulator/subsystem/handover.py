@@ -45,7 +45,7 @@ class Handover:
         self.rt = runtime
 
     def register(self, control: ControlServer) -> None:
-        for name, fn in (("session.info", self.info), ("handover.pause", self.pause),
+        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
                          ("handover.unpause", self.unpause), ("handover.export", self.export),
                          ("handover.adopt", self.adopt), ("handover.start", self.start),
                          ("handover.discard", self.discard), ("handover.release", self.release)):
@@ -65,6 +65,15 @@ class Handover:
         (marks.add if on else marks.discard)(cntlid)
 
     # -- methods ------------------------------------------------------------------
+    def subsystem_info(self, req: Request) -> dict[str, Any]:
+        """NQN, namespaces and controllers (with their socket paths) of this process."""
+        cfg = self.rt.config
+        return {"nqn": cfg.subsystem.nqn, "control_socket": str(cfg.control_path),
+                "namespaces": [{"nsid": n.nsid, "size": n.size, "lba_size": n.lba_size}
+                               for n in cfg.namespaces],
+                "controllers": [{"cntlid": c.cntlid, "type": c.type, "socket": str(c.socket),
+                                 "namespaces": list(c.namespaces)} for c in cfg.controllers]}
+
     def info(self, req: Request) -> dict[str, Any]:
         """{"connected", "paused", "dma": [[iova, size], ...]} of a controller's socket."""
         _, server = self._server(req)
@@ -131,9 +140,15 @@ class Handover:
     def discard(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
         if server.paused:
-            server.disconnect()
+            self._discard(cntlid, server)
         self._mark(req.conn, "staged", cntlid, False)
         return {}
+
+    def _discard(self, cntlid: int, server: VfioUserServer) -> None:
+        """Drop an adopted session that never ran here; the controller goes back to its
+        power-on state (a later migration can set a state into it again)."""
+        server.disconnect()
+        self.rt.subsystem.controllers[cntlid].function_reset()
 
     def release(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
@@ -158,4 +173,4 @@ class Handover:
             if server is not None and server.paused:
                 self.rt.log.warning("control client left an adopted session of controller %d: discarded",
                                     cntlid)
-                server.disconnect()
+                self._discard(cntlid, server)

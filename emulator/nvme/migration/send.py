@@ -97,7 +97,10 @@ def wake(target: "Controller") -> None:
 
 def release(target: "Controller") -> None:
     """The controller's host connection moved to another process after a live
-    migration: it stays suspended (as the MMH left it) and refuses Resume."""
+    migration: its queues go (as at a Controller Level Reset, so a later Set
+    Controller State can bring it back as a destination), it stays suspended
+    and refuses Resume until a Set Controller State commits a new state."""
+    target.controller_level_reset()
     target.state.suspended = True
     target_state(target).released = True
     log.info("controller %d released after migration", target.cntlid)
@@ -152,6 +155,7 @@ def set_controller_state(mmc: "Controller", cmd: Command) -> Result:
         raise
     sequences.pop(cntlid, None)
     ctrlstate.commit(target, parsed)  # verified: create the queues, set the pointers
+    target_state(target).released = False  # a destination again
     if not target.state.suspended:
         target.kick()
     log.info("MMC %d: controller state committed into controller %d (%d I/O SQs)",
