@@ -87,7 +87,7 @@ def stats(rt: "Runtime", cntlid: int | None = None, reset: bool = False) -> dict
 
 
 def register(rt: "Runtime", control: ControlServer) -> None:
-    """Add ``status`` and ``stats`` to the control socket."""
+    """Add ``status``, ``stats``, ``migration`` and ``migration.progress`` to the control socket."""
     def _status(req: Request) -> dict[str, Any]:
         _no_fds(req, ())
         return status(rt)
@@ -104,6 +104,8 @@ def register(rt: "Runtime", control: ControlServer) -> None:
 
     control.register("status", _status)
     control.register("stats", _stats)
+    from emulator.subsystem.migration_view import MigrationView
+    MigrationView(rt).register(control)
 
 
 def _no_fds(req: Request, allowed: tuple[str, ...]) -> None:

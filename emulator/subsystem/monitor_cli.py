@@ -39,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
         with ControlClient(path, timeout=10.0) as c:
             if args.command == "status":
                 st = c.call("status")
-                print(json.dumps(st, indent=2) if args.json else format_status(st))
+                if args.json:
+                    print(json.dumps(st, indent=2))
+                    return 0
+                print(format_status(st))
+                mig = format_migration(c.call("migration"))
+                if mig:
+                    print(mig)
                 return 0
             params = {"cntlid": args.cntlid} if args.cntlid is not None else {}
             if args.watch:
@@ -86,6 +92,31 @@ def format_status(st: dict[str, Any]) -> str:
                    f"allocated {size(n['allocated'])} ({pct:.1f}%)  {n['file']}")
     cap = st["capacity"]
     out.append(f"  capacity {size(cap['size'])}, allocated {size(cap['allocated'])}")
+    return "\n".join(out)
+
+
+def format_migration(m: dict[str, Any]) -> str:
+    """A line per migration fact, or '' when no migration runs."""
+    if not m["active"]:
+        return ""
+    out = ["  migration active:"]
+    for r in m["reported"]:
+        extra = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("phase", "client", "reported_at"))
+        out.append(f"    MMH (control client {r['client']}): phase {r['phase']}" + (f", {extra}" if extra else ""))
+    for c in m["controllers"]:
+        facts = [w for w, on in (("suspended" + (f" by MMC {c['suspended_by']}" if c["suspended_by"] else ""),
+                                  c["suspended"]), ("released", c["released"]), ("paused", c["paused"])) if on]
+        if facts:
+            out.append(f"    ctrl {c['cntlid']}: {', '.join(facts)}")
+    for mmc in m["mmcs"]:
+        for q in mmc["cdqs"]:
+            out.append(f"    MMC {mmc['cntlid']} CDQ {q['cdqid']} for ctrl {q['cntlid']}: "
+                       f"{'logging' if q['logging'] else 'not logging'}, {q['used']} of {q['slots']} entries unread")
+        for t in mmc["tracks"]:
+            out.append(f"    MMC {mmc['cntlid']} tracks ctrl {t['cntlid']}'s memory: {t['dirty']} of "
+                       f"{t['granules']} granules of {size(t['granule'])} dirty")
+        for sq in mmc["sequences"]:
+            out.append(f"    MMC {mmc['cntlid']}: controller state for ctrl {sq['cntlid']} open, {sq['bytes']} bytes")
     return "\n".join(out)
 
 

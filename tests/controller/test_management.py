@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,47 @@ def test_a_malformed_request_gets_an_error_and_the_emulator_keeps_serving(emu, l
     assert h.read(1, 0, 1).ok
     with ControlClient(e.config.control_path) as c:
         check("stats", c.call("stats"))
+
+
+def test_migration_view_follows_its_schema_while_a_migration_runs(emu) -> None:  # type: ignore[no-untyped-def]
+    from emulator.host.lm import MigrationHost
+    e = emu({"namespaces": [{"nsid": 1, "size": "16MiB", "lba_size": 512}],
+             "controllers": [{"cntlid": 1, "type": "io"}, {"cntlid": 2, "type": "mmc"}]})
+    g = e.host(1)
+    m = MigrationHost(e.host(2))
+    with ControlClient(e.config.control_path) as c:
+        idle = check("migration", c.call("migration"))
+        assert not idle["active"] and idle["reported"] == []
+        assert idle["controllers"] == [{"cntlid": 1, "suspended": False, "suspended_by": None,
+                                        "released": False, "paused": False}]
+        q = m.udmq(1, slots=64)
+        assert m.log_start(q.cdqid).ok
+        assert m.track_memory(1, [(g.mem.iova, g.mem.size >> 12)]).ok
+        g.write(1, 0, b"\x22" * 4096)
+        assert m.suspend(1).ok
+        with ControlClient(e.config.control_path) as mmh:
+            assert check("migration.progress", mmh.call("migration.progress", {
+                "phase": "pre-copy", "round": 2, "bytes_copied": 4096, "eta_s": None})) is True
+            busy = check("migration", c.call("migration"))
+            assert busy["active"] and busy["reported"][0]["phase"] == "pre-copy"
+            assert busy["reported"][0]["round"] == 2
+            with pytest.raises(ControlError) as ei:
+                mmh.call("migration.progress", {"round": 3})
+            assert ei.value.code == -32602
+        c1 = busy["controllers"][0]
+        assert c1["suspended"] and c1["suspended_by"] == 2
+        (mmc,) = busy["mmcs"]
+        assert mmc["cntlid"] == 2 and mmc["cdqs"][0]["logging"] and mmc["cdqs"][0]["used"] >= 1
+        assert mmc["tracks"][0]["cntlid"] == 1 and mmc["tracks"][0]["dirty"] >= 1
+        assert check("status", c.call("status"))["controllers"][0]["suspended"]
+        from emulator.subsystem.monitor_cli import format_migration   # `nvme-emu status` lines
+        text = format_migration(busy)
+        assert "ctrl 1: suspended by MMC 2" in text and "phase pre-copy, round 2" in text
+        assert format_migration(idle) == ""
+        # the MMH's report goes with its connection
+        for _ in range(100):
+            if not c.call("migration")["reported"]:
+                break
+            time.sleep(0.02)
+        assert c.call("migration")["reported"] == []
+        assert m.resume(1).ok
