@@ -14,7 +14,8 @@ Fixtures
                    control-socket client).  Stopped at teardown; on failure the report
                    gets its log tail.
 ``nvme_guest``     ``nvme_guest(commands, *, on=[emu or socket, ...], ...) -> GuestRun``:
-                   boots a TCG guest on the given controllers with the provisioned kernel
+                   boots a TCG guest on the given controllers (an emulator: all of them;
+                   ``emu.select(1, 2)``: some; or socket paths) with the provisioned kernel
                    and tools (or ``kernel=`` / ``initramfs=`` of your own), waits for the
                    controllers, runs each shell command and returns each one's ``rc`` and
                    ``output``.  Each phase (boot, probe, command N, poweroff) has a timeout
@@ -30,6 +31,7 @@ removed when the test passes and kept, and named in the report, when it fails).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -165,6 +167,10 @@ class NvmeEmu(EmulatorProcess):
                     return Path(cc.socket)
         raise KeyError(f"{self.name}: no controller {cntlid}")
 
+    def select(self, *cntlids: int) -> "Selection":
+        """Some of this emulator's controllers, for ``nvme_guest(..., on=[emu.select(1)])``."""
+        return Selection(self, [self.socket_of(c) for c in cntlids])
+
     def namespaces_for(self, sockets: Sequence[Path]) -> int:
         """How many namespace block devices a guest given ``sockets`` should see."""
         if self.config is None:
@@ -182,6 +188,13 @@ class NvmeEmu(EmulatorProcess):
                 pass
         self._hosts.clear()
         return super().stop(timeout)
+
+
+@dataclasses.dataclass
+class Selection:
+    """Chosen controllers (their sockets) of one emulator."""
+    emu: NvmeEmu
+    sockets: list[Path]
 
 
 @pytest.fixture
@@ -252,7 +265,7 @@ def nvme_emu_env() -> GuestEnv:
         raise  # unreachable
 
 
-Target = Any  # an NvmeEmu (all its controllers), a socket path, or a VfioUserDevice
+Target = Any  # an NvmeEmu (all its controllers), emu.select(cntlid...), a socket path, a VfioUserDevice
 
 
 class GuestBooter:
@@ -285,23 +298,21 @@ class GuestBooter:
             return g
         return g.wait(timeout=timeout, check=check)
 
-    def __call__(self, commands: Sequence[str] | Mapping[str, str] | str, *, on: Sequence[Target] | Target = (),
-                 kernel: Path | str | None = None, initramfs: Path | str | None = None,
-                 append: str = "", memory_mb: int = 512, qemu_nvme: Sequence[QemuNvme] = (),
-                 boot_timeout: float = 180.0, probe_timeout: float = 90.0, command_timeout: float = 120.0,
-                 poweroff_timeout: float = 60.0, require_probe: bool = True,
-                 name: str = "guest") -> GuestRun:
-        """Boot a guest on the controllers ``on``, run ``commands`` (a list, or a dict
-        name -> command) with ``sh -c``, and return each one's rc and output."""
+    def spec_for(self, commands: Sequence[str] | Mapping[str, str] | str, *, on: Sequence[Target] | Target = (),
+                 kernel: Path | str | None = None, initramfs: Path | str | None = None, append: str = "",
+                 memory_mb: int = 512, qemu_nvme: Sequence[QemuNvme] = (), probe_timeout: float = 90.0
+                 ) -> tuple[GuestSpec, list[tuple[str, str]], list[EmulatorProcess]]:
+        """The guest ``__call__`` boots: its spec, the named commands, the emulators behind it."""
         targets = list(on) if isinstance(on, (list, tuple)) else [on] if on != () else []
         devices: list[VfioUserDevice] = []
         emus: list[EmulatorProcess] = []
         namespaces = 0
         for t in targets:
-            if isinstance(t, NvmeEmu):
-                emus.append(t)
-                devices += [VfioUserDevice(s) for s in t.sockets]
-                namespaces += t.namespaces_for(t.sockets)
+            if isinstance(t, (NvmeEmu, Selection)):
+                emu, sockets = (t, t.sockets) if isinstance(t, NvmeEmu) else (t.emu, t.sockets)
+                emus.append(emu)
+                devices += [VfioUserDevice(s) for s in sockets]
+                namespaces += emu.namespaces_for(sockets)
             elif isinstance(t, VfioUserDevice):
                 devices.append(t)
             else:
@@ -312,6 +323,18 @@ class GuestBooter:
                          memory_mb=memory_mb, vfio_user=devices, qemu_nvme=list(qemu_nvme), append=append,
                          kernel=Path(kernel) if kernel else None,
                          initramfs=Path(initramfs) if initramfs else None)
+        return spec, pairs, emus
+
+    def __call__(self, commands: Sequence[str] | Mapping[str, str] | str, *, on: Sequence[Target] | Target = (),
+                 kernel: Path | str | None = None, initramfs: Path | str | None = None,
+                 append: str = "", memory_mb: int = 512, qemu_nvme: Sequence[QemuNvme] = (),
+                 boot_timeout: float = 180.0, probe_timeout: float = 90.0, command_timeout: float = 120.0,
+                 poweroff_timeout: float = 60.0, require_probe: bool = True,
+                 name: str = "guest") -> GuestRun:
+        """Boot a guest on the controllers ``on``, run ``commands`` (a list, or a dict
+        name -> command) with ``sh -c``, and return each one's rc and output."""
+        spec, pairs, emus = self.spec_for(commands, on=on, kernel=kernel, initramfs=initramfs, append=append,
+                                          memory_mb=memory_mb, qemu_nvme=qemu_nvme, probe_timeout=probe_timeout)
         name = self._name(name)
         g = Guest(self.env, spec, self.workdir / name.replace("#", "-"), name=name,
                   emulators=emus or self.reg.emulators)
@@ -335,4 +358,4 @@ def nvme_guest(request: pytest.FixtureRequest, nvme_emu_env: GuestEnv,
         g.kill()
 
 
-__all__ = ["GuestBooter", "GuestRun", "NvmeEmu"]
+__all__ = ["GuestBooter", "GuestRun", "NvmeEmu", "Selection"]

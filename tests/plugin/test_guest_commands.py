@@ -77,3 +77,31 @@ def test_every_command_gets_its_rc_and_output() -> None:
     run = run_commands(FakeGuest(None), PAIRS)  # type: ignore[arg-type]
     assert [c.rc for c in run] == [3, 3, 3] and run[1].output == "output of cmd2"
     assert run["cmd3"].command == "true" and run.probe == "ok" and not run.ok
+
+
+def _fake_env(tmp_path: Path) -> Any:
+    from emulator.guest.env import GuestEnv
+    return GuestEnv(cache_dir=tmp_path, root=tmp_path, qemu_argv=["qemu-system-x86_64"], qemu_img_argv=[],
+                    qemu_env={}, qemu_data_dirs=[], kernel=tmp_path / "toolbox-vmlinuz",
+                    loader=tmp_path / "ld.so", library_dirs=[], tools={})
+
+
+def test_nvme_guest_on_chosen_controllers_with_my_kernel_and_initramfs(nvme_emu, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from emulator.guest.initramfs import build_initramfs
+    from emulator.guest.qemu import qemu_command
+    from emulator.pytest_plugin import GuestBooter, _Registry
+    emu = nvme_emu({"namespaces": [{"nsid": 1, "size": "8MiB"}, {"nsid": 2, "size": "8MiB"}],
+                    "controllers": [{"cntlid": 1, "namespaces": [1]}, {"cntlid": 2, "namespaces": [1, 2]},
+                                    {"cntlid": 3, "type": "mmc"}]})
+    booter = GuestBooter(_fake_env(tmp_path), tmp_path, _Registry())
+    spec, pairs, emus = booter.spec_for({"ls": "ls /dev"}, on=[emu.select(1, 3)],
+                                        kernel=tmp_path / "my-bzImage", initramfs=tmp_path / "my.cpio")
+    assert [Path(d.socket).name for d in spec.vfio_user] == ["ctrl1.sock", "ctrl3.sock"]
+    assert "_want_c=2; _want_n=1" in spec.init and pairs == [("ls", "ls /dev")] and emus == [emu]
+    spec_all, _, _ = booter.spec_for("true", on=emu)
+    assert len(spec_all.vfio_user) == 3 and "_want_c=3; _want_n=2" in spec_all.init
+    argv = qemu_command(_fake_env(tmp_path), spec, tmp_path / "initrd")
+    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "my-bzImage")
+    (tmp_path / "my.cpio").write_bytes(b"USER-ARCHIVE")
+    out = build_initramfs(_fake_env(tmp_path), "#!/bin/busybox sh\n", tmp_path / "initrd", base=spec.initramfs)
+    assert out.read_bytes().startswith(b"USER-ARCHIVE")   # the run's /init is appended to it
