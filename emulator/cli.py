@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("emulator.guest.demo", "boot a guest on the embedded default, write, verify, show nvme-cli"),
     "status": ("emulator.subsystem.monitor_cli", "a running emulator's controllers, clients, queues, capacity"),
     "stats": ("emulator.subsystem.monitor_cli", "a running emulator's command counts, errors, latency"),
+    "rpc": ("emulator.subsystem.monitor_cli", "call one control-socket method, print its JSON result"),
 }
 
 

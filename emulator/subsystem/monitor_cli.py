@@ -1,5 +1,6 @@
 """`nvme-emu status` and `nvme-emu stats`: a running emulator at a glance, through its
-control socket (methods ``status`` and ``stats``, docs/management-socket.md)."""
+control socket (methods ``status`` and ``stats``, docs/management-socket.md);
+`nvme-emu rpc METHOD [PARAMS]` calls any method (in the style of SPDK's rpc.py)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,12 @@ from emulator.control import ControlClient, ControlError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    if p.prog.split()[-1] == "rpc":
+        p.add_argument("method", help="e.g. status, stats, migration, rpc.methods")
+        p.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
+        p.add_argument("--config", help="the subsystem YAML the emulator was started with")
+        p.add_argument("--socket", type=Path, help="the control socket (instead of a config)")
+        return
     p.add_argument("config", nargs="?", help="the subsystem YAML the emulator was started with "
                                              "(default: the embedded default's state directory)")
     p.add_argument("--socket", type=Path, help="the control socket (instead of a config)")
@@ -36,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from emulator.subsystem.config import ConfigError
     try:
         path = control_path(args)
+        if args.command == "rpc":
+            return rpc(path, args.method, args.params)
         with ControlClient(path, timeout=10.0) as c:
             if args.command == "status":
                 st = c.call("status")
@@ -61,6 +70,27 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def rpc(path: Path, method: str, params_text: str) -> int:
+    try:
+        params = json.loads(params_text)
+    except ValueError as e:
+        print(f"nvme-emu: params are not JSON: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(params, dict):
+        print("nvme-emu: params must be a JSON object", file=sys.stderr)
+        return 2
+    with ControlClient(path, timeout=30.0) as c:
+        try:
+            result = c.call(method, params)
+        except ControlError as e:
+            if e.code is None:
+                raise
+            print(json.dumps({"code": e.code, "message": e.message}), file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 # -- formatting ------------------------------------------------------------------------

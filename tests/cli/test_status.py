@@ -51,6 +51,19 @@ def test_status_and_stats_of_a_running_emulator(nvme_emu) -> None:  # type: igno
     assert r.returncode == 0 and "IO/s" in r.stdout and "p99" in r.stdout
 
 
+def test_rpc_calls_any_method(nvme_emu) -> None:  # type: ignore[no-untyped-def]
+    emu = nvme_emu(CONFIG)
+    r = cli("rpc", "--config", str(emu.config), "stats", '{"cntlid": 2}')
+    assert r.returncode == 0, r.stderr
+    assert [c["cntlid"] for c in json.loads(r.stdout)["controllers"]] == [2]
+    r = cli("rpc", "--socket", str(emu.control_socket), "rpc.methods")
+    assert r.returncode == 0 and "status" in json.loads(r.stdout)
+    r = cli("rpc", "--socket", str(emu.control_socket), "no.such")
+    assert r.returncode == 1 and json.loads(r.stderr)["code"] == -32601
+    r = cli("rpc", "--socket", str(emu.control_socket), "stats", "[1]")
+    assert r.returncode == 2 and "JSON object" in r.stderr
+
+
 def test_status_without_an_emulator_says_so(tmp_path: Path) -> None:
     r = cli("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 1
