@@ -35,20 +35,21 @@ def sentinel_lba(ns_bytes: int, lba_size: int = 512) -> int:
 
 def fio_loop_body(ns_mib: int, run_mib: int = 8, areas: int = 3, jobs: int = 1, iodepth: int = 16,
                   max_runs: int = 200, lba_size: int = 512) -> str:
-    """See the module docstring; fio writes ``run_mib`` MiB per run, cycling over ``areas`` areas."""
+    """See the module docstring; fio writes ``run_mib`` MiB per run (``jobs`` disjoint slices),
+    cycling over ``areas`` areas."""
     lba = sentinel_lba(ns_mib << 20, lba_size)
     return rf"""
 wait_dev /dev/nvme0n1 60 && pass nvme_bound || fail nvme_bound "no /dev/nvme0n1"
 NS=/dev/nvme0n1
 writes() {{ awk '$3 == "nvme0n1" {{ print $8 }}' /proc/diskstats; }}   # writes completed
-result io_queues "$(ls /sys/block/nvme0n1/mq | wc -l)"
+result io_queues "$(ls -d /sys/class/nvme/nvme0/nvme*n1/mq/[0-9]* | wc -l)"
 runs=0; failures=0
 while ! dd if=$NS bs={lba_size} skip={lba} count=1 iflag=direct 2>/dev/null | grep -q {STOP.decode()}; do
     runs=$((runs + 1))
     w0=$(writes)
     fio --name=lm --filename=$NS --rw=randwrite --bs=4k --iodepth={iodepth} --numjobs={jobs} \
-        --ioengine=libaio --direct=1 --size={run_mib}m --offset=$(( (runs % {areas}) * {run_mib} ))m \
-        --offset_increment={run_mib // max(jobs, 1)}m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --ioengine=libaio --direct=1 --size={run_mib // jobs}m --offset=$(( (runs % {areas}) * {run_mib} ))m \
+        --offset_increment={run_mib // jobs}m --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --group_reporting --output-format=json > /tmp/fio.out 2>&1 &
     i=0; while [ "$(writes)" -lt $((w0 + 64)) ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
     pass writing_$runs

@@ -23,10 +23,10 @@ destination process while the guest runs, and returns a :class:`Report`:
    controller state (NVMe-defined and vendor); Set Controller State on the
    destination (whose controller was suspended during the preparation).
 5. Hand-over: the connection, DMA and interrupt fds and the PCI function state
-   go to the destination (control sockets, SCM_RIGHTS); Resume there; the
-   source releases the connection (its controller stays suspended for good);
-   the destination reads the connection.  Then Track Receive reports the
-   guest pages the source controller wrote while tracked.
+   go to the destination (control sockets, SCM_RIGHTS); Resume there, which
+   commits: the destination has the source release the connection (its
+   controller stays suspended for good) and reads it.  Then Track Receive
+   reports the guest pages the source controller wrote while tracked.
 
 Any failure before the destination's Resume undoes what was done: the
 destination drops what it adopted, the source reads its connection again and
@@ -36,6 +36,7 @@ the last copy, while both controllers are suspended.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -110,7 +111,7 @@ class Report:
                 f"{self.pages_reported} pages reported")
 
 
-_STAGES = ("start", "connected", "logging", "suspended", "paused", "adopted", "resumed", "released", "done")
+_STAGES = ("start", "connected", "logging", "suspended", "paused", "adopted", "resumed", "done")
 
 
 class Engine:
@@ -181,7 +182,7 @@ class Engine:
 
     def _set_stage(self, stage: str) -> None:
         """Stages (what would need undoing): connected, logging, suspended, paused,
-        adopted, resumed (committed), released, done."""
+        adopted, resumed (committed), done."""
         self.stage = stage
         if self.on_stage is not None:
             self.on_stage(stage)
@@ -368,7 +369,7 @@ class Engine:
         src.call("handover.pause", cntlid=src.cntlid)
         self._step("pause")
         self._set_stage("paused")
-        state, _ = src.lm.get_state(src.cntlid)
+        state, _ = src.lm.get_state(src.cntlid, piece=64 << 10)  # one command for a few KiB
         self._step("get state")
         if self.before_switch is not None:
             self.before_switch(self)
@@ -378,24 +379,29 @@ class Engine:
         assert src.control is not None and dst.control is not None
         result, fds = src.control.call_fds("handover.export", {"cntlid": src.cntlid})
         try:
-            dst.control.call("handover.adopt", {"cntlid": dst.cntlid, **result}, fds)
+            dst.control.call("handover.adopt", {"cntlid": dst.cntlid, **result, "source":
+                                                {"control": src.control_path, "cntlid": src.cntlid}}, fds)
         finally:
-            import os
             for fd in fds:
                 os.close(fd)
         self._step("hand-over")
         self._set_stage("adopted")
         self._check(dst.lm.resume(dst.cntlid), "destination: Migration Send (Resume)")
         self._step("resume")
+        # Committed: at the Resume the destination releases the source's copy of the
+        # connection and reads it (its control socket does, even if the MMH dies now).
         self._set_stage("resumed")
-        # Committed: the destination runs the controller.  The source forgets the connection.
-        try:
-            src.call("handover.release", cntlid=src.cntlid)
-        except Exception as e:  # the source died: its copy of the connection is gone anyway
-            log.warning("source: release failed (%s); the destination goes on", e)
-        self._set_stage("released")
-        dst.call("handover.start", cntlid=dst.cntlid)
-        self._step("release + start")
+        deadline = time.monotonic() + 10
+        while True:
+            info = dst.call("session.info", cntlid=dst.cntlid)
+            if info["connected"] and not info["paused"]:
+                break
+            if not info["connected"]:
+                raise MigrationError("destination dropped the connection at the commit (see its log)")
+            if time.monotonic() > deadline:
+                raise MigrationError("destination did not start serving the connection")
+            time.sleep(0.0005)
+        self._step("commit")
         self._set_stage("done")
         # The suspended source writes no guest memory any more: Track Receive after the switch.
         if self.tracking:
@@ -415,9 +421,7 @@ class Engine:
             except Exception as e:
                 log.warning("cleanup: %s failed: %s", what, e)
         if reached >= _STAGES.index("resumed"):
-            if reached < _STAGES.index("done"):
-                attempt("destination start", lambda: dst.call("handover.start", cntlid=dst.cntlid))
-            return
+            return  # committed: the destination finishes the hand-over by itself
         if reached >= _STAGES.index("adopted"):
             attempt("destination discard", lambda: dst.call("handover.discard", cntlid=dst.cntlid))
         if reached >= _STAGES.index("paused"):

@@ -3,20 +3,26 @@
 The MMH (``nvme-emu migrate``) calls them, in this order, around the TP4159
 state transfer (docs/live-migration.md):
 
-* source ``handover.pause``    stop reading the guest's connection at a message boundary
+* source ``handover.pause``    stop reading the guest's connection at a message boundary; the
+                               controller is held (a wake waits for the end of the hand-over)
 * (MMH: Migration Receive of the controller state, Set Controller State on the destination)
 * source ``handover.export``   the connection fd, DMA and interrupt fds (SCM_RIGHTS), session
                                and PCI function state (JSON)
 * destination ``handover.adopt``  take them, PCI function state loaded, DMA maps and interrupt
-                               fds set up; the socket is not read yet
-* (MMH: Migration Send Resume on the destination)
-* source ``handover.release``  forget the connection; the controller stays suspended for good
-* destination ``handover.start``  read the socket: QEMU's queued messages are served by it
+                               fds set up; the socket is not read yet.  With ``source``
+                               (its control socket and CNTLID) the destination commits by
+                               itself when its controller is resumed:
+* (MMH: Migration Send Resume on the destination) -> the destination calls the source's
+  ``handover.release`` (forget the connection; its controller stays suspended), then reads the
+  socket: QEMU's queued messages are served by it.  (Without ``source``: the MMH calls
+  ``handover.release`` and ``handover.start`` itself.)
 
 Undo steps: ``handover.unpause`` (source), ``handover.discard`` (destination).
-If the control client that paused (adopted) a session disconnects before
-``release`` (``start``), the source reads its connection again and the
-destination discards what it adopted.
+If the control client that paused a session disconnects, the source waits
+``RELEASE_GRACE`` seconds for a release (a destination committing), then reads
+its connection again and ends the hold.  If the control client that adopted a
+session disconnects before its controller was resumed (by Migration Send
+Resume, not by an MMC reset), the destination discards it.
 
 This module wires servers to controllers (the subsystem layer); the vfio-user
 server moves only a session and an opaque device state.
@@ -38,11 +44,17 @@ if TYPE_CHECKING:
     from emulator.subsystem.runtime import Runtime
 
 PAUSE_TIMEOUT = 5.0  # seconds to wait for a message boundary
+RELEASE_GRACE = 1.0  # seconds a paused source waits for a release after its MMH went away
+COMMIT_TIMEOUT = 2.0  # seconds the destination gives the source to answer the release
 
 
 class Handover:
     def __init__(self, runtime: "Runtime") -> None:
         self.rt = runtime
+        self.sources: dict[int, dict[str, Any]] = {}  # adopted cntlid -> the source to release
+        # cntlid -> (control client, the session object) that paused / adopted it
+        self.paused_by: dict[int, tuple[ControlConnection, Any]] = {}
+        self.staged_by: dict[int, tuple[ControlConnection, Any]] = {}
 
     def register(self, control: ControlServer) -> None:
         for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
@@ -51,6 +63,8 @@ class Handover:
                          ("handover.discard", self.discard), ("handover.release", self.release)):
             control.register(name, fn)
         control.on_disconnect.append(self._client_gone)
+        from emulator.nvme.migration import send
+        send.RESUMED.append(self._resumed)
 
     def _server(self, req: Request) -> tuple[int, VfioUserServer]:
         cntlid = req.params["cntlid"]
@@ -59,10 +73,6 @@ class Handover:
             raise MethodError(f"no controller {cntlid!r}")
         return cntlid, server
 
-    @staticmethod
-    def _mark(conn: ControlConnection, key: str, cntlid: int, on: bool) -> None:
-        marks: set[int] = conn.data.setdefault(key, set())
-        (marks.add if on else marks.discard)(cntlid)
 
     # -- methods ------------------------------------------------------------------
     def subsystem_info(self, req: Request) -> dict[str, Any]:
@@ -92,15 +102,22 @@ class Handover:
                 if not server.connected or time.monotonic() > deadline:
                     raise MethodError(f"controller {cntlid}: cannot pause: {e}") from None
             await asyncio.sleep(0.0005)
-        self._mark(req.conn, "paused", cntlid, True)
+        from emulator.nvme.migration import send
+        send.hold(self.rt.subsystem.controllers[cntlid], True)
+        self.paused_by[cntlid] = (req.conn, server.session)
         return {}
 
     def unpause(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
+        self._unpause(cntlid, server)
+        return {}
+
+    def _unpause(self, cntlid: int, server: VfioUserServer) -> None:
+        from emulator.nvme.migration import send
+        self.paused_by.pop(cntlid, None)
         if server.paused:
             server.start_reading()
-        self._mark(req.conn, "paused", cntlid, False)
-        return {}
+        send.hold(self.rt.subsystem.controllers[cntlid], False)
 
     def export(self, req: Request) -> Reply:
         cntlid, server = self._server(req)
@@ -122,31 +139,69 @@ class Handover:
             close_fds(fds)
             raise
         fds = []
+        source = req.params.get("source")
+        if source is not None and not (isinstance(source, dict) and isinstance(source.get("control"), str)
+                                       and isinstance(source.get("cntlid"), int)):
+            sock.close()
+            state.close()
+            raise MethodError("source must be {control: path, cntlid: n}")
         try:
             server.adopt_connection(sock, state, reading=False, device_state=req.params["device"])
         except RuntimeError as e:
             raise MethodError(f"controller {cntlid}: {e}") from None
-        self._mark(req.conn, "staged", cntlid, True)
+        if source is not None:
+            self.sources[cntlid] = source
+        self.staged_by[cntlid] = (req.conn, server.session)
         return {}
+
+    def _resumed(self, ctrl: Any) -> None:
+        """Migration Send Resume of one of our controllers: commit an adopted connection."""
+        cntlid = ctrl.cntlid
+        if self.rt.subsystem.controllers.get(cntlid) is ctrl and cntlid in self.sources:
+            self.staged_by.pop(cntlid, None)  # resumed here: no longer the MMH's to discard
+            self.rt.loop.call_soon(self._commit, cntlid)
+
+    def _commit(self, cntlid: int) -> None:
+        """Release the source's copy of the connection, then read it here."""
+        from emulator.control import ControlClient, ControlError
+        source = self.sources.pop(cntlid, None)
+        server = self.rt.servers[cntlid]
+        if source is None or not server.paused:
+            return
+        try:
+            with ControlClient(source["control"], timeout=COMMIT_TIMEOUT) as c:
+                c.call("handover.release", {"cntlid": source["cntlid"]})
+        except ControlError as e:
+            if e.code is not None:  # the source refused: it serves the connection itself
+                self.rt.log.error("source refused the release (%s): discarding the adopted session", e)
+                self._discard(cntlid, server)
+                return
+            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
+        except OSError as e:
+            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
+        self.staged_by.pop(cntlid, None)
+        server.start_reading()
+        self.rt.log.info("controller %d: hand-over committed", cntlid)
 
     def start(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
         if not server.connected:
             raise MethodError(f"controller {cntlid}: no session to start")
         server.start_reading()
-        self._mark(req.conn, "staged", cntlid, False)
+        self.staged_by.pop(cntlid, None)
         return {}
 
     def discard(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
+        self.sources.pop(cntlid, None)
         if server.paused:
             self._discard(cntlid, server)
-        self._mark(req.conn, "staged", cntlid, False)
         return {}
 
     def _discard(self, cntlid: int, server: VfioUserServer) -> None:
         """Drop an adopted session that never ran here; the controller goes back to its
         power-on state (a later migration can set a state into it again)."""
+        self.staged_by.pop(cntlid, None)
         server.disconnect()
         self.rt.subsystem.controllers[cntlid].function_reset()
 
@@ -158,19 +213,24 @@ class Handover:
             raise MethodError(f"controller {cntlid}: {e}") from None
         from emulator.nvme.migration import send
         send.release(self.rt.subsystem.controllers[cntlid])
-        self._mark(req.conn, "paused", cntlid, False)
+        self.paused_by.pop(cntlid, None)
         return {}
 
     # -- the rule when the MMH goes away mid-way -------------------------------------
     def _client_gone(self, conn: ControlConnection) -> None:
-        for cntlid in conn.data.get("paused", ()):
+        for cntlid, (c, session) in list(self.paused_by.items()):
+            if c is conn:
+                self.rt.loop.call_later(RELEASE_GRACE, self._grace_over, cntlid, session)
+        for cntlid, (c, session) in list(self.staged_by.items()):
             server = self.rt.servers.get(cntlid)
-            if server is not None and server.paused:
-                self.rt.log.warning("control client left controller %d paused: reading again", cntlid)
-                server.start_reading()
-        for cntlid in conn.data.get("staged", ()):
-            server = self.rt.servers.get(cntlid)
-            if server is not None and server.paused:
+            if c is conn and server is not None and server.session is session and server.paused:
                 self.rt.log.warning("control client left an adopted session of controller %d: discarded",
                                     cntlid)
+                self.sources.pop(cntlid, None)
                 self._discard(cntlid, server)
+
+    def _grace_over(self, cntlid: int, session: Any) -> None:
+        server = self.rt.servers.get(cntlid)
+        if server is not None and server.session is session and server.paused:
+            self.rt.log.warning("control client left controller %d paused: reading again", cntlid)
+            self._unpause(cntlid, server)

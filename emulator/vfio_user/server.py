@@ -142,7 +142,7 @@ class VfioUserServer:
         sock.setblocking(False)
         session = None
         try:
-            if device_state is not None:
+            if device_state:
                 load = getattr(self.backend, "import_device_state", None)
                 if load is None:
                     raise ValueError("this device backend takes no device state")

@@ -1,10 +1,10 @@
 """Live migration faults (issue 10): the source keeps serving the guest whatever fails.
 
 - the destination refuses (Set Controller State) or dies before Resume: the source resumes;
-- the MMH dies at any stage before the commit: the source's MMC loses its host, so its
-  LBA Migration Queue, logging and memory tracking go and the controller it suspended
-  resumes; the source reads the guest's connection again; the destination discards what
-  it adopted;
+- the MMH dies at any stage before the commit (the destination's Resume): the source's MMC
+  loses its host, so its LBA Migration Queue, logging and memory tracking go and the
+  controller it suspended resumes; the source reads the guest's connection again; the
+  destination discards what it adopted.  After the commit the destination finishes alone;
 - the LBA Migration Queue fills (ESA 111b): the MMH copies the whole allocated space
   again and still finishes with equal files;
 - the destination cannot write (out of space): a clear error, the source goes on.
@@ -134,6 +134,23 @@ def test_mmh_killed(pair: tuple[Any, Any, WritingGuest], stage: str) -> None:
     # and a later migration goes through
     r = engine(a, b).run()
     assert r.ok, r.error
+
+
+def test_mmh_killed_after_the_commit(pair: tuple[Any, Any, WritingGuest]) -> None:
+    """Killed right after the destination's Resume: the destination finishes the hand-over."""
+    a, b, guest = pair
+    guest.start()
+    e = engine(a, b)
+    e.on_stage = kill_at("resumed")(e)
+    with pytest.raises(Killed):
+        e.run()
+
+    def b_serves() -> bool:
+        server = b.rt.runtime.servers[1]
+        return server.connected and not server.paused and not b.subsystem.controllers[1].state.suspended
+    assert wait_until(lambda: b.call(b_serves))
+    assert a.call(lambda: not a.rt.runtime.servers[1].connected and a.subsystem.controllers[1].state.suspended)
+    assert_guest_goes_on(guest)
 
 
 def test_full_lba_migration_queue_falls_back_to_a_full_copy(emu: Any) -> None:

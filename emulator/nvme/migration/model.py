@@ -21,7 +21,7 @@ TARGET_KEY = "tp4159_target"
 
 @dataclass
 class CdqState:
-    """One Controller Data Queue of an MMC (Base §8.1.6; doc §14)."""
+    """One Controller Data Queue of an MMC (Base 2.1 §8.1.6 [2.3 §8.1.7])."""
     cdqid: int
     qt: int  # Queue Type (0h = User Data Migration Queue)
     cntlid: int  # CQS: the migratable controller whose changes are logged
@@ -111,6 +111,10 @@ class TargetState:
     # The controller moved to another process (live migration hand-over): it
     # stays suspended for good and refuses Resume.
     released: bool = False
+    # Its host connection is paused for a hand-over: a wake (Resume, MMC reset) waits
+    # until the hand-over is undone (wake_pending) or becomes a release.
+    held: bool = False
+    wake_pending: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetState":

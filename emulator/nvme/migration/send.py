@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from emulator.nvme.controller import Result
 from emulator.nvme.migration import ctrlstate, udlog, wire
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 log = logging.getLogger("nvme.lm.send")
+
+# Called with the target after every successful Resume (the process hand-over
+# layer commits an adopted connection there).
+RESUMED: list[Callable[["Controller"], None]] = []
 
 
 @mmc_command(AdminOpcode.MIGRATION_SEND)
@@ -81,18 +85,35 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
     udlog.on_resume(target)  # the 'first since resume' marker precedes what follows
     wake(target)
     log.info("MMC %d: controller %d resumed", mmc.cntlid, cntlid)
+    for hook in RESUMED:
+        hook(target)
     return 0, 0
 
 
 def wake(target: "Controller") -> None:
     """End the suspended state: fetch what the host queued meanwhile, re-signal CQs."""
-    if target_state(target).released:
+    ts = target_state(target)
+    if ts.released:
         return  # migrated away: suspended for good
+    if ts.held:
+        ts.wake_pending = True  # its connection is being handed over: decided by hold(False)
+        return
     target.state.suspended = False
+    ctrlstate.forget(target)
     ts = target_state(target)
     ts.suspended_by, ts.suspended_at = -1, []
     target.kick()
     target.rearm_interrupts()
+
+
+def hold(target: "Controller", on: bool) -> None:
+    """Hold a suspended controller while its host connection is paused for a hand-over:
+    a wake meanwhile waits; at the end of the hold (hand-over undone) it happens."""
+    ts = target_state(target)
+    ts.held = on
+    if not on and ts.wake_pending:
+        ts.wake_pending = False
+        wake(target)
 
 
 def release(target: "Controller") -> None:
@@ -102,7 +123,8 @@ def release(target: "Controller") -> None:
     and refuses Resume until a Set Controller State commits a new state."""
     target.controller_level_reset()
     target.state.suspended = True
-    target_state(target).released = True
+    ts = target_state(target)
+    ts.released, ts.held, ts.wake_pending = True, False, False
     log.info("controller %d released after migration", target.cntlid)
 
 
