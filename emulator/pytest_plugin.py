@@ -224,11 +224,10 @@ def nvme_emu(request: pytest.FixtureRequest, nvme_emu_workdir: Path) -> Iterator
         if isinstance(config, Mapping):
             cfg = dict(config)
             cfg.setdefault("state_dir", str(nvme_emu_workdir / name))
-            state_dir = Path(cfg["state_dir"])
+            state_dir = nvme_emu_workdir / Path(cfg["state_dir"]).expanduser()  # relative: to the YAML's dir
             state_dir.mkdir(parents=True, exist_ok=True)
             cfg_path: Path | None = nvme_emu_workdir / f"{name}.yaml"
-            assert cfg_path is not None
-            cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            Path(nvme_emu_workdir / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         else:
             cfg_path = Path(config) if config is not None else None
             if cfg_path is not None:
