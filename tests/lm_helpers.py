@@ -30,18 +30,13 @@ def sparse_diff(a: Path, b: Path, size: int, chunk: int = 1 << 20) -> list[int]:
     zeros: only the extents holding data in either file are read."""
     diffs: list[int] = []
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        spans = sorted(data_extents(fa.fileno(), size) + data_extents(fb.fileno(), size))
-        merged: list[list[int]] = []
-        for s, e in spans:
-            if merged and s <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([s, e])
-        for s, e in merged:
-            for off in range(s - s % chunk, e, chunk):
-                n = min(chunk, size - off)
-                if os.pread(fa.fileno(), n, off).ljust(n, b"\0") != os.pread(fb.fileno(), n, off).ljust(n, b"\0"):
-                    diffs.append(off)
+        chunks: set[int] = set()  # every chunk touched by data in either file, once
+        for s, e in data_extents(fa.fileno(), size) + data_extents(fb.fileno(), size):
+            chunks.update(range(s - s % chunk, e, chunk))
+        for off in sorted(chunks):
+            n = min(chunk, size - off)
+            if os.pread(fa.fileno(), n, off).ljust(n, b"\0") != os.pread(fb.fileno(), n, off).ljust(n, b"\0"):
+                diffs.append(off)
     return sorted(set(diffs))
 
 

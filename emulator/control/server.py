@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Union
 
 from emulator.control import wire
+from emulator.vfio_user.codec import close_fds
 from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_all
 
 
@@ -62,14 +63,6 @@ class Request:
 
 
 Method = Callable[[Request], Union[Any, Awaitable[Any]]]
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class ControlServer:
@@ -134,8 +127,12 @@ class ControlServer:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:
+        except OSError as e:  # e.g. EMFILE: back off instead of spinning on a readable listener
             self.log.error("control accept failed: %s", e)
+            fd = self._listener.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.call_later(0.1, lambda: self._listener is not None
+                                 and self.loop.add_reader(fd, self._on_accept))
             return
         sock.setblocking(False)
         self._count += 1
@@ -186,12 +183,12 @@ class ControlServer:
         fds, conn.fds = conn.fds[:nfds], conn.fds[nfds:]
         msg_id, method, params = msg.get("id"), msg.get("method"), msg.get("params", {})
         if msg.get("jsonrpc") != "2.0" or not isinstance(method, str) or not isinstance(params, dict):
-            _close(fds)
+            close_fds(fds)
             self._queue(conn, None, wire.error(msg_id, wire.INVALID_REQUEST, "not a JSON-RPC 2.0 request"))
             return
         fn = self.methods.get(method)
         if fn is None:
-            _close(fds)
+            close_fds(fds)
             self._queue(conn, None, wire.error(msg_id, wire.METHOD_NOT_FOUND, f"no method {method!r}"))
             return
         req = Request(method, params, fds, conn)
@@ -263,7 +260,7 @@ class ControlServer:
             self.log.warning("control client %d: reply not sent: %s", conn.number, e)
             self._drop(conn)
         finally:
-            _close(fds)
+            close_fds(fds)
 
     def _drop(self, conn: ControlConnection) -> None:
         if conn.closed:
@@ -272,7 +269,7 @@ class ControlServer:
         self._conns.pop(conn.sock.fileno(), None)
         self.loop.remove_reader(conn.sock.fileno())
         conn.sock.close()
-        _close(conn.fds)
+        close_fds(conn.fds)
         conn.fds = []
         for cb in self.on_disconnect:
             try:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 MAX_LINE = 1 << 20  # a longer line is a protocol error (the connection is closed)
-MAX_FDS = 64  # fds per message
+MAX_FDS = 253  # fds per message (Linux SCM_MAX_FD)
 
 # JSON-RPC 2.0 §5.1 error codes
 PARSE_ERROR = -32700

@@ -46,7 +46,7 @@ class Endpoint:
         self.mmc_cntlid = mmcs[0]["cntlid"]
         try:
             client = VfioUserClient(mmcs[0]["socket"], timeout=30.0)
-            self.host = NvmeHost(VfioUserTransport(client, memory), memory, timeout=30.0)
+            self.host = NvmeHost(VfioUserTransport(client, memory), memory, timeout=30.0, use_interrupts=True)
             self.host.init(io_queues=io_queues, qsize=qsize)
         except Exception as e:
             raise MigrationError(f"{self.name}: cannot drive MMC {self.mmc_cntlid} at {mmcs[0]['socket']}: {e}") \

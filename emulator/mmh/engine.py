@@ -47,7 +47,6 @@ from emulator.host.memory import HostMemory
 from emulator.mmh.copier import Copier
 from emulator.mmh.endpoint import Endpoint, MigrationError
 from emulator.mmh.ranges import Range, coalesce, split, total
-from emulator.nvme.migration import wire
 from emulator.nvme.migration.wire import Esa, Lbacir
 
 log = logging.getLogger("nvme-emu.migrate")
@@ -134,7 +133,7 @@ class Engine:
         self.tracking = False
         self.formats: dict[int, int] = {}  # nsid -> LBA size
         self._t_phase = 0.0
-        self._t_step = 0.0
+        self._t_step = self._t_suspend = 0.0
 
     # -- public -----------------------------------------------------------------------
     def run(self) -> Report:
@@ -151,11 +150,9 @@ class Engine:
             self._phase("pre-copy")
             pending = self._precopy()
             self._phase("suspend")
-            t_suspend = time.monotonic()
             self._suspend_and_copy(pending)
             self._phase("state")
             self._switch()
-            self.report.downtime_ms = (time.monotonic() - t_suspend) * 1000
             self._phase("done")
             self.report.ok = True
         except Exception as e:
@@ -344,7 +341,7 @@ class Engine:
     def _suspend_and_copy(self, pending: dict[int, list[Range]]) -> None:
         src = self.src
         assert src.lm is not None
-        self._t_step = time.monotonic()
+        self._t_step = self._t_suspend = time.monotonic()
         self._check(src.lm.suspend(src.cntlid, dudmq=True), "source: Migration Send (Suspend)")
         self._step("suspend")
         self._set_stage("suspended")
@@ -391,17 +388,10 @@ class Engine:
         # Committed: at the Resume the destination releases the source's copy of the
         # connection and reads it (its control socket does, even if the MMH dies now).
         self._set_stage("resumed")
-        deadline = time.monotonic() + 10
-        while True:
-            info = dst.call("session.info", cntlid=dst.cntlid)
-            if info["connected"] and not info["paused"]:
-                break
-            if not info["connected"]:
-                raise MigrationError("destination dropped the connection at the commit (see its log)")
-            if time.monotonic() > deadline:
-                raise MigrationError("destination did not start serving the connection")
-            time.sleep(0.0005)
+        if not dst.call("handover.wait", cntlid=dst.cntlid, timeout=10)["serving"]:
+            raise MigrationError("destination does not serve the connection after the commit (see its log)")
         self._step("commit")
+        self.report.downtime_ms = (time.monotonic() - self._t_suspend) * 1000
         self._set_stage("done")
         # The suspended source writes no guest memory any more: Track Receive after the switch.
         if self.tracking:

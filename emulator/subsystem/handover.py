@@ -12,10 +12,10 @@ state transfer (docs/live-migration.md):
                                fds set up; the socket is not read yet.  With ``source``
                                (its control socket and CNTLID) the destination commits by
                                itself when its controller is resumed:
-* (MMH: Migration Send Resume on the destination) -> the destination calls the source's
-  ``handover.release`` (forget the connection; its controller stays suspended), then reads the
-  socket: QEMU's queued messages are served by it.  (Without ``source``: the MMH calls
-  ``handover.release`` and ``handover.start`` itself.)
+* (MMH: Migration Send Resume on the destination) -> the destination reads the socket
+  (QEMU's queued messages are served by it), then calls the source's ``handover.release``
+  (forget the connection; its controller stays suspended).  ``handover.wait`` returns once
+  it reads.  (Without ``source``: the MMH calls ``handover.release`` and ``handover.start``.)
 
 Undo steps: ``handover.unpause`` (source), ``handover.discard`` (destination).
 If the control client that paused a session disconnects, the source waits
@@ -34,8 +34,9 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from emulator.control import ControlServer, MethodError, Reply, Request
+from emulator.control import ControlClient, ControlError, ControlServer, MethodError, Reply, Request
 from emulator.control.server import ControlConnection
+from emulator.nvme.migration import send
 from emulator.vfio_user.codec import close_fds
 from emulator.vfio_user.server import VfioUserServer
 from emulator.vfio_user.session import HandoverState
@@ -57,13 +58,13 @@ class Handover:
         self.staged_by: dict[int, tuple[ControlConnection, Any]] = {}
 
     def register(self, control: ControlServer) -> None:
-        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info), ("handover.pause", self.pause),
-                         ("handover.unpause", self.unpause), ("handover.export", self.export),
+        for name, fn in (("subsystem.info", self.subsystem_info), ("session.info", self.info),
+                         ("handover.pause", self.pause), ("handover.unpause", self.unpause), ("handover.export", self.export),
                          ("handover.adopt", self.adopt), ("handover.start", self.start),
-                         ("handover.discard", self.discard), ("handover.release", self.release)):
+                         ("handover.discard", self.discard), ("handover.release", self.release),
+                         ("handover.wait", self.wait)):
             control.register(name, fn)
         control.on_disconnect.append(self._client_gone)
-        from emulator.nvme.migration import send
         send.RESUMED.append(self._resumed)
 
     def _server(self, req: Request) -> tuple[int, VfioUserServer]:
@@ -72,7 +73,6 @@ class Handover:
         if server is None:
             raise MethodError(f"no controller {cntlid!r}")
         return cntlid, server
-
 
     # -- methods ------------------------------------------------------------------
     def subsystem_info(self, req: Request) -> dict[str, Any]:
@@ -102,7 +102,6 @@ class Handover:
                 if not server.connected or time.monotonic() > deadline:
                     raise MethodError(f"controller {cntlid}: cannot pause: {e}") from None
             await asyncio.sleep(0.0005)
-        from emulator.nvme.migration import send
         send.hold(self.rt.subsystem.controllers[cntlid], True)
         self.paused_by[cntlid] = (req.conn, server.session)
         return {}
@@ -113,7 +112,6 @@ class Handover:
         return {}
 
     def _unpause(self, cntlid: int, server: VfioUserServer) -> None:
-        from emulator.nvme.migration import send
         self.paused_by.pop(cntlid, None)
         if server.paused:
             server.start_reading()
@@ -162,26 +160,28 @@ class Handover:
             self.rt.loop.call_soon(self._commit, cntlid)
 
     def _commit(self, cntlid: int) -> None:
-        """Release the source's copy of the connection, then read it here."""
-        from emulator.control import ControlClient, ControlError
+        """Read the connection here, then have the source forget its copy (the source is
+        paused and its controller held, so it does not read meanwhile)."""
         source = self.sources.pop(cntlid, None)
         server = self.rt.servers[cntlid]
         if source is None or not server.paused:
             return
+        self.staged_by.pop(cntlid, None)
+        server.start_reading()
         try:
             with ControlClient(source["control"], timeout=COMMIT_TIMEOUT) as c:
                 c.call("handover.release", {"cntlid": source["cntlid"]})
-        except ControlError as e:
-            if e.code is not None:  # the source refused: it serves the connection itself
-                self.rt.log.error("source refused the release (%s): discarding the adopted session", e)
-                self._discard(cntlid, server)
-                return
-            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
-        except OSError as e:
-            self.rt.log.warning("source unreachable at commit (%s): serving the connection", e)
-        self.staged_by.pop(cntlid, None)
-        server.start_reading()
+        except (ControlError, OSError) as e:  # a dead source took its copy with it
+            self.rt.log.warning("controller %d: the source did not release (%s)", cntlid, e)
         self.rt.log.info("controller %d: hand-over committed", cntlid)
+
+    async def wait(self, req: Request) -> dict[str, Any]:
+        """Wait until the connection of ``cntlid`` is read here (true), or is gone (false)."""
+        cntlid, server = self._server(req)
+        deadline = time.monotonic() + float(req.params.get("timeout", 10.0))
+        while server.paused and time.monotonic() < deadline:
+            await asyncio.sleep(0.0002)
+        return {"serving": server.connected and not server.paused}
 
     def start(self, req: Request) -> dict[str, Any]:
         cntlid, server = self._server(req)
@@ -211,7 +211,6 @@ class Handover:
             server.release()
         except RuntimeError as e:
             raise MethodError(f"controller {cntlid}: {e}") from None
-        from emulator.nvme.migration import send
         send.release(self.rt.subsystem.controllers[cntlid])
         self.paused_by.pop(cntlid, None)
         return {}

@@ -53,7 +53,7 @@ def test_guest_disk_moves_a_b_a_b_under_fio(boot_guest, emulator, guest_workdir:
         def compare(_: Engine, src: Any = src, dst: Any = dst) -> None:
             diffs.append(sparse_diff(state(src) / "ns1.img", state(dst) / "ns1.img", size))
         r = migrate(state(src) / "control.sock", state(dst) / "control.sock", before_switch=compare)
-        print(f"{src.name}->{dst.name}: {r.summary()}")
+        print(f"{src.name}->{dst.name}: {r.summary()}; steps (ms) {r.downtime_steps_ms}")
         assert r.ok, r.error
         assert diffs == [[]], f"{src.name}->{dst.name}: backing files differ at {diffs}"
         reports.append(r)
