@@ -10,12 +10,14 @@ suspended the command is aborted with Controller Suspended (39h) (§5.1.22:
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import TYPE_CHECKING
 
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.identify import CTRL_PATCHERS
 from emulator.nvme.logpages import log_page
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
     LID, AdminOpcode, Command, CommandSpecific, invalid_field, specific,
 )
@@ -49,15 +51,28 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
         raise specific(CommandSpecific.CONTROLLER_SUSPENDED, "a controller is suspended")
     if sanact == SANACT_EXIT_FAILURE:
         return 0, 0  # never in the failure state
-    for ns in sub.namespaces.values():
-        ns.deallocate(0, ns.nsze)
-        ns.flush()
-    for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
-        for hook in ctrl.observers.on_write:
-            hook(ctrl, attached.nsid, 0, attached.nsze, True)
-    for c in sub.controllers.values():
-        c.state.vendor[VENDOR_KEY] = [SSTAT_COMPLETED, cmd.cdw10]
-    return 0, 0
+    namespaces = list(sub.namespaces.values())
+
+    def erase() -> None:  # on a worker thread: file operations only
+        for ns in namespaces:
+            ns.punch(0, ns.nsze)
+            os.fdatasync(ns.fd)
+
+    def then(_: None) -> Result:
+        syncs = []
+        for ns in namespaces:
+            ns.allocation.mark_deallocated(0, ns.nsze)
+            syncs.append(ns.allocation.save)  # the bitmap's words that changed
+        for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
+            for hook in ctrl.observers.on_write:
+                hook(ctrl, attached.nsid, 0, attached.nsze, True)
+        for c in sub.controllers.values():
+            c.state.vendor[VENDOR_KEY] = [SSTAT_COMPLETED, cmd.cdw10]
+        for sync in syncs:
+            sync()
+        return 0, 0
+
+    return offload(ctrl, cmd, erase, then)
 
 
 @log_page(LID.SANITIZE_STATUS)
