@@ -12,10 +12,12 @@ destination process while the guest runs, and returns a :class:`Report`:
    starts on the guest's DMA regions (Track Send SEL 1h).
 2. Pre-copy: Get LBA Status ATYPE 02h gives the allocated ranges, which are
    copied (read on the source MMC, write on the destination MMC).  Then the
-   queue is drained and the logged ranges copied, round after round, until a
-   round's ranges are small (``small_bytes``), stop shrinking, or
-   ``max_rounds`` is reached.  A queue that fills (ESA 111b) stops logging:
-   logging restarts and the whole allocated space is copied again.
+   queue is drained and its entries applied in order (last written: copied;
+   last deallocated: deallocated on the destination), round after round,
+   until a round is small (``small_bytes``), stops shrinking, or
+   ``max_rounds`` is reached.  A queue that fills (ESA 111b) stops logging and
+   loses changes: logging restarts, the destination's allocation beyond the
+   source's is deallocated and the whole allocated space copied again.
 3. Suspend (Migration Send SEL 0h, DUDMQ=1, so the queue is deleted after the
    ESA 011b marker: that ends the logging); the last ranges are copied.
 4. State: the source stops reading the guest's vfio-user connection at a
@@ -46,7 +48,7 @@ from emulator.host.lm import HostCdq
 from emulator.host.memory import HostMemory
 from emulator.mmh.copier import Copier
 from emulator.mmh.endpoint import Endpoint, MigrationError
-from emulator.mmh.ranges import Range, coalesce, split, total
+from emulator.mmh.ranges import ChangeSet, Range, coalesce, split, subtract, total
 from emulator.nvme.migration.wire import Esa, Lbacir
 
 log = logging.getLogger("nvme-emu.migrate")
@@ -132,6 +134,7 @@ class Engine:
         self.lmq_deleted = False
         self.tracking = False
         self.formats: dict[int, int] = {}  # nsid -> LBA size
+        self.nsze: dict[int, int] = {}  # nsid -> LBAs
         self._t_phase = 0.0
         self._t_step = self._t_suspend = 0.0
 
@@ -148,9 +151,9 @@ class Engine:
             self._phase("prepare")
             self._prepare()
             self._phase("pre-copy")
-            pending = self._precopy()
+            self._precopy()
             self._phase("suspend")
-            self._suspend_and_copy(pending)
+            self._suspend_and_copy()
             self._phase("state")
             self._switch()
             self._phase("done")
@@ -223,6 +226,7 @@ class Engine:
                 raise MigrationError(f"namespace {nsid} differs: source {a.nsze} x {a.lba_size} B "
                                      f"(ms {a.ms}), destination {b.nsze} x {b.lba_size} B (ms {b.ms})")
             self.formats[nsid] = a.lba_size
+            self.nsze[nsid] = a.nsze
         s_info, d_info = src.call("session.info", cntlid=src.cntlid), dst.call("session.info", cntlid=dst.cntlid)
         if not s_info["connected"]:
             raise MigrationError(f"source controller {src.cntlid} has no host connected: nothing to move")
@@ -283,9 +287,8 @@ class Engine:
         out = {nsid: self.src.lm.allocated(nsid) for nsid in self.formats}
         return out
 
-    def _precopy(self) -> dict[int, list[Range]]:
-        """Bulk copy, then rounds of logged ranges until a round is small or stops shrinking;
-        returns ranges left for after the suspend (none: every drained range is copied)."""
+    def _precopy(self) -> None:
+        """Bulk copy, then rounds of logged changes until a round is small or stops shrinking."""
         alloc = self._allocated()
         self.report.bytes_allocated = sum(total(r) * self.formats[n] for n, r in alloc.items())
         self._copy(alloc)
@@ -298,47 +301,72 @@ class Engine:
                 self._overflow(restart=True)
                 prev = None
                 continue
-            size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
+            size = self._size(logged, self.formats)
             if size:
-                self._copy(logged)
+                copied = self._apply(logged)
                 seconds = time.monotonic() - t0
-                self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, seconds))
+                self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, copied, seconds))
                 self.report.rounds = len(self.report.round_stats)
                 self.progress.dirty_rate = size / max(seconds, 1e-6)
             if size <= self.opt.small_bytes or (prev is not None and size >= prev):
                 break  # small, or not shrinking: the rest is copied after the suspend
             prev = size
-        return {}
 
-    def _drain(self, consume: bool) -> tuple[dict[int, list[Range]], bool]:
-        """Logged ranges by NSID since the last drain; whether the queue filled (ESA 111b)."""
+    def _drain(self, consume: bool) -> tuple[dict[int, ChangeSet], bool]:
+        """Logged changes by NSID since the last drain, in queue order; whether the queue
+        filled (ESA 111b)."""
         assert self.src.lm is not None and self.lmq is not None
-        out: dict[int, list[Range]] = defaultdict(list)
+        out: dict[int, ChangeSet] = defaultdict(ChangeSet)
         overflow = False
         for e in self.src.lm.drain(self.lmq, consume=consume):
             if e.esa == Esa.LAST_FULL:
                 overflow = True
-            if e.lbacir == Lbacir.RANGE and e.nsid in self.formats:
-                out[e.nsid].append((e.slba, e.nlb))
-                self.report.bytes_logged += e.nlb * self.formats[e.nsid]
-            elif e.lbacir == Lbacir.WHOLE_NAMESPACE and e.nsid in self.formats:
-                out[e.nsid].append((0, 1 << 62))  # clipped below
-        for nsid, rs in out.items():
-            if any(n == 1 << 62 for _, n in rs):
-                out[nsid] = self._allocated()[nsid]
+            if e.nsid not in self.formats or e.lbacir not in (Lbacir.RANGE, Lbacir.WHOLE_NAMESPACE):
+                continue
+            cs = out[e.nsid]
+            if e.lbacir == Lbacir.WHOLE_NAMESPACE:  # everything may have changed
+                cs.deallocate((0, self.nsze[e.nsid]))
+                for r in self._allocated()[e.nsid]:
+                    cs.write(r)
+                continue
+            self.report.bytes_logged += e.nlb * self.formats[e.nsid]
+            (cs.deallocate if e.dlba else cs.write)((e.slba, e.nlb))
         return dict(out), overflow
 
+    def _apply(self, changes: dict[int, ChangeSet]) -> int:
+        """Deallocate on the destination what was last deallocated, copy what was last
+        written; returns the bytes copied."""
+        assert self.dst.host is not None
+        for nsid, cs in changes.items():
+            for i in range(0, len(cs.deallocated), 256):  # Dataset Management: 256 ranges
+                c = self.dst.host.deallocate(nsid, split(cs.deallocated[i:i + 256], 0xFFFFFFFF))
+                if not c.ok:
+                    raise MigrationError(f"destination: deallocate in namespace {nsid} failed: {c!r}")
+        return self._copy({nsid: cs.written for nsid, cs in changes.items()})
+
+    @staticmethod
+    def _size(changes: dict[int, ChangeSet], formats: dict[int, int]) -> int:
+        return sum(total(coalesce(cs.written + cs.deallocated)) * formats[n] for n, cs in changes.items())
+
     def _overflow(self, restart: bool) -> None:
-        """The queue filled and logging stopped: (restart logging and) copy everything allocated."""
-        assert self.src.lm is not None and self.lmq is not None
+        """The queue filled and logging stopped, so changes were lost: (restart logging and)
+        make the destination match the allocated space again -- deallocate what it holds
+        beyond the source's allocation, copy everything allocated."""
+        assert self.src.lm is not None and self.dst.lm is not None and self.lmq is not None
         self.report.lmq_overflows += 1
         log.warning("LBA Migration Queue full (ESA 111b): copying the whole allocated space again")
         if restart:
             self._check(self.src.lm.log_start(self.lmq.cdqid), "source: Track Send (restart logging)")
-        self._copy(self._allocated())
+        alloc = self._allocated()
+        changes: dict[int, ChangeSet] = {}
+        for nsid, rs in alloc.items():
+            cs = changes[nsid] = ChangeSet()
+            cs.deallocated = subtract(self.dst.lm.allocated(nsid), rs)
+            cs.written = rs
+        self._apply(changes)
 
     # -- 3. suspend -------------------------------------------------------------------------
-    def _suspend_and_copy(self, pending: dict[int, list[Range]]) -> None:
+    def _suspend_and_copy(self) -> None:
         src = self.src
         assert src.lm is not None
         self._t_step = self._t_suspend = time.monotonic()
@@ -347,14 +375,14 @@ class Engine:
         self._set_stage("suspended")
         self.lmq_deleted = True  # DUDMQ: the ESA 011b marker is posted, then the queue is deleted
         logged, overflow = self._drain(consume=False)
-        if overflow:
-            self._overflow(restart=False)
-        for nsid, rs in pending.items():
-            logged.setdefault(nsid, []).extend(rs)
-        size = sum(total(coalesce(r)) * self.formats[n] for n, r in logged.items())
         t0 = time.monotonic()
-        self._copy(logged)
-        self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, size, time.monotonic() - t0))
+        size = self._size(logged, self.formats)
+        if overflow:  # changes were lost: the whole allocated space supersedes the log
+            self._overflow(restart=False)
+            copied = 0
+        else:
+            copied = self._apply(logged)
+        self.report.round_stats.append(Round(len(self.report.round_stats) + 1, size, copied, time.monotonic() - t0))
         self.report.rounds = len(self.report.round_stats)
         self.progress.round = self.report.rounds
         self._step("last copy")

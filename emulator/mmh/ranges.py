@@ -31,3 +31,40 @@ def split(ranges: Iterable[Range], max_nlb: int) -> list[Range]:
 
 def total(ranges: Iterable[Range]) -> int:
     return sum(n for _, n in ranges)
+
+
+def subtract(ranges: Iterable[Range], cut: Iterable[Range]) -> list[Range]:
+    """The parts of ``ranges`` outside ``cut`` (both coalesced first)."""
+    out: list[Range] = []
+    cuts = coalesce(cut)
+    for slba, nlb in coalesce(ranges):
+        start, end = slba, slba + nlb
+        for cs, cn in cuts:
+            ce = cs + cn
+            if ce <= start or cs >= end:
+                continue
+            if cs > start:
+                out.append((start, cs - start))
+            start = max(start, ce)
+            if start >= end:
+                break
+        if start < end:
+            out.append((start, end - start))
+    return out
+
+
+class ChangeSet:
+    """Logged changes in queue order: the blocks last written (copy them) and the blocks
+    last deallocated (deallocate them on the destination)."""
+
+    def __init__(self) -> None:
+        self.written: list[Range] = []
+        self.deallocated: list[Range] = []
+
+    def write(self, r: Range) -> None:
+        self.deallocated = subtract(self.deallocated, [r])
+        self.written.append(r)
+
+    def deallocate(self, r: Range) -> None:
+        self.written = subtract(self.written, [r])
+        self.deallocated = coalesce(self.deallocated + [r])

@@ -101,3 +101,29 @@ def test_controller_state_object_round_trips(emu: Any) -> None:
     back = b.call(lambda: b.subsystem.controllers[1].export_state())
     assert back["state"] == doc["state"] and back["stats"] == doc["stats"] and doc["stats"]["host_write_commands"]
     assert back["intx_pending"] == doc["intx_pending"] and back["uptime_ms"] >= doc["uptime_ms"]
+
+
+def test_deallocation_during_precopy_is_deallocated_on_the_destination(emu: Any) -> None:
+    """A block copied in the bulk pass and then deallocated (DLBA=1 entry) ends up
+    deallocated on the destination too, not copied as zeros."""
+    from emulator.host.lm import MigrationHost
+    a, b = emu(config()), emu(config())
+    g = a.host(1, io_queues=1)
+    for blk in range(16):
+        assert g.write(1, blk * 8, bytes([blk + 1]) * 4096).ok
+    done: list[bool] = []
+
+    def meanwhile(p: Any) -> None:
+        if p.phase == "pre-copy" and p.bytes_copied and not done:
+            done.append(True)
+            assert g.deallocate(1, [(4 * 8, 8)]).ok
+            assert g.write(1, 20 * 8, b"\x77" * 4096).ok
+    engine = Engine(Endpoint("source", str(a.config.control_path), 1),
+                    Endpoint("destination", str(b.config.control_path), 1), on_progress=meanwhile)
+    r = engine.run()
+    assert r.ok and done, r.error
+    assert sparse_diff(ns_file(a), ns_file(b), NS_BYTES) == []
+    allocated = MigrationHost(b.host(2)).allocated(1)
+    lbas = {lba for s, n in allocated for lba in range(s, s + n)}
+    assert 4 * 8 not in lbas and 20 * 8 in lbas and 3 * 8 in lbas, allocated
+    assert g.read(1, 4 * 8, 8).data == bytes(4096)
