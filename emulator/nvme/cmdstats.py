@@ -10,8 +10,10 @@ when somebody asks.
 * completions with an error status by (SCT, SC) (Base 2.1 §4.2.3; the DNR and
   More bits are left out);
 * a latency histogram per queue kind: the time from fetching the SQE to
-  posting its CQE, in power-of-two buckets of 1024 ns.  Held commands
-  (Asynchronous Event Request) are not counted.
+  posting its CQE, in power-of-two buckets of 1024 ns.  Commands whose file
+  work runs on a worker thread (emulator/nvme/offload.py: Flush, large
+  deallocations) are counted when they complete; held Asynchronous Event
+  Requests are not counted.
 """
 from __future__ import annotations
 

@@ -65,6 +65,7 @@ def test_status_and_stats_follow_their_schemas(emu) -> None:  # type: ignore[no-
         assert not bad.ok
         bad = h.read(1, (16 << 20) // 512, 1)     # past the end
         assert not bad.ok
+        assert h.flush(1).ok                      # completed by a worker thread (offloaded)
 
         st = check("status", c.call("status"))
         c1, c2 = st["controllers"]
@@ -83,7 +84,8 @@ def test_status_and_stats_follow_their_schemas(emu) -> None:  # type: ignore[no-
         assert by_name["write"] == {"opcode": 1, "name": "write", "commands": 1, "bytes": 8192}
         assert by_name["read"]["commands"] == 2 and by_name["read"]["bytes"] == 8192
         assert by_name["opcode_7fh"]["commands"] == 1
-        assert sum(b["count"] for b in io["latency"]) == io["commands"] == 4
+        assert by_name["flush"] == {"opcode": 0, "name": "flush", "commands": 1, "bytes": 0}
+        assert sum(b["count"] for b in io["latency"]) == io["commands"] == 5
         errors = {x["name"]: x["count"] for x in s["controllers"][0]["errors"]}
         assert errors == {"invalid_opcode": 1, "lba_out_of_range": 1}
         admin = {o["name"] for o in s["controllers"][0]["admin"]["opcodes"]}
