@@ -36,8 +36,9 @@ class _Off:
 def hook_cost_ns(n: int = 200_000) -> float:
     """Time of the work execute() adds per command, in ns."""
     s = CommandStats()
-    ns = {"pc": time.perf_counter_ns, "s": s, "obj": type("C", (), {"xfer_bytes": 0})()}
-    stmt = "t0, x0 = pc(), obj.xfer_bytes; obj.xfer_bytes += 4096; s.record(1, 2, 0, obj.xfer_bytes - x0, pc() - t0)"
+    ns = {"pc": time.perf_counter_ns, "s": s, "o": type("C", (), {"xfer_bytes": 0, "cmd_t0": 0, "cmd_x0": 0})()}
+    stmt = ("o.cmd_t0 = t0 = pc(); o.cmd_x0 = x0 = o.xfer_bytes; o.xfer_bytes += 4096; "
+            "s.record(1, 2, 0, o.xfer_bytes - x0, pc() - t0)")
     base = min(timeit.repeat("pass", number=n, repeat=5, globals=ns))
     t = min(timeit.repeat(stmt, number=n, repeat=5, globals=ns))
     return (t - base) / n * 1e9
