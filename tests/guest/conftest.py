@@ -6,6 +6,7 @@ loaded by tests/conftest.py): ``nvme_emu``, ``nvme_guest``, ``nvme_emu_env`` and
 
 * ``guest_env``     = ``nvme_emu_env`` (missing tool box: skip naming scripts/guest-env;
                     a failure when CI=true).
+* ``boot_disk_env`` the tool box plus the host tools that build boot disks (same rule).
 * ``guest_workdir`` = ``nvme_emu_workdir``.
 * ``emulator``      = ``nvme_emu``: ``emulator(config=None, *, name="emu", expect=None,
                     command=None, timeout=60, settle=0.0)`` -> started emulator process.
@@ -24,12 +25,12 @@ from typing import Any, Callable
 
 import pytest
 
-from emulator.guest.env import GuestEnv
-from emulator.pytest_plugin import GuestBooter
+from emulator.guest.env import GuestEnv, GuestEnvMissing
+from emulator.pytest_plugin import GuestBooter, in_ci
 
 FAKE_EMULATOR = Path(__file__).with_name("fake_emulator.py")
 FAKE_EMULATOR_CMD = [sys.executable, str(FAKE_EMULATOR), "serve"]
-GUEST_FIXTURES = {"guest_env", "boot_guest", "nvme_guest", "nvme_emu_env"}
+GUEST_FIXTURES = {"guest_env", "boot_guest", "boot_disk_env", "nvme_guest", "nvme_emu_env"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,6 +48,20 @@ def fake_emulator_cmd() -> list[str]:
 @pytest.fixture(scope="session")
 def guest_env(nvme_emu_env: GuestEnv) -> GuestEnv:
     return nvme_emu_env
+
+
+@pytest.fixture(scope="session")
+def boot_disk_env(guest_env: GuestEnv) -> GuestEnv:
+    """The tool box with the host tools that build boot disks (same skip/fail rule as guest_env)."""
+    from emulator.guest.diskimage import require_tools
+    try:
+        require_tools(guest_env)
+    except GuestEnvMissing as e:
+        if in_ci():
+            pytest.fail(f"CI=true and the boot-disk tools are missing (guest tests never skip in CI): {e}",
+                        pytrace=False)
+        pytest.skip(f"run scripts/guest-env ({e})")
+    return guest_env
 
 
 @pytest.fixture
