@@ -87,6 +87,7 @@ class NvmeHost:
         self.use_interrupts = use_interrupts
         self.queues: dict[int, HostQueue] = {}
         self.page_size = PAGE
+        self.mdts_bytes = 0  # MDTS in bytes (0: no limit), after init()
         self.cap = 0
 
     # ------------------------------------------------------------------ bring-up
@@ -147,6 +148,8 @@ class NvmeHost:
         """Enable, identify, ask for queues and create ``io_queues`` pairs."""
         self.enable()
         idc = self.identify(cns=1)
+        mdts = idc[77]
+        self.mdts_bytes = (1 << mdts) * self.page_size if mdts else 0
         self.set_features(FID.NUMBER_OF_QUEUES, ((io_queues - 1) << 16) | (io_queues - 1))
         for qid in range(1, io_queues + 1):
             self.create_io_queue_pair(qid, qsize, vector=qid)

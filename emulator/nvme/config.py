@@ -38,6 +38,7 @@ class NamespaceConfig:
     # Tracked LBA Allocation Granularity in LBAs (NVM CS 1.2 Figure 118);
     # None: default_tlbaag(lba_size).
     tlbaag: Optional[int] = None
+    shared_storage: bool = False  # vfio-user migration v2 streams no user data
 
     def __post_init__(self) -> None:
         if self.tlbaag is None:

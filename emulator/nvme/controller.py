@@ -15,13 +15,15 @@ import dataclasses
 import logging
 import struct
 import time
+from time import perf_counter_ns
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import aer, dbbuf, features
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
+from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.config import ControllerConfig
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
@@ -70,6 +72,9 @@ class Controller:
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
+        self.cmd_stats = CommandStats()  # management socket `stats` (not resumable state)
+        self.xfer_bytes = 0  # PRP data bytes mapped by data_segments, for cmd_stats
+        self.cmd_t0 = self.cmd_x0 = 0  # when the executing command started, xfer_bytes then
         features.reset_features(self)
 
     # ------------------------------------------------------------------ wiring
@@ -331,6 +336,8 @@ class Controller:
         return opcode in self.tables.admin and (available is None or available(self))
 
     def execute(self, cmd: Command) -> None:
+        self.cmd_t0 = t0 = perf_counter_ns()  # for cmd_stats (an offloaded command reads them)
+        self.cmd_x0 = x0 = self.xfer_bytes
         table = self.tables.admin if cmd.sqid == 0 else self.tables.io
         handler = table.get(cmd.opc)
         dw0 = dw1 = 0
@@ -349,6 +356,7 @@ class Controller:
         except Exception as e:  # a bug must not take the process down either
             status, dw0, dw1 = self.failure(cmd, e)
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+        self.cmd_stats.record(cmd.sqid, cmd.opc, status, self.xfer_bytes - x0, perf_counter_ns() - t0)
 
     def failure(self, cmd: Command, e: BaseException) -> tuple[int, int, int]:
         """(status, DW0, DW1) of a command that raised ``e``, recorded in the error log."""
@@ -443,7 +451,9 @@ class Controller:
             raise generic(Generic.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
-        return prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        self.xfer_bytes += length
+        return segs
 
     def data_to_host(self, cmd: Command, payload: bytes, length: int | None = None) -> None:
         """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer.
@@ -544,6 +554,25 @@ class Controller:
                      for k in sorted(self.cqs)]
         dbbuf.shadow_values(self, state.sqs, state.cqs)
         return state
+
+    def export_state(self, now: float | None = None,
+                     snap: ControllerState | None = None) -> dict[str, Any]:
+        """The whole resumable state as plain JSON-able data: the ControllerState
+        (registers, queues, features, AERs, error log, extensions; ``snap`` if the
+        caller took the snapshot already) plus counters, held INTx vectors and
+        uptime (as of monotonic time ``now``).  No side effect."""
+        now = time.monotonic() if now is None else now
+        snap = self.snapshot() if snap is None else snap
+        return {"state": snap.to_dict(), "stats": dict(self.stats),
+                "intx_pending": self._intx_pending, "uptime_ms": int((now - self.started) * 1000)}
+
+    def import_state(self, doc: dict[str, Any]) -> None:
+        """Inverse of :meth:`export_state` (``doc["state"]`` a dict or a ControllerState)."""
+        state = doc["state"]
+        self.restore(state if isinstance(state, ControllerState) else ControllerState.from_dict(state))
+        self.stats.update(doc.get("stats", {}))
+        self._intx_pending = int(doc.get("intx_pending", 0))
+        self.started = time.monotonic() - doc.get("uptime_ms", 0) / 1000
 
     def restore(self, state: ControllerState) -> None:
         self.state = state

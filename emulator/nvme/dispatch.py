@@ -18,7 +18,7 @@ from emulator.nvme import (
     admin_queues, aer, dbbuf, features, identify, io_cmds, lba_status, logpages, sanitize,
 )
 from emulator.nvme.config import ControllerConfig
-from emulator.nvme.controller import Controller  # FIXME  # FIXME
+from emulator.nvme.controller import Controller  # FIXME  # FIXME  # FIXME
 from emulator.nvme.migration import (
     cdq, identify_lm, lifecycle, memtrack, receive, send, track, udlog,
 )
@@ -108,7 +108,7 @@ def command_tables(config: ControllerConfig) -> CommandTables:
         identify_nvm_namespace=(lba_status.identify_tlbaag,),
         on_write=(udlog.on_write,),
         on_reset=(lifecycle.on_reset,),
-        on_memory=(memtrack.on_memory,),
+        on_memory=(memtrack.on_memory, lifecycle.host_gone),
         # Doorbell Buffer Config depends on the subsystem (an MMC next to it) and the
         # doorbell_buffer key (docs/tp4159.md).
         admin_available={AdminOpcode.DOORBELL_BUFFER_CONFIG: dbbuf.supported},

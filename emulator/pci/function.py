@@ -34,7 +34,7 @@ from emulator.pci.capabilities import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET, PM_CAP_O
 from emulator.pci.device import MmioDevice
 from emulator.pci.ids import (NVME_EMU_DEVICE_ID, NVME_EMU_REVISION_ID, NVME_EMU_SUBSYSTEM_ID,
                               NVME_EMU_SUBSYSTEM_VENDOR_ID, NVME_EMU_VENDOR_ID, PciIdentity)
-from emulator.pci.msix import Bar0Layout, MsixTable
+from emulator.pci.msix import NVME_WINDOW_SIZE, Bar0Layout, MsixTable
 from emulator.pci.state import PciFunctionState
 from emulator.vfio_user.backend import DeviceInfo, IrqInfo, IrqLines, RegionInfo
 from emulator.vfio_user.protocol import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
@@ -84,6 +84,7 @@ class NvmePciFunction:
         self.config = self._defaults.copy()
         self.msix = MsixTable(msix_vectors)
         self._device = device
+        self.mig_features: object | None = None  # vfio-user migration v2, set by the subsystem wiring
         self._memory: MappedMemory | None = None
         self._irqs: IrqLines | None = None
         self._lock = threading.RLock()
@@ -154,7 +155,13 @@ class NvmePciFunction:
         if index == PCI_CONFIG_REGION_INDEX:
             self._config_write(offset, bytes(data))
         elif index == PCI_BAR0_REGION_INDEX:
-            self._bar0_access(offset, len(data), bytes(data))
+            n, device = len(data), self._device
+            if (n == 4 or n == 8) and device is not None and 0 <= offset <= NVME_WINDOW_SIZE - n:
+                # The hot path (a doorbell): what _bar0_access does for one whole access
+                # inside the NVMe window, without building the area list.
+                device.mmio_write(offset, n, int.from_bytes(data, "little"))
+                return
+            self._bar0_access(offset, n, bytes(data))
         else:
             raise ValueError(f"region {index} is not writable")
 
@@ -324,6 +331,17 @@ class NvmePciFunction:
         with self._lock:
             return PciFunctionState(bytes(self.config.data), bytes(self.msix.table),
                                     bytes(self.msix.pba), self._intx_pending)
+
+    # DeviceBackend: opaque device state for a connection hand-over (the NVMe
+    # controller's own state moves by TP4159 Migration Receive / Send).
+    def export_device_state(self) -> dict[str, object]:
+        return {"pci_function": self.save_state().to_dict()}
+
+    def import_device_state(self, state: dict[str, object]) -> None:
+        saved = state.get("pci_function")
+        if not isinstance(saved, dict):
+            raise ValueError("no PCI function state")
+        self.load_state(PciFunctionState.from_dict(saved))
 
     def load_state(self, state: PciFunctionState) -> None:
         """Restore a saved function; ValueError if it is not this kind of function."""

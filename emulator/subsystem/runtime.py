@@ -15,13 +15,16 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from emulator.control import ControlServer
 from emulator.nvme.dispatch import new_controller
 from emulator.nvme.namespace import Namespace
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem.config import SubsystemConfig
+from emulator.subsystem.devmig import NvmeDeviceMigration
 from emulator.subsystem.subsystem import Subsystem
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
+from emulator.vfio_user.migration import MigrationFeatures
 from emulator.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("nvme-emu")
@@ -44,15 +47,27 @@ class Runtime:
             fn = NvmePciFunction(msix_vectors=cc.msix_vectors)
             ctrl = new_controller(cc, self.subsystem, irq=fn, scheduler=loop)
             fn.bind(ctrl)
+            # vfio-user migration v2 (DEVICE_FEATURE 16): the session finds it on the backend
+            if not cc.is_mmc:
+                shared = all(self.config.namespace(n).shared_storage for n in cc.namespaces) and bool(cc.namespaces)
+                fn.mig_features = MigrationFeatures(NvmeDeviceMigration(fn, ctrl, shared_storage=shared))
             self.subsystem.controllers[cc.cntlid] = ctrl
             self.functions[cc.cntlid] = fn
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
                                                      logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"),
                                                      visible_writes=visible_writes)
+        self.log = log
+        self.control = ControlServer(config.control_path, loop)
+        from emulator.subsystem.handover import Handover
+        Handover(self).register(self.control)
+        from emulator.subsystem import monitor
+        monitor.register(self, self.control)
 
     def start(self) -> list[str]:
-        """Listen on every controller socket; returns the socket paths."""
+        """Listen on the control socket and every controller socket; returns the
+        controller socket paths."""
+        self.control.start()
         paths = []
         for cntlid, server in self.servers.items():
             server.start()
@@ -60,6 +75,7 @@ class Runtime:
         return paths
 
     def close(self) -> None:
+        self.control.close()
         for server in self.servers.values():
             try:
                 server.close()

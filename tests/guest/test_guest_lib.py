@@ -174,3 +174,13 @@ def test_the_three_scenarios_resolve(tmp_path: Path) -> None:
     assert dest.spec.incoming == f"unix:{tmp_path / 't'}/migration.sock" and dest.qmp
     ns_file = two.emulators[1].config["namespaces"][0]["file"]
     assert (two.emulators[1].state_dir / ns_file).resolve() == (two.emulators[0].state_dir / "ns1.img").resolve()
+
+
+def test_the_live_migration_scenario_resolves(tmp_path: Path) -> None:
+    sc = load_scenario(REPO / "qemu-configs/live-migration.yaml", tmp_path / "l")
+    assert sc.migrate == ["a", "b", "a", "b"] and [e.name for e in sc.emulators] == ["a", "b"]
+    init = sc.guests[0].spec.init
+    assert "fio --name=lm" in init and "--verify=crc32c" in init and "STOPFIO1" in init
+    for e in sc.emulators:  # each MMC reaches namespace 1 (the MMH copies through it)
+        assert [c["namespaces"] for c in e.config["controllers"] if c["type"] == "mmc"] == [[1]]
+    assert sc.emulators[0].state_dir / "ns1.img" != sc.emulators[1].state_dir / "ns1.img"

@@ -32,3 +32,11 @@ def on_reset(ctrl: "Controller") -> None:
     ts.suspended_by = -1
     ts.suspended_at = []
 
+
+def host_gone(ctrl: "Controller") -> None:
+    """An MMC whose host goes away (its memory is detached: the vfio-user client
+    disconnected or died) gets a function reset, so the CDQs, logging and memory
+    tracking it ran stop and the controllers it suspended resume
+    (docs/live-migration.md, "When the MMH dies")."""
+    if ctrl.config.is_mmc and ctrl.memory is None and ctrl.ready:
+        ctrl.function_reset()
