@@ -359,5 +359,26 @@ class NvmeHost:
         return self.command(qid, IoOpcode.DATASET_MANAGEMENT, nsid=nsid, data=data,
                             cdw10=len(ranges) - 1, cdw11=0x4)
 
+    # ------------------------------------------------------------------ namespaces
+    def ns_create(self, nsze: int, flbas: int = 0, nmic: int = 1, ncap: int | None = None,
+                  csi: int = 0) -> Completion:
+        """Namespace Management, create (SEL 0h); DW0 of the completion is the NSID."""
+        data = bytearray(4096)
+        struct.pack_into("<QQ", data, 0, nsze, nsze if ncap is None else ncap)
+        data[26], data[30] = flbas, nmic
+        return self.admin(AdminOpcode.NS_MANAGEMENT, data=bytes(data), cdw10=0, cdw11=csi << 24)
+
+    def ns_delete(self, nsid: int) -> Completion:
+        return self.admin(AdminOpcode.NS_MANAGEMENT, nsid=nsid, cdw10=1)
+
+    def ns_attach(self, nsid: int, cntlids: list[int], detach: bool = False) -> Completion:
+        """Namespace Attachment: SEL 0h attach, 1h detach, with a Controller List."""
+        data = struct.pack(f"<H{len(cntlids)}H", len(cntlids), *cntlids).ljust(4096, b"\0")
+        return self.admin(AdminOpcode.NS_ATTACHMENT, nsid=nsid, data=data, cdw10=int(detach))
+
+    def format_nvm(self, nsid: int, lbaf: int = 0, ses: int = 0) -> Completion:
+        return self.admin(AdminOpcode.FORMAT_NVM, nsid=nsid,
+                          cdw10=(lbaf & 0xF) | (ses << 9) | ((lbaf >> 4) << 12))
+
     def close(self) -> None:
         self.t.close()

@@ -115,6 +115,7 @@ class Controller:
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
+        subsystem.attachments.setdefault(config.cntlid, set(config.nsids))
         from emulator.nvme import commands  # noqa: F401  (registers the handlers)
         from emulator.nvme import dbbuf, features
         self._dbbuf = dbbuf
@@ -130,16 +131,21 @@ class Controller:
         if memory is not None:
             self.kick()
 
+    @property
+    def nsids(self) -> set[int]:
+        """NSIDs attached to this controller (Namespace Attachment changes them)."""
+        return self.subsystem.attached(self.cntlid)
+
     def namespace(self, nsid: int) -> "Namespace":
         """The attached namespace ``nsid`` or Invalid Namespace or Format."""
-        if nsid in self.config.nsids:
+        if nsid in self.nsids:
             ns = self.subsystem.namespaces.get(nsid)
             if ns is not None:
                 return ns
         raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid} not attached")
 
     def attached_namespaces(self) -> list["Namespace"]:
-        return [self.subsystem.namespaces[n] for n in sorted(self.config.nsids)
+        return [self.subsystem.namespaces[n] for n in sorted(self.nsids)
                 if n in self.subsystem.namespaces]
 
     @property

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from emulator.nvme.controller import Result, io_command
 from emulator.nvme.spec import (
-    BROADCAST_NSID, Command, Generic, IoOpcode, generic, invalid_field,
+    BROADCAST_NSID, Command, Generic, IoOpcode, MediaError, generic, invalid_field, media,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ def _data_args(ctrl: "Controller", cmd: Command) -> tuple["Namespace", int, int,
 @io_command(IoOpcode.READ)
 def read(ctrl: "Controller", cmd: Command) -> Result:
     ns, slba, nlb, length = _data_args(ctrl, cmd)
+    if ns.uncorrectable and ns.uncorrectable.overlaps(slba, nlb):  # Write Uncorrectable marks
+        raise media(MediaError.UNRECOVERED_READ_ERROR, f"LBA {slba}+{nlb} uncorrectable")
     ns.read_into(slba, ctrl.data_views(cmd, length, to_host=True))
     ctrl.stats["host_read_commands"] += 1
     ctrl.stats["data_units_read"] += length >> 9

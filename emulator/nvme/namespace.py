@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cbind import fileops
 from emulator.nvme.allocation import AllocationMap
+from emulator.nvme.uncorrectable import UncorrectableMarks
+
+# The LBA formats every namespace supports (Identify Namespace LBAF0..NLBAF):
+# LBA data sizes in bytes, no metadata.  Format NVM switches between them.
+LBA_FORMATS = (512, 4096)
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,12 @@ class NamespaceConfig:
     size: int  # bytes
     lba_size: int = 512
     tlbaag: int = 8  # Tracked LBA Allocation Granularity, in LBAs (NVM CS 1.2 Fig. 118)
+    shared: bool = True  # NMIC bit 0: may be attached to two or more controllers
+
+    @property
+    def flbas(self) -> int:
+        """Index of the namespace's LBA format in LBA_FORMATS."""
+        return LBA_FORMATS.index(self.lba_size)
 
 
 IOV_MAX = 1024
@@ -30,9 +41,6 @@ class Namespace:
     def __init__(self, config: NamespaceConfig, subsystem_nqn: str = "") -> None:
         self.config = config
         self.nsid = config.nsid
-        self.lba_size = config.lba_size
-        self.lba_shift = config.lba_size.bit_length() - 1
-        self.nsze = config.size // config.lba_size
         self.path = Path(config.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -45,8 +53,32 @@ class Namespace:
         self.uuid = bytearray(digest[:16])
         self.uuid[6] = (self.uuid[6] & 0x0F) | 0x80  # RFC 9562 version 8 (custom)
         self.uuid[8] = (self.uuid[8] & 0x3F) | 0x80
+        self._open_format(config)
+
+    def _open_format(self, config: NamespaceConfig) -> None:
+        self.config = config
+        self.lba_size = config.lba_size
+        self.lba_shift = config.lba_size.bit_length() - 1
+        self.nsze = config.size // config.lba_size
         self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
                                              config.lba_size)
+        self.uncorrectable = UncorrectableMarks(UncorrectableMarks.sidecar(self.path), self.nsze)
+
+    def reformat(self, lba_size: int) -> None:
+        """Format NVM (Base 2.1 §5.1.10): every LBA deallocated (reads as zeroes),
+        marks cleared, and the namespace re-opened in the LBA format ``lba_size``.
+        The tracked granule keeps its size in bytes, so TLBAAG follows the new LBA size."""
+        granule = self.config.tlbaag * self.config.lba_size
+        self.erase()
+        self.allocation.save()
+        Path(str(self.path) + ".alloc").unlink(missing_ok=True)
+        self._open_format(replace(self.config, lba_size=lba_size,
+                                  tlbaag=max(1, granule // lba_size)))
+
+    def erase(self) -> None:
+        """Deallocate every LBA (Format user data erase, Sanitize Block Erase) and make it durable."""
+        self.deallocate(0, self.nsze)
+        self.flush()
 
     # -- data path -----------------------------------------------------------
     def in_range(self, slba: int, nlb: int) -> bool:
@@ -59,6 +91,8 @@ class Namespace:
     def write_from(self, slba: int, nlb: int, views: list[memoryview]) -> None:
         self._transfer(slba, views, read=False)
         self.allocation.mark_allocated(slba, nlb)
+        if self.uncorrectable:
+            self.uncorrectable.clear(slba, nlb)  # a write heals a Write Uncorrectable mark
 
     def _transfer(self, slba: int, views: list[memoryview], read: bool) -> None:
         """preadv/pwritev straight between the file and the DMA views."""
@@ -101,10 +135,14 @@ class Namespace:
         else:
             fileops.zero_range(self.fd, offset, length)
             self.allocation.mark_allocated(slba, nlb)
+            if self.uncorrectable:
+                self.uncorrectable.clear(slba, nlb)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
         self.allocation.mark_deallocated(slba, nlb)
+        if self.uncorrectable:
+            self.uncorrectable.clear(slba, nlb)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -121,6 +159,18 @@ class Namespace:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+    def destroy(self) -> None:
+        """Namespace Management delete: close, then remove the backing file and its sidecars."""
+        self.close()
+        for p in (self.path, Path(str(self.path) + ".alloc"), UncorrectableMarks.sidecar(self.path)):
+            p.unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_stale(path: Path) -> None:
+        """Files a deleted or crashed namespace left at ``path``: a new one starts empty."""
+        for p in (Path(path), Path(str(path) + ".alloc"), UncorrectableMarks.sidecar(Path(path))):
+            p.unlink(missing_ok=True)
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:

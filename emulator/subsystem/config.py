@@ -3,7 +3,9 @@
 Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
 
     state_dir: ./state        # relative to the YAML file's directory
-    subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1"}
+    subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1",
+                capacity: 4GiB,       # TNVMCAP; default: the namespaces' total size
+                max_namespaces: 16}   # NN and MNAN; default: the largest nsid
     namespaces:
       - nsid: 1               # 1..1024, unique
         file: ns1.img         # relative to state_dir; default ns<nsid>.img
@@ -77,6 +79,8 @@ class SubsystemInfo:
     serial: str
     model: str
     firmware: str
+    capacity: int = 0  # TNVMCAP bytes, 0: the namespaces' total size
+    max_namespaces: int = 0  # NN/MNAN, 0: the largest nsid
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,10 @@ class SubsystemConfig:
         return {
             "state_dir": str(self.state_dir),
             "subsystem": {"nqn": self.subsystem.nqn, "serial": self.subsystem.serial,
-                          "model": self.subsystem.model, "firmware": self.subsystem.firmware},
+                          "model": self.subsystem.model, "firmware": self.subsystem.firmware,
+                          **({"capacity": self.subsystem.capacity} if self.subsystem.capacity else {}),
+                          **({"max_namespaces": self.subsystem.max_namespaces}
+                             if self.subsystem.max_namespaces else {})},
             "namespaces": [{"nsid": ns.nsid, "file": str(ns.file), "size": ns.size,
                             "lba_size": ns.lba_size, "tlbaag": ns.tlbaag} for ns in self.namespaces],
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
@@ -209,13 +216,21 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
         _unique(ctrl.cntlid, [c.cntlid for c in controllers], f"controllers[{i}].cntlid")
         _unique(ctrl.socket, [c.socket for c in controllers], f"controllers[{i}].socket")
         controllers.append(ctrl)
+    total = sum(ns.size for ns in namespaces)
+    if subsystem.capacity and subsystem.capacity < total:
+        raise ConfigError("subsystem.capacity", f"{subsystem.capacity} is less than the namespaces' "
+                          f"total size {total}")
+    top_nsid = max((ns.nsid for ns in namespaces), default=0)
+    if subsystem.max_namespaces and subsystem.max_namespaces < top_nsid:
+        raise ConfigError("subsystem.max_namespaces", f"{subsystem.max_namespaces} is less than "
+                          f"nsid {top_nsid}")
     return SubsystemConfig(state_dir, subsystem, tuple(namespaces), tuple(controllers))
 
 
 # -- sections ---------------------------------------------------------------------
 def _subsystem(value: Any, path: str) -> SubsystemInfo:
     m = _mapping(value, path)
-    _check_keys(m, path, ("nqn", "serial", "model", "firmware"))
+    _check_keys(m, path, ("nqn", "serial", "model", "firmware", "capacity", "max_namespaces"))
     nqn = _str(m.get("nqn", DEFAULT_NQN), f"{path}.nqn")
     if len(nqn.encode()) > NQN_MAX:
         raise ConfigError(f"{path}.nqn", f"longer than {NQN_MAX} bytes")
@@ -226,6 +241,8 @@ def _subsystem(value: Any, path: str) -> SubsystemInfo:
         serial=_ascii(m.get("serial", "NVMEEMU0001"), f"{path}.serial", SERIAL_MAX),
         model=_ascii(m.get("model", "nvme-emu"), f"{path}.model", MODEL_MAX),
         firmware=_ascii(m.get("firmware", "0.1"), f"{path}.firmware", FIRMWARE_MAX),
+        capacity=parse_size(m.get("capacity", 0), f"{path}.capacity"),
+        max_namespaces=_int(m.get("max_namespaces", 0), f"{path}.max_namespaces", 0, NSID_MAX),
     )
 
 

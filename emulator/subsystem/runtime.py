@@ -18,6 +18,7 @@ from emulator.nvme.controller import Controller, ControllerConfig
 from emulator.nvme.namespace import Namespace, NamespaceConfig
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
+from emulator.subsystem import nsstore
 from emulator.subsystem.config import SubsystemConfig
 from emulator.subsystem.subsystem import Subsystem
 from emulator.vfio_user.server import VfioUserServer
@@ -32,14 +33,23 @@ class Runtime:
         self.loop = loop
         info = config.subsystem
         self.subsystem = Subsystem(nqn=info.nqn, serial=info.serial, model=info.model,
-                                   firmware=info.firmware, vendor_id=NVME_EMU_VENDOR_ID)
+                                   firmware=info.firmware, vendor_id=NVME_EMU_VENDOR_ID,
+                                   capacity=info.capacity, max_namespaces=info.max_namespaces,
+                                   state_dir=config.state_dir)
         self.functions: dict[int, NvmePciFunction] = {}
         self.servers: dict[int, VfioUserServer] = {}
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        for nsc in config.namespaces:
-            self.subsystem.namespaces[nsc.nsid] = Namespace(
-                NamespaceConfig(nsc.nsid, Path(nsc.file), nsc.size, nsc.lba_size, nsc.tlbaag),
-                info.nqn)
+        saved = nsstore.load(config.state_dir)
+        if saved is None:
+            ns_configs = [NamespaceConfig(nsc.nsid, Path(nsc.file), nsc.size, nsc.lba_size, nsc.tlbaag)
+                          for nsc in config.namespaces]
+            attachments = {cc.cntlid: list(cc.namespaces) for cc in config.controllers}
+        else:
+            ns_configs, attachments = saved
+            log.info("namespaces from %s (Namespace Management state)",
+                     nsstore.registry_path(config.state_dir))
+        for nc in ns_configs:
+            self.subsystem.namespaces[nc.nsid] = Namespace(nc, info.nqn)
         for cc in config.controllers:
             fn = NvmePciFunction(msix_vectors=cc.msix_vectors)
             ctrl = Controller(
@@ -53,6 +63,10 @@ class Runtime:
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
                                                      logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"))
+        for cntlid, nsids in attachments.items():
+            if cntlid in self.subsystem.controllers:
+                self.subsystem.attachments[cntlid] = {n for n in nsids if n in self.subsystem.namespaces}
+        self.subsystem.on_change = nsstore.save
 
     def start(self) -> list[str]:
         """Listen on every controller socket; returns the socket paths."""
