@@ -138,3 +138,27 @@ def test_created_namespaces_persist_across_restart(emu):
     assert h.read(nsid, 100, 8).data == data
     assert ctrl_list(h.identify(cns=0x12, nsid=1)) == [1]
     assert cap(h.identify(cns=1)) == (128 * MIB, 92 * MIB)
+
+
+def test_delete_detach_format_refused_under_migration(emu):
+    """A namespace attached to a suspended or logged controller keeps its data (TP4159)."""
+    from emulator.host.lm import MigrationHost
+    e = emu({"subsystem": {"capacity": "64MiB"},
+             "namespaces": [{"nsid": 1, "size": "16MiB"}],
+             "controllers": [{"cntlid": 1, "type": "io"}, {"cntlid": 2, "type": "mmc"}]})
+    g = e.host(1)
+    m = MigrationHost(e.host(2))
+    q = m.udmq(1)
+    assert m.log_start(q.cdqid).ok
+    sequence = (0, Generic.COMMAND_SEQUENCE_ERROR)
+    assert (m.h.ns_delete(1).sct, m.h.ns_delete(1).sc) == sequence
+    c = m.h.ns_attach(1, [1], detach=True)
+    assert (c.sct, c.sc) == sequence
+    c = g.format_nvm(1)
+    assert (c.sct, c.sc) == sequence
+    assert m.log_stop(q.cdqid).ok
+    assert m.suspend(1).ok
+    c = m.h.ns_delete(1)
+    assert (c.sct, c.sc) == (1, CommandSpecific.CONTROLLER_SUSPENDED)
+    assert m.resume(1).ok
+    assert m.h.ns_delete(1).ok
