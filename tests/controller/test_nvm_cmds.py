@@ -177,3 +177,30 @@ def test_format_errors(e):
     assert err(h.format_nvm(4)) == (0, Generic.INVALID_NAMESPACE)  # not attached here
     c = h.admin(0x80, nsid=1, cdw10=1 << 5)  # PI type 1
     assert err(c) == (1, CommandSpecific.INVALID_FORMAT)
+
+
+@pytest.mark.parametrize("oipbp,owpass,want", [(False, 1, 0x12345678), (True, 2, 0xEDCBA987),
+                                                (True, 3, 0x12345678), (True, 0, 0xEDCBA987)])
+def test_sanitize_overwrite(e, oipbp, owpass, want):
+    h = e.host()
+    assert write_uncor(h, 1, 5, 1).ok
+    c = h.admin(0x84, cdw10=0x3 | (owpass << 4) | (int(oipbp) << 8), cdw11=0x12345678)
+    assert c.ok, c
+    pattern = struct.pack("<I", want)
+    assert h.read(1, 0, 8).data == pattern * 1024  # the mark is gone with the rest
+    assert h.read(3, 4095, 1, lba_size=4096).data == pattern * 1024
+    assert struct.unpack_from("<Q", h.identify(cns=0, nsid=1), 16)[0] == (16 << 20) // 512  # NUSE: all
+    log = h.get_log_page(LID.SANITIZE_STATUS, 512).data
+    sprog, sstat, scdw10 = struct.unpack_from("<HHI", log)
+    assert (sprog, sstat & 0x7, (sstat >> 3) & 0x1F) == (0xFFFF, 1, owpass or 16)
+    assert scdw10 & 0x7 == 0x3
+
+
+def test_sanitize_block_erase_clears_marks(e):
+    h = e.host()
+    assert h.write(2, 0, os.urandom(4096)).ok
+    assert write_uncor(h, 1, 5, 1).ok
+    assert h.admin(0x84, cdw10=0x2).ok
+    assert h.read(1, 5, 1).data == bytes(512)
+    assert h.read(2, 0, 8).data == bytes(4096)
+    assert struct.unpack_from("<Q", h.identify(cns=0, nsid=2), 16)[0] == 0
