@@ -18,6 +18,7 @@ from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
+from emulator.nvme.sgl import sgl_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
     CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
@@ -357,8 +358,9 @@ class Controller:
                 raise generic(Generic.INVALID_OPCODE, f"opcode {cmd.opc:#x}")
             if cmd.fuse:
                 raise generic(Generic.INVALID_FIELD, "fused operations not supported")
-            if cmd.psdt:
-                raise generic(Generic.INVALID_FIELD, "SGLs not supported (SGLS=0)")
+            if cmd.psdt and (cmd.sqid == 0 or cmd.psdt == 0x3):
+                # SGLs for I/O commands only (PCIe admin commands use PRPs, Base 2.1 §4.1.1)
+                raise generic(Generic.INVALID_FIELD, f"PSDT {cmd.psdt}")
             result = handler(self, cmd)
             if result is None:
                 return  # held (Asynchronous Event Request)
@@ -404,7 +406,10 @@ class Controller:
         """Views of the command's PRP data buffer; to_host = controller writes memory."""
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
-        segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        if cmd.psdt:
+            segs = sgl_segments(self.memory, struct.pack("<QQ", cmd.prp1, cmd.prp2), length)
+        else:
+            segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
         views: list[memoryview] = []
         for addr, n in segs:
             views.extend(self.memory.views(addr, n, write=to_host))

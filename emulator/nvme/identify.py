@@ -17,6 +17,7 @@ from emulator.nvme.spec import (
 from emulator.nvme.features import WCTEMP
 from emulator.nvme.aer import AERL
 from emulator.nvme.namespace import LBA_FORMATS
+from emulator.nvme.sgl import SGLS_SUPPORTED
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -125,6 +126,7 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     b[524] = FNA
     b[525] = 0x7  # VWC present; Flush with NSID FFFFFFFFh supported
     _put(b, 534, "H", OCFS)
+    _put(b, 536, "I", SGLS_SUPPORTED)  # SGLS: SGLs for I/O commands, no alignment requirement
     _put(b, 540, "I", sub.max_nsid())  # MNAN: as many namespaces as NSIDs
     b[768:1024] = sub.nqn.encode()[:255].ljust(256, b"\0")  # SUBNQN
     # Power State 0 descriptor (§5.1.13.2.1 Fig. 313): MP 25 W (centiwatts), ENLAT/EXLAT
