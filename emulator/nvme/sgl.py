@@ -49,22 +49,36 @@ def _error(sc: SglStatus, msg: str) -> NvmeError:
 
 
 def sgl_segments(memory: "GuestMemory", sgl1: bytes, length: int) -> list[tuple[int, int]]:
-    """The (address, length) pieces of a ``length``-byte transfer described by SGL1."""
+    """The (address, length) pieces of a ``length``-byte transfer described by SGL1.
+
+    SGL1 is walked as a segment of one descriptor that may point onwards."""
     segs: list[tuple[int, int]] = []
     total = 0
-    addr, n, ident = SGL_DESCRIPTOR.unpack(sgl1)
+    entries = [SGL_DESCRIPTOR.unpack(sgl1)]
     seen = 1
+    last = False  # inside the segment a Last Segment descriptor named
     while True:
-        dtype, subtype = ident >> 4, ident & 0xF
-        if subtype != 0:
-            raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL sub type {subtype:#x}")
-        if dtype == DATA_BLOCK:
-            if n:
-                segs.append((addr, n))
-                total += n
+        nxt = None
+        for i, (addr, n, ident) in enumerate(entries):
+            dtype, subtype = ident >> 4, ident & 0xF
+            if subtype != 0:
+                raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL sub type {subtype:#x}")
+            if dtype == DATA_BLOCK:
+                if n:
+                    segs.append((addr, n))
+                    total += n
+            elif dtype in (SEGMENT, LAST_SEGMENT):
+                if last or i != len(entries) - 1:
+                    raise _error(SglStatus.INVALID_SGL_SEGMENT_DESCRIPTOR,
+                                 "segment descriptor inside a last segment or not last in its segment")
+                nxt = (addr, n, dtype == LAST_SEGMENT)
+            else:
+                raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL descriptor type {dtype:#x}")
+            if total > length:
+                break
+        if nxt is None or total > length:
             break
-        if dtype not in (SEGMENT, LAST_SEGMENT):
-            raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL descriptor type {dtype:#x}")
+        addr, n, last = nxt
         if n == 0 or n % SGL_DESCRIPTOR.size:
             raise _error(SglStatus.INVALID_SGL_SEGMENT_DESCRIPTOR, f"SGL segment of {n} bytes")
         count = n // SGL_DESCRIPTOR.size
@@ -72,29 +86,7 @@ def sgl_segments(memory: "GuestMemory", sgl1: bytes, length: int) -> list[tuple[
         if seen > MAX_DESCRIPTORS:
             raise _error(SglStatus.INVALID_NUMBER_OF_SGL_DESCRIPTORS, f"more than {MAX_DESCRIPTORS}")
         raw = memory.read(addr, n)
-        last = dtype == LAST_SEGMENT
-        nxt = None
-        for i in range(count):
-            a, ln, ident_i = SGL_DESCRIPTOR.unpack_from(raw, i * SGL_DESCRIPTOR.size)
-            t, sub = ident_i >> 4, ident_i & 0xF
-            if sub != 0:
-                raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL sub type {sub:#x}")
-            if t == DATA_BLOCK:
-                if ln:
-                    segs.append((a, ln))
-                    total += ln
-            elif t in (SEGMENT, LAST_SEGMENT):
-                if last or i != count - 1:
-                    raise _error(SglStatus.INVALID_SGL_SEGMENT_DESCRIPTOR,
-                                 "segment descriptor inside a last segment or not last in its segment")
-                nxt = (a, ln, ident_i)
-            else:
-                raise _error(SglStatus.SGL_DESCRIPTOR_TYPE_INVALID, f"SGL descriptor type {t:#x}")
-            if total > length:
-                break
-        if nxt is None or total > length:
-            break
-        addr, n, ident = nxt
+        entries = [SGL_DESCRIPTOR.unpack_from(raw, k * SGL_DESCRIPTOR.size) for k in range(count)]
     if total != length:
         raise _error(SglStatus.DATA_SGL_LENGTH_INVALID, f"SGL describes {total} bytes, transfer is {length}")
     return segs
