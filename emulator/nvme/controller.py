@@ -408,6 +408,9 @@ class Controller:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
         if cmd.psdt:
             segs = sgl_segments(self.memory, struct.pack("<QQ", cmd.prp1, cmd.prp2), length)
+            if not self.stats.get("sgl_commands"):
+                log.info("ctrl %d: the host uses SGLs", self.cntlid)
+            self.stats["sgl_commands"] = self.stats.get("sgl_commands", 0) + 1
         else:
             segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
         views: list[memoryview] = []

@@ -1,0 +1,160 @@
+"""nvme-cli inside a Linux guest manages namespaces and uses the NVM commands (issue 11).
+
+One boot: two namespaces from the YAML (both used by fio, with the kernel told to use SGLs),
+then create-ns / attach-ns (the block device appears without a reboot), list-ns --all,
+list-ctrl, sanitize (Overwrite) with sanitize-log, format to 4 KiB LBAs, write-uncor (the read
+fails, a write heals), get-lba-status --action=0x11, lba-status-log, compare, verify, copy
+(inside the namespace and from another one), detach-ns, delete-ns.  After the guest powers off
+the emulator restarts and a host driver finds the created namespace, its data, its
+uncorrectable mark and the new format still there."""
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+from emulator.host.driver import NvmeHost
+from emulator.host.memory import HostMemory
+from emulator.host.transport import VfioUserTransport
+from emulator.nvme.spec import SCT, MediaError
+from emulator.vfio_user.client import VfioUserClient
+
+pytestmark = pytest.mark.guest
+
+CONFIG = {
+    "subsystem": {"serial": "EMUNSMGMT01", "model": "nvme-emu namespaces",
+                  "capacity": "256MiB", "max_namespaces": 8},
+    "namespaces": [{"nsid": 1, "size": "64MiB"}, {"nsid": 2, "size": "32MiB"}],
+    "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 2}],
+}
+PATTERN = 0x5A5AA5A5
+
+BODY = r"""
+wait_dev /dev/nvme0n1 30 && pass ns1_bound || fail ns1_bound "no /dev/nvme0n1"
+wait_dev /dev/nvme0n2 30 && pass ns2_bound || fail ns2_bound "no /dev/nvme0n2"
+echo 1 > /sys/module/nvme/parameters/sgl_threshold && pass sgl_on || fail sgl_on "sgl_threshold"
+check fio_ns1 fio --name=a --filename=/dev/nvme0n1 --rw=randwrite --bs=64k --iodepth=8 \
+    --ioengine=libaio --direct=1 --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --output-format=terse
+check fio_ns2 fio --name=b --filename=/dev/nvme0n2 --rw=randwrite --bs=4k --iodepth=16 \
+    --ioengine=libaio --direct=1 --size=4m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --output-format=terse
+capture list_ctrl nvme list-ctrl /dev/nvme0
+capture create nvme create-ns /dev/nvme0 --nsze=16384 --ncap=16384 --flbas=0 --dps=0 --nmic=1
+check attach nvme attach-ns /dev/nvme0 --namespace-id=3 --controllers=1
+wait_dev /dev/nvme0n3 30 && pass ns3_appeared || fail ns3_appeared "no /dev/nvme0n3"
+capture list_ns_all nvme list-ns /dev/nvme0 --all
+capture list_ctrl_ns3 nvme list-ctrl /dev/nvme0 --namespace-id=3
+check sanitize nvme sanitize /dev/nvme0 --sanact=3 --owpass=1 --ovrpat=0x5a5aa5a5
+capture sanitize_log sh -c 'nvme sanitize-log /dev/nvme0 -o binary | od -An -v -tx1'
+result pattern "$(dd if=/dev/nvme0n3 bs=512 count=1 iflag=direct 2>/dev/null | od -An -tx1 | head -1)"
+check format nvme format /dev/nvme0n2 --namespace-id=2 --lbaf=1 --ses=1 --force
+i=0
+while [ "$(cat /sys/block/nvme0n2/queue/logical_block_size)" != 4096 ] && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+result ns2_lbs "$(cat /sys/block/nvme0n2/queue/logical_block_size)"
+dd if=/dev/urandom of=/tmp/a bs=4096 count=8 2>/dev/null
+result a_md5 "$(md5sum < /tmp/a | cut -d' ' -f1)"
+check write_ns3 dd if=/tmp/a of=/dev/nvme0n3 bs=4096 count=8 oflag=direct
+check write_ns1 dd if=/tmp/a of=/dev/nvme0n1 bs=4096 count=8 seek=1 oflag=direct
+check wuc nvme write-uncor /dev/nvme0n3 --namespace-id=3 --start-block=8 --block-count=3
+check read_fails sh -c '! dd if=/dev/nvme0n3 of=/dev/null bs=512 skip=9 count=1 iflag=direct'
+check verify_fails sh -c '! nvme verify /dev/nvme0n3 --namespace-id=3 --start-block=0 --block-count=15'
+capture gls_11 sh -c 'nvme get-lba-status /dev/nvme0n3 --namespace-id=3 --action=0x11 --max-dw=1023 \
+    -o binary | od -An -v -tx1'
+capture gls_text nvme get-lba-status /dev/nvme0n3 --namespace-id=3 --action=0x11 --max-dw=1023
+capture lba_status_log sh -c 'nvme lba-status-log /dev/nvme0 -o binary | od -An -v -tx1'
+check heal dd if=/tmp/a of=/dev/nvme0n3 bs=512 count=4 seek=8 skip=8 oflag=direct
+check read_heals dd if=/dev/nvme0n3 of=/dev/null bs=512 skip=8 count=4 iflag=direct
+check wuc_kept nvme write-uncor /dev/nvme0n3 --namespace-id=3 --start-block=200 --block-count=1
+head -c 4096 /tmp/a > /tmp/a4k
+head -c 4096 /dev/zero > /tmp/z4k
+check compare nvme compare /dev/nvme0n3 --namespace-id=3 --start-block=0 --block-count=7 \
+    --data-size=4096 --data=/tmp/a4k
+check compare_differs sh -c '! nvme compare /dev/nvme0n3 --namespace-id=3 --start-block=0 \
+    --block-count=7 --data-size=4096 --data=/tmp/z4k'
+check verify nvme verify /dev/nvme0n3 --namespace-id=3 --start-block=0 --block-count=63
+check copy nvme copy /dev/nvme0n3 --namespace-id=3 --sdlba=1000 --slbs=0,16 --blocks=7,7
+check copy_xns nvme copy /dev/nvme0n3 --namespace-id=3 --sdlba=2000 --slbs=8 --blocks=63 \
+    --snsids=1 --format=2
+result copy_md5 "$(dd if=/dev/nvme0n3 bs=512 skip=1000 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+result copy_want "$( (head -c 4096 /tmp/a; dd if=/tmp/a bs=4096 skip=2 count=1 2>/dev/null) | md5sum | cut -d' ' -f1)"
+result copy_xns_md5 "$(dd if=/dev/nvme0n3 bs=512 skip=2000 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+capture create4 nvme create-ns /dev/nvme0 --nsze=2048 --ncap=2048 --flbas=1 --dps=0 --nmic=0
+check attach4 nvme attach-ns /dev/nvme0 --namespace-id=4 --controllers=1
+wait_dev /dev/nvme0n4 30 && pass ns4_appeared || fail ns4_appeared "no /dev/nvme0n4"
+check detach4 nvme detach-ns /dev/nvme0 --namespace-id=4 --controllers=1
+i=0
+while [ -e /dev/nvme0n4 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+[ ! -e /dev/nvme0n4 ] && pass ns4_gone || fail ns4_gone "/dev/nvme0n4 still there"
+check delete4 nvme delete-ns /dev/nvme0 --namespace-id=4
+capture list_ns_all_end nvme list-ns /dev/nvme0 --all
+result ns3_md5 "$(dd if=/dev/nvme0n3 bs=4096 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+"""
+
+
+def raw(dump: str) -> bytes:
+    return bytes(int(x, 16) for x in dump.split())
+
+
+def listed(text: str) -> list[int]:
+    return [int(x, 16) for x in re.findall(r"\[\s*\d+\]:\s*0x([0-9a-fA-F]+)", text)]
+
+
+def host_on(socket: str) -> NvmeHost:
+    h = NvmeHost(VfioUserTransport(VfioUserClient(socket), HostMemory(16 << 20)))
+    h.init()
+    return h
+
+
+def test_guest_nvme_cli_namespace_management(boot_guest, emulator, guest_workdir):
+    emu = emulator(CONFIG, name="emu")
+    res = boot_guest(BODY, vfio_user=[emu.sockets[0]], timeout=600, name="guest")
+    print(res.summary())
+    assert res.ok, res.summary()
+    for step in ("ns1_bound", "ns2_bound", "sgl_on", "fio_ns1", "fio_ns2", "attach", "ns3_appeared",
+                 "sanitize", "format", "write_ns3", "write_ns1", "wuc", "read_fails", "verify_fails",
+                 "heal", "read_heals", "wuc_kept", "compare", "compare_differs", "verify", "copy",
+                 "copy_xns", "attach4", "ns4_appeared", "detach4", "ns4_gone", "delete4"):
+        assert step in res.passed, (step, res.summary())
+    out, rc = res.outputs, res.output_rc
+    assert rc["list_ctrl"] == 0 and listed(out["list_ctrl"]) == [1], out["list_ctrl"]
+    assert "nsid:3" in out["create"].replace(" ", ""), out["create"]
+    assert listed(out["list_ns_all"]) == [1, 2, 3], out["list_ns_all"]
+    assert listed(out["list_ctrl_ns3"]) == [1], out["list_ctrl_ns3"]
+    sprog, sstat, scdw10 = struct.unpack_from("<HHI", raw(out["sanitize_log"]))
+    assert (sprog, sstat & 0x7, (sstat >> 3) & 0x1F, scdw10 & 0x7) == (0xFFFF, 1, 1, 3)
+    assert raw(res.results["pattern"])[:4] == struct.pack("<I", PATTERN)
+    assert res.results["ns2_lbs"] == "4096"
+    gls = raw(out["gls_11"])
+    nlsd, cmpc = struct.unpack_from("<IB", gls)
+    assert (nlsd, cmpc, struct.unpack_from("<QI", gls, 8)) == (1, 2, (8, 3)), out["gls_text"]
+    log = raw(out["lba_status_log"])
+    assert struct.unpack_from("<III", log) == (48, 1, 4)  # LSLPLEN, NLSLNE, ESTULB
+    assert struct.unpack_from("<IIB", log, 16) == (3, 1, 0x11)
+    assert struct.unpack_from("<QI", log, 32) == (8, 4)
+    assert res.results["copy_md5"] == res.results["copy_want"]
+    assert res.results["copy_xns_md5"] == res.results["a_md5"]
+    assert res.results["ns3_md5"] == res.results["a_md5"]
+    assert listed(out["list_ns_all_end"]) == [1, 2, 3], out["list_ns_all_end"]
+    assert emu.stop() == 0
+    log_text = emu.log_path.read_text()
+    assert "the host uses SGLs" in log_text
+    state = guest_workdir / "emu"
+    assert (state / "namespaces.json").exists() and not (state / "ns4.img").exists()
+    # The emulator restarts: the created namespace, its data, its mark, the new format.
+    emu2 = emulator(CONFIG, name="emu")
+    h = host_on(str(emu2.sockets[0]))
+    try:
+        assert h.identify(cns=0, nsid=2)[26] == 1  # FLBAS: 4 KiB
+        ns3 = h.identify(cns=0, nsid=3)
+        assert struct.unpack_from("<Q", ns3)[0] == 16384
+        import hashlib
+        assert hashlib.md5(h.read(3, 0, 64).data).hexdigest() == res.results["a_md5"]
+        c = h.read(3, 200, 1)
+        assert (c.sct, c.sc) == (SCT.MEDIA, MediaError.UNRECOVERED_READ_ERROR)
+        assert h.read(3, 199, 1).ok
+    finally:
+        h.close()
