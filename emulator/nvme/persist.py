@@ -7,9 +7,12 @@ Uncorrectable marks of a namespace are kept this way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("nvme.persist")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -36,8 +39,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """The JSON document at ``path``, or None when there is none."""
+    """The JSON document at ``path``, or None when there is none or it is unreadable
+    (logged: an atomic writer never leaves a torn file, so that is damage from outside)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.error("%s: unreadable, ignored (%s)", path, e)
         return None
