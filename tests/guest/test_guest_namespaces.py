@@ -4,9 +4,11 @@ One boot: two namespaces from the YAML (both used by fio, with the kernel told t
 then create-ns / attach-ns (the block device appears without a reboot), list-ns --all,
 list-ctrl, sanitize (Overwrite) with sanitize-log, format to 4 KiB LBAs, write-uncor (the read
 fails, a write heals), get-lba-status --action=0x11, lba-status-log, compare, verify, copy
-(inside the namespace and from another one), detach-ns, delete-ns.  After the guest powers off
-the emulator restarts and a host driver finds the created namespace, its data, its
-uncorrectable mark and the new format still there."""
+(inside the namespace and from another one), detach-ns, delete-ns.  Then, while the guest
+waits, a host driver on a second controller of the subsystem creates a namespace and attaches
+it to the guest's controller: only the Namespace Attribute Notice tells the guest's driver, and
+/dev/nvme0n4 appears.  After the guest powers off the emulator restarts and a host driver finds
+the created namespaces, their data, the uncorrectable mark and the new format still there."""
 from __future__ import annotations
 
 import re
@@ -26,7 +28,8 @@ CONFIG = {
     "subsystem": {"serial": "EMUNSMGMT01", "model": "nvme-emu namespaces",
                   "capacity": "256MiB", "max_namespaces": 8},
     "namespaces": [{"nsid": 1, "size": "64MiB"}, {"nsid": 2, "size": "32MiB"}],
-    "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 2}],
+    "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 2, "namespaces": [1, 2]},
+                    {"cntlid": 2, "type": "io", "namespaces": [1]}],
 }
 PATTERN = 0x5A5AA5A5
 
@@ -92,6 +95,8 @@ while [ -e /dev/nvme0n4 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 check delete4 nvme delete-ns /dev/nvme0 --namespace-id=4
 capture list_ns_all_end nvme list-ns /dev/nvme0 --all
 result ns3_md5 "$(dd if=/dev/nvme0n3 bs=4096 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+result ready_for_aen 1
+wait_dev /dev/nvme0n4 120 && pass aen_ns4_appeared || fail aen_ns4_appeared "no /dev/nvme0n4 after the notice"
 """
 
 
@@ -111,16 +116,28 @@ def host_on(socket: str) -> NvmeHost:
 
 def test_guest_nvme_cli_namespace_management(boot_guest, emulator, guest_workdir):
     emu = emulator(CONFIG, name="emu")
-    res = boot_guest(BODY, vfio_user=[emu.sockets[0]], timeout=600, name="guest")
+    sock1, sock2 = (str(s) for s in emu.sockets)
+    assert sock1.endswith("ctrl1.sock") and sock2.endswith("ctrl2.sock")
+    g = boot_guest(BODY, vfio_user=[sock1], wait=False, name="guest")
+    g.wait_for("RESULT", "ready_for_aen", timeout=600)
+    h2 = host_on(sock2)  # another host, on another controller of the subsystem
+    try:
+        c = h2.ns_create(2048)
+        assert c.ok and c.dw0 == 4, c
+        assert h2.ns_attach(4, [1]).ok  # the guest's controller gets the notice
+    finally:
+        h2.close()
+    res = g.wait(timeout=300)
     print(res.summary())
     assert res.ok, res.summary()
     for step in ("ns1_bound", "ns2_bound", "sgl_on", "fio_ns1", "fio_ns2", "attach", "ns3_appeared",
                  "sanitize", "format", "write_ns3", "write_ns1", "wuc", "read_fails", "verify_fails",
                  "heal", "read_heals", "wuc_kept", "compare", "compare_differs", "verify", "copy",
-                 "copy_xns", "attach4", "ns4_appeared", "detach4", "ns4_gone", "delete4"):
+                 "copy_xns", "attach4", "ns4_appeared", "detach4", "ns4_gone", "delete4",
+                 "aen_ns4_appeared"):
         assert step in res.passed, (step, res.summary())
     out, rc = res.outputs, res.output_rc
-    assert rc["list_ctrl"] == 0 and listed(out["list_ctrl"]) == [1], out["list_ctrl"]
+    assert rc["list_ctrl"] == 0 and listed(out["list_ctrl"]) == [1, 2], out["list_ctrl"]
     assert "nsid:3" in out["create"].replace(" ", ""), out["create"]
     assert listed(out["list_ns_all"]) == [1, 2, 3], out["list_ns_all"]
     assert listed(out["list_ctrl_ns3"]) == [1], out["list_ctrl_ns3"]
@@ -143,11 +160,12 @@ def test_guest_nvme_cli_namespace_management(boot_guest, emulator, guest_workdir
     log_text = emu.log_path.read_text()
     assert "the host uses SGLs" in log_text
     state = guest_workdir / "emu"
-    assert (state / "namespaces.json").exists() and not (state / "ns4.img").exists()
+    assert (state / "namespaces.json").exists()
     # The emulator restarts: the created namespace, its data, its mark, the new format.
     emu2 = emulator(CONFIG, name="emu")
     h = host_on(str(emu2.sockets[0]))
     try:
+        assert struct.unpack_from("<4I", h.identify(cns=0x10)) == (1, 2, 3, 4)
         assert h.identify(cns=0, nsid=2)[26] == 1  # FLBAS: 4 KiB
         ns3 = h.identify(cns=0, nsid=3)
         assert struct.unpack_from("<Q", ns3)[0] == 16384
