@@ -204,3 +204,15 @@ def test_sanitize_block_erase_clears_marks(e):
     assert h.read(1, 5, 1).data == bytes(512)
     assert h.read(2, 0, 8).data == bytes(4096)
     assert struct.unpack_from("<Q", h.identify(cns=0, nsid=2), 16)[0] == 0
+
+
+def test_compare_verify_argument_errors(e):
+    h = e.host()
+    n = (16 << 20) // 512
+    assert err(verify(h, 1, n - 1, 2)) == (0, Generic.LBA_OUT_OF_RANGE)
+    assert err(verify(h, 7, 0, 1)) == (0, Generic.INVALID_NAMESPACE)
+    assert err(verify(h, 4, 0, 1)) == (0, Generic.INVALID_NAMESPACE)  # attached elsewhere
+    assert err(compare(h, 4, 0, bytes(512))) == (0, Generic.INVALID_NAMESPACE)
+    assert verify(h, 3, 4095, 1).ok  # the last LBA of a 4 KiB namespace
+    too_long = h.command(1, IoOpcode.COMPARE, nsid=1, read_len=0, cdw12=0x1FFF)  # 4 MiB > MDTS
+    assert err(too_long) == (0, Generic.INVALID_FIELD)
