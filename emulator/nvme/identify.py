@@ -104,7 +104,7 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     b[77] = cfg.mdts
     _put(b, 78, "H", cfg.cntlid)
     _put(b, 80, "I", NVME_VERSION)
-    _put(b, 92, "I", 0x100)  # OAES: Namespace Attribute Notices
+    _put(b, 92, "I", 0x100 | 0x2000)  # OAES: Namespace Attribute, LBA Status Information Notices
     b[111] = 1  # CNTRLTYPE: I/O controller
     # OACS: Format NVM, Namespace Management, Doorbell Buffer Config (extensions OR in theirs)
     _put(b, 256, "H", OACS_FORMAT | OACS_NS_MGMT | OACS_DBBUF)

@@ -9,8 +9,7 @@ LSGC: generation counter) and one element per attached namespace holding
 Write Uncorrectable marks: NEID (the NSID), NLRD range descriptors, RATYPE
 11h (tracked), each descriptor RSLBA and RNLB.  Choices: RNLB is a count of
 LBAs (not 0's based); LSGC counts mark changes since the emulator started.
-No LBA Status Information Alert event is generated (the marks exist only
-where the host itself wrote them).
+Write Uncorrectable raises the LBA Status Information Alert (emulator.nvme.nvm_cmds).
 """
 from __future__ import annotations
 

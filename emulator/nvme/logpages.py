@@ -21,7 +21,8 @@ LogBuilder = Callable[["Controller", Command], bytes]
 LOG_PAGES: dict[int, LogBuilder] = {}
 # Which asynchronous event type a log page read (RAE=0) re-arms.
 LOG_EVENT_TYPE = {LID.ERROR_INFORMATION: aer.AET_ERROR, LID.SMART_HEALTH: aer.AET_SMART,
-                  LID.CHANGED_NAMESPACES: aer.AET_NOTICE}
+                  LID.CHANGED_NAMESPACES: aer.AET_NOTICE,
+                  LID.LBA_STATUS_INFORMATION: aer.AET_NOTICE}
 
 
 def log_page(lid: int) -> Callable[[LogBuilder], LogBuilder]:

@@ -28,6 +28,7 @@ import struct
 from typing import TYPE_CHECKING, Iterable
 
 from emulator.nvme import aer
+from emulator.nvme.features import AEC_NS_ATTRIBUTE_NOTICES
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.logpages import log_page
 from emulator.nvme.namespace import LBA_FORMATS, Namespace, NamespaceConfig
@@ -45,7 +46,6 @@ log = logging.getLogger("nvme.nsmgmt")
 SEL_CREATE, SEL_DELETE = 0x0, 0x1  # Namespace Management CDW10 3:0
 SEL_ATTACH, SEL_DETACH = 0x0, 0x1  # Namespace Attachment CDW10 3:0
 AEI_NS_ATTRIBUTE_CHANGED = 0x00  # Notice event information (Figure 150)
-AEC_NS_ATTRIBUTE_NOTICES = 1 << 8  # Asynchronous Event Configuration (Figure 413)
 CHANGED_KEY = "changed_ns"  # ControllerState.vendor: NSIDs changed since the log was read
 CHANGED_MAX = 1024  # Figure 208: more than 1024 changes -> first entry FFFFFFFFh
 # Host-specified fields of the create data structure (Identify Namespace layout)
@@ -66,11 +66,16 @@ def notify_changed(sub: "Subsystem", cntlids: Iterable[int], nsid: int) -> None:
             changed.append(nsid)
             if len(changed) > CHANGED_MAX:
                 changed[:] = [BROADCAST_NSID]
-        if not ctrl.state.features.get(FID.ASYNC_EVENT_CONFIG, 0) & AEC_NS_ATTRIBUTE_NOTICES:
-            continue
-        dw0 = aer.AET_NOTICE | (AEI_NS_ATTRIBUTE_CHANGED << 8) | (LID.CHANGED_NAMESPACES << 16)
-        if [dw0, 0] not in ctrl.state.aer.pending:  # one outstanding notice covers the list
-            aer.post_event(ctrl, aer.AET_NOTICE, AEI_NS_ATTRIBUTE_CHANGED, LID.CHANGED_NAMESPACES)
+        post_notice(ctrl, AEC_NS_ATTRIBUTE_NOTICES, AEI_NS_ATTRIBUTE_CHANGED, LID.CHANGED_NAMESPACES)
+
+
+def post_notice(ctrl: "Controller", aec_bit: int, aei: int, lid: int) -> None:
+    """A Notice event, when Asynchronous Event Configuration enables it and none is pending."""
+    if not ctrl.state.features.get(FID.ASYNC_EVENT_CONFIG, 0) & aec_bit:
+        return
+    dw0 = aer.AET_NOTICE | (aei << 8) | (lid << 16)
+    if [dw0, 0] not in ctrl.state.aer.pending:  # one outstanding notice covers the log
+        aer.post_event(ctrl, aer.AET_NOTICE, aei, lid)
 
 
 @log_page(LID.CHANGED_NAMESPACES)

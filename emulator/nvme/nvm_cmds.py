@@ -4,7 +4,10 @@ Write Uncorrectable (04h), Compare (05h), Verify (0Ch) and Copy (19h).
 * Write Uncorrectable marks LBAs (emulator.nvme.uncorrectable); reads, Compare,
   Verify and Copy sources that touch one fail with Unrecovered Read Error
   (SCT 2h, SC 81h) until the LBA is written again.  The LBAs count as
-  allocated (NVM CS §4.2.1: written by a Write Uncorrectable).
+  allocated (NVM CS §4.2.1: written by a Write Uncorrectable).  Each
+  controller the namespace is attached to gets an LBA Status Information
+  Alert (Notice 05h, log 0Eh) when Asynchronous Event Configuration bit 13
+  enables it; LSIRI/LSIPI (Feature 15h) do not delay it.
 * Compare reads the LBAs and compares them with the host buffer: Compare
   Failure (SCT 2h, SC 85h) on a difference.  MDTS applies.
 * Verify checks the range and the marks; it transfers no data (VSL = 0).
@@ -22,12 +25,16 @@ from typing import TYPE_CHECKING
 
 from emulator.nvme import copy as copier
 from emulator.nvme.controller import Result, io_command
+from emulator.nvme.features import AEC_LBA_STATUS_NOTICES
 from emulator.nvme.identify import COPY_MSRC, COPY_MSSRL
+from emulator.nvme.ns_mgmt import post_notice
 from emulator.nvme.io_cmds import _data_args, _notify_write, _rw_args
 from emulator.nvme.spec import (
-    Command, Generic, IoOpcode, MediaError, NvmCommandSpecific, NvmeError, SCT, generic,
+    LID, Command, Generic, IoOpcode, MediaError, NvmCommandSpecific, NvmeError, SCT, generic,
     invalid_field, media,
 )
+
+AEI_LBA_STATUS_ALERT = 0x05  # Notice: LBA Status Information Alert (Base 2.1 Figure 150)
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -49,6 +56,10 @@ def write_uncorrectable(ctrl: "Controller", cmd: Command) -> Result:
     ns.uncorrectable.mark(slba, nlb)
     ns.allocation.mark_allocated(slba, nlb)
     _notify_write(ctrl, ns, slba, nlb, False)
+    sub = ctrl.subsystem
+    for cntlid in sub.attached_controllers(ns.nsid):  # log 0Eh changed for each of them
+        post_notice(sub.controllers[cntlid], AEC_LBA_STATUS_NOTICES, AEI_LBA_STATUS_ALERT,
+                    LID.LBA_STATUS_INFORMATION)
     return 0, 0
 
 

@@ -216,3 +216,17 @@ def test_compare_verify_argument_errors(e):
     assert verify(h, 3, 4095, 1).ok  # the last LBA of a 4 KiB namespace
     too_long = h.command(1, IoOpcode.COMPARE, nsid=1, read_len=0, cdw12=0x1FFF)  # 4 MiB > MDTS
     assert err(too_long) == (0, Generic.INVALID_FIELD)
+
+
+def test_lba_status_information_alert(e):
+    from emulator.nvme.spec import AdminOpcode
+    h = e.host()
+    assert struct.unpack_from("<I", h.identify(cns=1), 92)[0] & (1 << 13)  # OAES.LBAS
+    assert write_uncor(h, 1, 0, 1).ok  # no event: not enabled
+    h.set_features(0x0B, 1 << 13)  # Asynchronous Event Configuration: LBA Status Information
+    cid = h.submit(0, AdminOpcode.ASYNC_EVENT_REQUEST)
+    assert h.poll(0, cid) is None
+    assert write_uncor(h, 1, 10, 1).ok
+    ev = h.wait(0, cid)
+    assert (ev.dw0 & 0x7, (ev.dw0 >> 8) & 0xFF, (ev.dw0 >> 16) & 0xFF) == (2, 0x05, 0x0E)
+    assert h.get_log_page(LID.LBA_STATUS_INFORMATION, 512).ok  # RAE=0 re-arms notices
