@@ -61,16 +61,21 @@ class NvmeCommandError(Exception):
 @dataclass
 class HostQueue:
     qid: int
-    size: int
+    size: int  # SQ entries (and CQ entries unless cq_entries is set)
     sq_iova: int
     cq_iova: int
     vector: int
+    cq_entries: int = 0  # CQ entries when they differ from the SQ's
     sq_tail: int = 0
     cq_head: int = 0
     phase: int = 1
     next_cid: int = 0
     outstanding: dict[int, bool] = field(default_factory=dict)
     done: dict[int, Completion] = field(default_factory=dict)
+
+    @property
+    def cq_size(self) -> int:
+        return self.cq_entries or self.size
 
 
 class NvmeHost:
@@ -86,12 +91,14 @@ class NvmeHost:
         self.mdts_bytes = 0
 
     # ------------------------------------------------------------------ bring-up
-    def enable(self, admin_qsize: int = 32) -> None:
-        """Reset the controller and bring up the admin queue (Base 2.1 §3.5.1)."""
+    def enable(self, admin_qsize: int = 32, admin_cqsize: int | None = None) -> None:
+        """Reset the controller and bring up the admin queue (Base 2.1 §3.5.1);
+        the admin CQ has ``admin_cqsize`` entries if given, else ``admin_qsize``."""
         self.cap = self.t.mmio_read(REG_CAP, 8)
         self.disable()
-        q = self._alloc_queue(0, admin_qsize, vector=0)
-        self.t.mmio_write(REG_AQA, 4, ((admin_qsize - 1) << 16) | (admin_qsize - 1))
+        cqsize = admin_cqsize or admin_qsize
+        q = self._alloc_queue(0, admin_qsize, vector=0, cq_entries=cqsize)
+        self.t.mmio_write(REG_AQA, 4, ((cqsize - 1) << 16) | (admin_qsize - 1))
         self.t.mmio_write(REG_ASQ, 8, q.sq_iova)
         self.t.mmio_write(REG_ACQ, 8, q.cq_iova)
         # CC: EN, CSS=NVM, MPS=4 KiB, IOSQES=6, IOCQES=4
@@ -126,16 +133,16 @@ class NvmeHost:
                 raise CommandTimeout(f"CSTS never matched {value:#x}/{mask:#x}")
             time.sleep(0.001)
 
-    def _alloc_queue(self, qid: int, size: int, vector: int) -> HostQueue:
+    def _alloc_queue(self, qid: int, size: int, vector: int, cq_entries: int = 0) -> HostQueue:
         sq = self.mem.alloc(size * SQE_SIZE)
-        cq = self.mem.alloc(size * CQE_SIZE)
-        q = HostQueue(qid, size, sq, cq, vector)
+        cq = self.mem.alloc((cq_entries or size) * CQE_SIZE)
+        q = HostQueue(qid, size, sq, cq, vector, cq_entries)
         self.queues[qid] = q
         return q
 
     def _free_queue(self, q: HostQueue) -> None:
         self.mem.free(q.sq_iova, q.size * SQE_SIZE)
-        self.mem.free(q.cq_iova, q.size * CQE_SIZE)
+        self.mem.free(q.cq_iova, q.cq_size * CQE_SIZE)
 
     def init(self, io_queues: int = 1, qsize: int = 64) -> bytes:
         """Enable, identify, ask for queues and create ``io_queues`` pairs."""
@@ -191,7 +198,7 @@ class NvmeHost:
             q.outstanding.pop(cid, None)
             q.done[cid] = c
             q.cq_head += 1
-            if q.cq_head == q.size:
+            if q.cq_head == q.cq_size:
                 q.cq_head = 0
                 q.phase ^= 1
         if got:

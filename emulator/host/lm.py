@@ -111,6 +111,9 @@ class MigrationHost:
                             cdw11=cdqid)
 
     def log_stop(self, cdqid: int) -> Completion:
+        """Stop logging.  Controller Suspended (39h) while the logged controller is
+        suspended (Base 2.3 §5.2.28.1.1): then end logging by deleting the queue
+        (``cdq_delete``, or ``suspend(dudmq=True)``)."""
         return self.h.admin(AdminOpcode.TRACK_SEND, cdw10=wire.TRACK_SEL_LUDC | (wire.LACT_STOP << 16),
                             cdw11=cdqid)
 

@@ -52,9 +52,11 @@ def deliver(ctrl: "Controller") -> None:
         if aet != AET_ONE_SHOT and aet in aer.masked_types:
             i += 1
             continue
+        cq = ctrl.cqs.get(0)
+        if cq is None or not ctrl.cq_room(cq):
+            return  # admin CQ full: the event waits (CQ head doorbell -> kick)
         cid = aer.outstanding[0]
-        if not ctrl.complete(0, cid, 0, dw0, dw1):
-            return  # admin CQ full: try again later
+        ctrl.complete(0, cid, 0, dw0, dw1)
         aer.outstanding.pop(0)
         aer.pending.pop(i)
         if aet != AET_ONE_SHOT:

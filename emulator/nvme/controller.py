@@ -8,6 +8,8 @@ Command handlers live in small modules and register in the dispatch tables.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import struct
 import time
@@ -78,6 +80,9 @@ class ControllerConfig:
     mqes: int = 1023  # CAP.MQES, 0's based
     mdts: int = 5  # 2^mdts * 4 KiB
     msix_vectors: int = 64
+    # Doorbell Buffer Config (OACS bit 8): None = on unless this is a migratable
+    # controller of a subsystem with an MMC (docs/tp4159.md, shadow doorbells).
+    doorbell_buffer: Optional[bool] = None
 
     @property
     def is_mmc(self) -> bool:
@@ -293,6 +298,7 @@ class Controller:
             cq.head = value
             if qid:  # with shadow doorbells the buffer holds the newest head
                 self._dbbuf.refresh_cq_head(self, cq, arm=False)
+            self.post_held(cq)
             self.kick()  # SQs that waited for CQ space can go on
             return
         sq = self.sqs.get(qid)
@@ -306,7 +312,7 @@ class Controller:
             # older value must not move the tail back (Base 2.1 §5.1.7).
             self._dbbuf.take_shadow_sq_tail(self, sq)
         self.process_sq(sq)
-        if qid:
+        if qid and not self.state.suspended:
             self._dbbuf.after_sq_doorbell(self, sq)
         self.flush_interrupts()
 
@@ -317,9 +323,19 @@ class Controller:
 
     def kick(self) -> None:
         """Process every SQ that has work (after resume, CQ space, memory attach)."""
+        fetching = self.can_fetch()
+        for cq in list(self.cqs.values()):
+            if cq.held and fetching:
+                self._dbbuf.refresh_cq_head(self, cq, arm=False)
+                self.post_held(cq)
         for sq in list(self.sqs.values()):
-            if sq.qid in self.sqs:
-                self.process_sq(sq)
+            if sq.qid not in self.sqs or not fetching:
+                continue
+            if sq.qid:  # shadow tails written while we did not look (e.g. suspended)
+                self._dbbuf.take_shadow_sq_tail(self, sq)
+            self.process_sq(sq)
+            if sq.qid and sq.qid in self.sqs:
+                self._dbbuf.after_sq_doorbell(self, sq)
         from emulator.nvme import aer
         aer.deliver(self)
         self.flush_interrupts()
@@ -334,9 +350,10 @@ class Controller:
             cq = self.cqs.get(sq.cqid)
             if cq is None:
                 return
-            if q.cq_full(cq):
+            if q.cq_full(cq, len(cq.held)):
                 self._dbbuf.refresh_cq_head(self, cq, arm=True)
-                if q.cq_full(cq):
+                self.post_held(cq)
+                if q.cq_full(cq, len(cq.held)):
                     return  # resumes when the host frees CQ slots (CQ head doorbell)
             try:
                 raw = q.sq_fetch(sq, memory)
@@ -380,20 +397,49 @@ class Controller:
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> bool:
-        """Post a CQE for a command of ``sqid``; False if the CQ is gone or full."""
+        """Post a CQE for a command of ``sqid``; False only if its SQ or CQ is gone.
+
+        A full CQ (or one that already holds completions) keeps the entry in
+        ``CQState.held``; it is posted, in order, once the host frees a slot
+        (CQ head doorbell, or the shadow head with Doorbell Buffer Config).
+        """
         sq = self.sqs.get(sqid)
-        if sq is None or self.memory is None:
+        if sq is None:
             return False
         cq = self.cqs.get(sq.cqid)
         if cq is None:
             return False
-        if q.cq_full(cq):
-            self._dbbuf.refresh_cq_head(self, cq, arm=True)
-            if q.cq_full(cq):
-                return False
-        q.cq_post(cq, self.memory, dw0, dw1, sq.head, sqid, cid, status)
-        self._irq.setdefault(cq.qid, _IrqState()).pending += 1
+        cq.held.append([dw0 & 0xFFFFFFFF, dw1 & 0xFFFFFFFF, sq.head, sqid, cid, status])
+        self.post_held(cq)
+        if cq.held:
+            self._dbbuf.refresh_cq_head(self, cq, arm=not self.state.suspended)
+            self.post_held(cq)
         return True
+
+    def cq_room(self, cq: CQState) -> bool:
+        """True if one more completion can be posted now (nothing held, a free slot)."""
+        if not cq.held and q.cq_full(cq):
+            self._dbbuf.refresh_cq_head(self, cq, arm=False)
+        return not cq.held and not q.cq_full(cq)
+
+    def post_held(self, cq: CQState) -> None:
+        """Post held completions while the CQ has free slots (never while suspended:
+        a suspended controller writes nothing into host memory)."""
+        if self.memory is None or self.state.suspended or not self.ready:
+            return
+        posted = 0
+        while cq.held and not q.cq_full(cq):
+            dw0, dw1, sqhd, sqid, cid, status = cq.held[0]
+            try:
+                q.cq_post(cq, self.memory, dw0, dw1, sqhd, sqid, cid, status)
+            except DmaError as e:
+                log.error("ctrl %d: CQ %d post failed: %s", self.cntlid, cq.qid, e)
+                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
+                return
+            cq.held.pop(0)
+            posted += 1
+        if posted:
+            self._irq.setdefault(cq.qid, _IrqState()).pending += posted
 
     def record_error(self, cmd: Command, status: int) -> None:
         s = self.state
@@ -498,11 +544,19 @@ class Controller:
 
     # ------------------------------------------------------------------ state
     def snapshot(self) -> ControllerState:
-        """The serialisable state (queues copied in ascending id order)."""
-        self._dbbuf.refresh_all(self)
-        self.state.sqs = [self.sqs[k] for k in sorted(self.sqs)]
-        self.state.cqs = [self.cqs[k] for k in sorted(self.cqs)]
-        return self.state
+        """A copy of the serialisable state, queues in ascending id order.
+
+        Side-effect free (a Get Controller State changes nothing): the live
+        queue records are copied, and with shadow doorbells the copies take
+        the SQ tails and CQ heads from the Shadow Doorbell buffer, the newest
+        values the host published (Base 2.1 §5.1.7).
+        """
+        state = copy.deepcopy(dataclasses.replace(self.state, sqs=[], cqs=[]))
+        state.sqs = [dataclasses.replace(self.sqs[k]) for k in sorted(self.sqs)]
+        state.cqs = [dataclasses.replace(self.cqs[k], held=[list(e) for e in self.cqs[k].held])
+                     for k in sorted(self.cqs)]
+        self._dbbuf.shadow_values(self, state.sqs, state.cqs)
+        return state
 
     def restore(self, state: ControllerState) -> None:
         self.state = state

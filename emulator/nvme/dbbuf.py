@@ -17,6 +17,18 @@ This controller is event driven (no polling thread), so:
   rings once it frees a slot.
 
 Layout of both buffers (stride 4 << CAP.DSTRD, DSTRD=0): SQ y at 8*y, CQ y at 8*y+4.
+
+A suspended controller (TP4159 Migration Send, Suspend) writes nothing into
+host memory, EventIdx included; it re-reads the shadow tails and arms EventIdx
+again when it resumes (Controller.kick).
+
+Which controllers offer it (``supported``): the NVMe-defined Controller State
+(Base 2.1 §5.1.16, Figures 358-361) has no room for the Doorbell Buffer
+Config, so a migration carrying only that state would leave the guest ringing
+against stale EventIdx values and stall.  By default a migratable controller of
+a subsystem that has an MMC does not support the command (OACS bit 8 clear,
+Invalid Command Opcode); ``doorbell_buffer`` in the controller's configuration
+overrides the default (docs/tp4159.md).
 """
 from __future__ import annotations
 
@@ -25,7 +37,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
-from emulator.nvme.controller import Result, admin_command
+from emulator.nvme.controller import ADMIN_AVAILABLE, Result, admin_command
 from emulator.nvme.spec import AdminOpcode, Command, invalid_field
 
 if TYPE_CHECKING:
@@ -45,6 +57,15 @@ def barrier() -> None:
     _fence.release()
 
 
+def supported(ctrl: "Controller") -> bool:
+    """Doorbell Buffer Config offered by this controller (OACS bit 8)."""
+    if ctrl.config.doorbell_buffer is not None:
+        return ctrl.config.doorbell_buffer
+    if ctrl.config.is_mmc:
+        return True
+    return not any(c.config.is_mmc for c in ctrl.subsystem.controllers.values())
+
+
 def config(ctrl: "Controller") -> tuple[int, int] | None:
     v = ctrl.state.vendor.get(KEY)
     return (v[0], v[1]) if v else None
@@ -58,7 +79,7 @@ def _read(ctrl: "Controller", addr: int) -> int | None:
 
 
 def _write(ctrl: "Controller", addr: int, value: int) -> None:
-    if ctrl.memory is not None:
+    if ctrl.memory is not None and not ctrl.state.suspended:
         try:
             ctrl.memory.write(addr, _U32.pack(value & 0xFFFFFFFF))
         except DmaError:
@@ -89,6 +110,9 @@ def doorbell_buffer_config(ctrl: "Controller", cmd: Command) -> Result:
             _write(ctrl, db + 8 * cq.qid + 4, cq.head)
             _write(ctrl, ei + 8 * cq.qid + 4, NEVER)
     return 0, 0
+
+
+ADMIN_AVAILABLE[AdminOpcode.DOORBELL_BUFFER_CONFIG] = supported
 
 
 def queue_created(ctrl: "Controller", qid: int, is_cq: bool) -> None:
@@ -144,15 +168,19 @@ def refresh_cq_head(ctrl: "Controller", cq: "CQState", arm: bool) -> None:
             cq.head = head
 
 
-def refresh_all(ctrl: "Controller") -> None:
-    """Bring every I/O queue's doorbell values up to date (state capture)."""
+def shadow_values(ctrl: "Controller", sqs: "list[SQState]", cqs: "list[CQState]") -> None:
+    """Set the SQ tails and CQ heads of copies of the I/O queue records to the
+    shadow values (state capture: reads only, the live records stay as they are)."""
     cfg = config(ctrl)
     if cfg is None:
         return
-    for cq in ctrl.cqs.values():
-        refresh_cq_head(ctrl, cq, arm=False)
-    for sq in ctrl.sqs.values():
+    for sq in sqs:
         if sq.qid:
             t = _read(ctrl, cfg[0] + 8 * sq.qid)
             if t is not None and t < sq.size:
                 sq.tail = t
+    for cq in cqs:
+        if cq.qid:
+            h = _read(ctrl, cfg[0] + 8 * cq.qid + 4)
+            if h is not None and h < cq.size:
+                cq.head = h

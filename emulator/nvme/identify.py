@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Callable
 
+from emulator.nvme import dbbuf
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.spec import (
     BROADCAST_NSID, CNS, CSI_NVM, AdminOpcode, Command, Generic, NVME_VERSION, SQES_LOG2,
@@ -106,8 +107,9 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     _put(b, 80, "I", NVME_VERSION)
     _put(b, 92, "I", 0x100 | 0x2000)  # OAES: Namespace Attribute, LBA Status Information Notices
     b[111] = 1  # CNTRLTYPE: I/O controller
-    # OACS: Format NVM, Namespace Management, Doorbell Buffer Config (extensions OR in theirs)
-    _put(b, 256, "H", OACS_FORMAT | OACS_NS_MGMT | OACS_DBBUF)
+    # OACS: Format NVM, Namespace Management, Doorbell Buffer Config where offered
+    # (extensions OR in theirs)
+    _put(b, 256, "H", OACS_FORMAT | OACS_NS_MGMT | (OACS_DBBUF if dbbuf.supported(ctrl) else 0))
     b[258] = 3  # ACL: 4 concurrent Abort commands (0's based)
     b[259] = AERL
     b[260] = 0x3  # FRMW: slot 1 read only, 1 slot

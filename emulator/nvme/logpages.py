@@ -116,3 +116,26 @@ def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
     for opc in IO_HANDLERS:
         iocs[opc] = CSUPP | IO_EFFECTS.get(opc, 0)
     return struct.pack("<256I256I", *acs, *iocs) + bytes(2048)
+
+
+# Feature Identifiers Supported and Effects (LID 12h, Base 2.1 Get Log Page):
+# 256 dwords indexed by FID.  Bit 0 FSUPP, bits 4:1 effects (UDCC, NCC, NIC,
+# CCC), bit 19 USS, bits 31:20 FSP, the scope: NSCPE 20, CSCPE 21, NSETSCPE 22,
+# EGSCPE 23, DSCPE 24, NSSCPE 25, CDQSCP 26 (Controller Data Queue, TP4159).
+FSUPP = 0x1
+FSP_NSCPE, FSP_CSCPE, FSP_CDQSCP = 1 << 20, 1 << 21, 1 << 26
+
+
+@log_page(LID.FEATURE_IDENTIFIERS_SUPPORTED_EFFECTS)
+def feature_identifiers_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
+    from emulator.nvme.features import FEATURES
+    from emulator.nvme.spec import FID
+    entries = [0] * 256
+    for fid, spec in FEATURES.items():
+        if fid == FID.CONTROLLER_DATA_QUEUE:
+            if not ctrl.config.is_mmc:
+                continue  # Feature 21h exists on MMCs only (Invalid Field elsewhere)
+            entries[fid] = FSUPP | FSP_CDQSCP  # one value per CDQ
+        else:
+            entries[fid] = FSUPP | (FSP_NSCPE if spec.ns_specific else FSP_CSCPE)
+    return struct.pack("<256I", *entries)

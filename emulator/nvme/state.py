@@ -36,6 +36,10 @@ class CQState:
     tail: int = 0  # controller's next slot
     phase: int = 1  # phase tag the controller writes into slot ``tail``
     pc: bool = True
+    # Completions of commands already executed that found the CQ full, oldest
+    # first, as [DW0, DW1, SQHD, SQID, CID, status]: posted as soon as the host
+    # frees a slot (a completion is never lost, Base 2.1 §3.3.1.5).
+    held: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +64,8 @@ class AerState:
 class ControllerState:
     cntlid: int
     regs: RegisterState = field(default_factory=RegisterState)
+    # The queues, in a copy made by Controller.snapshot() (the running
+    # controller keeps them in Controller.sqs / Controller.cqs).
     sqs: list[SQState] = field(default_factory=list)
     cqs: list[CQState] = field(default_factory=list)
     # Current feature values by FID (values only for features with a dword

@@ -21,6 +21,8 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
         mqes: 1023            # CAP.MQES, 0's based, 1..65535
         mdts: 5               # 2^mdts * 4 KiB, 1..10
         msix_vectors: 64      # 1..2048
+        doorbell_buffer: true # Doorbell Buffer Config; default: off on io controllers
+                              # of a subsystem with an mmc, on otherwise
 
 Defaults chosen here: ``state_dir`` absent -> the default state directory
 (``$NVME_EMU_STATE_DIR``, else ``$XDG_STATE_HOME/nvme-emu``, else
@@ -106,6 +108,7 @@ class ControllerConfig:
     mqes: int
     mdts: int
     msix_vectors: int
+    doorbell_buffer: bool | None = None  # None: the default (docs/tp4159.md)
 
     @property
     def is_mmc(self) -> bool:
@@ -144,7 +147,9 @@ class SubsystemConfig:
                             "lba_size": ns.lba_size, "tlbaag": ns.tlbaag} for ns in self.namespaces],
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
                              "namespaces": list(c.namespaces), "max_io_queues": c.max_io_queues,
-                             "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors}
+                             "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors,
+                             **({} if c.doorbell_buffer is None
+                                else {"doorbell_buffer": c.doorbell_buffer})}
                             for c in self.controllers],
         }
 
@@ -268,7 +273,7 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
 def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) -> ControllerConfig:
     m = _mapping(value, path)
     _check_keys(m, path, ("cntlid", "socket", "type", "namespaces", "max_io_queues", "mqes", "mdts",
-                          "msix_vectors"))
+                          "msix_vectors", "doorbell_buffer"))
     cntlid = _int(_required(m, "cntlid", path), f"{path}.cntlid", 1, CNTLID_MAX)
     socket = _path(m.get("socket", f"ctrl{cntlid}.sock"), f"{path}.socket", state_dir)
     if len(os.fsencode(socket)) > UNIX_PATH_MAX:
@@ -296,6 +301,7 @@ def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) 
         mqes=_int(m.get("mqes", 1023), f"{path}.mqes", 1, 0xFFFF),
         mdts=_int(m.get("mdts", 5), f"{path}.mdts", 1, 10),
         msix_vectors=_int(m.get("msix_vectors", 64), f"{path}.msix_vectors", 1, 2048),
+        doorbell_buffer=_opt_bool(m.get("doorbell_buffer"), f"{path}.doorbell_buffer"),
     )
 
 
@@ -367,6 +373,12 @@ def _int(value: Any, path: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ConfigError(path, f"must be in {lo}..{hi}, not {value}")
     return value
+
+
+def _opt_bool(value: Any, path: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(path, f"must be true or false, not {value!r}")
 
 
 def _str(value: Any, path: str) -> str:

@@ -55,7 +55,8 @@ class Runtime:
             ctrl = Controller(
                 ControllerConfig(cc.cntlid, kind=cc.type, nsids=tuple(cc.namespaces),
                                  max_io_queues=cc.max_io_queues, mqes=cc.mqes, mdts=cc.mdts,
-                                 msix_vectors=cc.msix_vectors),
+                                 msix_vectors=cc.msix_vectors,
+                                 doorbell_buffer=cc.doorbell_buffer),
                 self.subsystem, irq=fn, scheduler=loop)
             fn.bind(ctrl)
             self.subsystem.controllers[cc.cntlid] = ctrl

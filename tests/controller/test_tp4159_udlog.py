@@ -135,7 +135,9 @@ def test_whole_namespace_entry_for_sanitize(lm: Lm) -> None:
     assert m.log_start(q.cdqid).ok
     assert lm.g.admin(AdminOpcode.SANITIZE, cdw10=0x2).ok  # Block Erase by the logged controller
     got = m.drain(q)
-    assert [(e.nsid, e.lbacir, e.dlba, e.slba, e.nlb) for e in got[1:]] == [
-        (1, Lbacir.WHOLE_NAMESPACE, True, 0, 1)]
+    # NVM CS 1.2 Figure 177: with ESA 000b LBACIR is 00b, so the whole namespace
+    # is an ordinary range entry covering every LBA (16 MiB of 512-byte LBAs).
+    assert [(e.nsid, e.esa, e.lbacir, e.dlba, e.slba, e.nlb) for e in got[1:]] == [
+        (1, Esa.NORMAL, Lbacir.RANGE, True, 0, 32768)]
     assert m.h.admin(AdminOpcode.SANITIZE, cdw10=0x2).ok  # by the MMC: not the target's change
     assert m.drain(q) == []

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvme.lm.cdq")
 
-# Limits advertised in Identify Controller (doc §3.1) and enforced here.
+# Limits advertised in Identify Controller (bytes 578-587) and enforced here.
 MCUDMQ = 4  # User Data Migration Queues per MMC
 MNSUDMQ = 16  # ... per NVM subsystem
 MCMR = 64  # memory ranges one CDQ may use
@@ -56,7 +56,7 @@ def _create(ctrl: "Controller", cmd: Command, prp1: int, vendor: bool) -> Result
     cntlid = cmd.cdw11 >> 16  # CQS: for QT 0h the controller to log (§5.1.4.1.1.1)
     size_dw = cmd.cdw12  # CDQSIZE, in dwords
     if qt != wire.QT_UDMQ:
-        raise invalid_field(f"Queue Type {qt:#x} not supported")  # doc §4.1 (QEMU agrees)
+        raise invalid_field(f"Queue Type {qt:#x} not supported")  # no status in the text read; QEMU agrees
     migratable(ctrl, cntlid)  # 1Fh: not a migratable controller of this subsystem
     entry = wire.CDQ_ENTRY_SIZE_T0
     if size_dw == 0 or (size_dw * 4) % entry or size_dw * 4 // entry < 2:
@@ -123,7 +123,7 @@ def lookup(ctrl: "Controller", cdqid: int) -> CdqState:
 
 
 def delete_cdq(ctrl: "Controller", q: CdqState) -> None:
-    """Delete a CDQ; logging into it ends with it (doc §4.2)."""
+    """Delete a CDQ; logging into it ends with it (Base 2.1 §5.1.4, Delete)."""
     q.logging = False
     mmc_state(ctrl).cdqs.pop(q.cdqid, None)
     discard_events(ctrl, q.cdqid, (wire.AEI_CDQ_TAIL_POINTER, wire.AEI_CDQ_FULL))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,17 +59,53 @@ def check_indices(csvi: int, csuuidi: int) -> None:
 
 
 # ------------------------------------------------------------------ Get
+# The Controller State of a suspended controller, built once and served to
+# every Migration Receive piece until something changes it (runtime cache,
+# not controller state).
+_BUILT: "weakref.WeakKeyDictionary[Controller, tuple[tuple[Any, ...], bytes]]" = \
+    weakref.WeakKeyDictionary()
+
+
 def build(target: "Controller", csvi: int, csuuidi: int) -> bytes:
-    nvme = _nvme_part(target) if csvi else b""
-    vendor = _vendor_part(target) if csuuidi else b""
+    """The Controller State of ``target``; one ``snapshot()`` feeds both parts, so
+    the NVMe-defined queue records and the vendor part agree (shadow doorbells
+    included).  No side effect on the target (Base 2.1 §5.1.16: a Get)."""
+    key = _cache_key(target, csvi, csuuidi)
+    if key is not None:
+        hit = _BUILT.get(target)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    state = target.snapshot()
+    nvme = _nvme_part(state) if csvi else b""
+    vendor = _vendor_part(target, state) if csuuidi else b""
     csattr = wire.CSATTR_SUSPENDED if target.state.suspended else 0
     head = wire.CS_HEADER.pack(0, csattr, len(nvme) // 4, 0, len(vendor) // 4, 0)
-    return head + nvme + vendor
+    data = head + nvme + vendor
+    if key is not None:
+        _BUILT[target] = (key, data)
+    return data
 
 
-def _nvme_part(target: "Controller") -> bytes:
-    sqs = [target.sqs[k] for k in sorted(target.sqs) if k]
-    cqs = [target.cqs[k] for k in sorted(target.cqs) if k]
+def _cache_key(target: "Controller", csvi: int, csuuidi: int) -> tuple[Any, ...] | None:
+    """What the state of a suspended controller can still depend on: the
+    suspension itself, the state object (Set Controller State replaces it) and
+    the doorbell values the host wrote meanwhile.  None: not suspended, build."""
+    if not target.state.suspended:
+        return None
+    ts = target_state(target)
+    doorbells = tuple((q.qid, q.tail) for q in target.sqs.values()) + \
+        tuple((q.qid, q.head) for q in target.cqs.values())
+    return (csvi, csuuidi, tuple(ts.suspended_at), id(target.state), doorbells)
+
+
+def forget(target: "Controller") -> None:
+    """Drop the built state (Set Controller State committed, Resume)."""
+    _BUILT.pop(target, None)
+
+
+def _nvme_part(state: ControllerState) -> bytes:
+    sqs = [q for q in state.sqs if q.qid]
+    cqs = [q for q in state.cqs if q.qid]
     out = bytearray(wire.NVMECS_HEADER.pack(VERSIONS[0], len(sqs), len(cqs)))
     for sq in sqs:
         iosqa = int(sq.pc) | (sq.qprio << wire.IOSQA_QPRIO_SHIFT)
@@ -80,8 +117,8 @@ def _nvme_part(target: "Controller") -> bytes:
     return bytes(out)
 
 
-def _vendor_part(target: "Controller") -> bytes:
-    state = target.snapshot().to_dict()
+def _vendor_part(target: "Controller", snap: ControllerState) -> bytes:
+    state = snap.to_dict()
     for key in _LOCAL_KEYS:
         state["vendor"].pop(key, None)
     # Clocks as of the suspend when suspended (the pieces of one state agree).
@@ -233,11 +270,13 @@ def commit(target: "Controller", p: ParsedState) -> None:
         if doc.get("timestamp_ms") is not None:
             behind = max(0.0, time.time() - doc.get("wall_clock", time.time()))
             state.vendor["timestamp"] = [doc["timestamp_ms"], now - behind]
+        forget(target)
         target.restore(state)
         target.stats.update(doc.get("stats", {}))
         target._intx_pending = int(doc.get("intx_pending", 0))
         target.started = now - doc.get("uptime_ms", 0) / 1000
         return
+    forget(target)
     for cq in p.cqs:
         target.cqs[cq.qid] = cq
     for sq in p.sqs:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def _mmc_fields(ctrl: "Controller", b: bytearray) -> None:
-    """OACS.HMLMS, the tracking and CDQ limits, TRATTR: on MMCs only (doc §3.1).
+    """OACS.HMLMS, the tracking and CDQ limits, TRATTR: on MMCs only (Identify Controller bytes 570-587).
     HMPRE stays 0 on every controller (no Host Memory Buffer next to an MMC)."""
     if not ctrl.config.is_mmc:
         return

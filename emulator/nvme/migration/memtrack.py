@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from emulator.memory import DmaError
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.model import MemTrackState, mmc_state
 from emulator.nvme.migration.targets import migratable, mmc_command, mmcs
@@ -29,9 +30,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvme.lm.memtrack")
 
-# Identify Controller limits (doc §3.1).  MINMRTG/MAXMRTG use the RMRTG code
-# (2^n x 4 KiB): libnvme documents them as "the minimum/maximum value
-# supported in the RMRTG field", which settles the doc's UNCONFIRMED tag.
+# Identify Controller limits (bytes 570-575: CMMRTD, NMMRTD, MINMRTG, MAXMRTG).
+# MINMRTG/MAXMRTG use the RMRTG code (2^n x 4 KiB): libnvme documents them as
+# "the minimum/maximum value supported in the RMRTG field"; the spec text we
+# read gives no other encoding.
 CMMRTD = 64  # descriptors one MMC tracks, all targets together
 NMMRTD = 256  # ... the whole subsystem
 MINMRTG = 0  # 4 KiB
@@ -54,7 +56,7 @@ def track_send_tmc(ctrl: "Controller", cmd: Command) -> Result:
     target = migratable(ctrl, cntlid)  # 1Fh, including CNTLID = the MMC itself
     tracks = mmc_state(ctrl).tracks
     if tact != wire.TACT_START:
-        if cntlid not in tracks:  # stopping what is not tracked here (UNCONFIRMED: 1Fh)
+        if cntlid not in tracks:  # stopping what is not tracked here: 1Fh (our choice)
             raise specific(CommandSpecific.INVALID_CONTROLLER_IDENTIFIER, "not tracked")
         del tracks[cntlid]
         _sync_observer(target)
@@ -81,6 +83,11 @@ def track_send_tmc(ctrl: "Controller", cmd: Command) -> Result:
             raw, wire.TMC_HEADER.size + i * wire.TMC_DESCRIPTOR.size)
         if saddr & ((1 << gshift) - 1) or length == 0:
             raise invalid_field(f"descriptor {i}: SADDR {saddr:#x} LEN {length}")
+        if not _host_memory(target, saddr, length << gshift):
+            # A range that is not host memory of the target: Invalid Field
+            # (Base 2.1 §5.1.27.1.2 [2.3 §5.2.28.1.2]).
+            raise invalid_field(f"descriptor {i}: {saddr:#x}+{length << gshift:#x} "
+                                "is not host memory of the controller")
         ranges.append([saddr, length])
     total = sum(n for _, n in ranges)
     if total > MAX_GRANULES:
@@ -94,6 +101,28 @@ def track_send_tmc(ctrl: "Controller", cmd: Command) -> Result:
     log.info("MMC %d: tracking memory writes of controller %d (%d ranges, %d KiB granules)",
              ctrl.cntlid, cntlid, len(ranges), 1 << (gshift - 10))
     return 0, 0
+
+
+def _host_memory(target: "Controller", addr: int, length: int) -> bool:
+    """The whole range lies in memory the target's host mapped for DMA (regions
+    without an fd count: they are host memory the controller just cannot reach)."""
+    memory = target.memory
+    if memory is None:
+        return False
+    regions = getattr(memory, "regions", None)
+    if regions is None:
+        try:
+            memory.views(addr, length)  # read views: no copy, no write observer
+        except DmaError:
+            return False
+        return True
+    pos, end = addr, addr + length
+    for r in sorted(regions(), key=lambda r: r.iova):
+        if r.iova <= pos < r.iova + r.size:
+            pos = r.iova + r.size
+            if pos >= end:
+                return True
+    return False
 
 
 def _finest(ranges: list[list[int]], rmrtg: int) -> int:
@@ -125,7 +154,10 @@ def track_receive(ctrl: "Controller", cmd: Command) -> Result:
     length = (cmd.cdw12 + 1) * 4
     room = max(0, (length - wire.TRACKED_HEADER.size) // wire.TRACKED_DESCRIPTOR.size)
     runs = dirty_runs(t)
-    report, more = runs[:room], len(runs) > room
+    report = runs[:room]
+    # MTR is 0 whenever NTMCD is 0 (Tracked Memory Changes, ATTRB bit 0): a
+    # buffer without room for a descriptor reports nothing and clears nothing.
+    more = bool(report) and len(runs) > room
     attrb = (wire.ATTRB_MTR if more else 0) | (wire.ATTRB_SUSP if target.state.suspended else 0)
     out = bytearray(wire.TRACKED_HEADER.pack(0, attrb, cntlid, len(report),
                                              t.gshift - wire.GRANULE_BASE_SHIFT))

@@ -21,7 +21,7 @@ TARGET_KEY = "tp4159_target"
 
 @dataclass
 class CdqState:
-    """One Controller Data Queue of an MMC (Base §8.1.6; doc §14)."""
+    """One Controller Data Queue of an MMC (Base 2.1 §8.1.6 [2.3 §8.1.7])."""
     cdqid: int
     qt: int  # Queue Type (0h = User Data Migration Queue)
     cntlid: int  # CQS: the migratable controller whose changes are logged

@@ -84,6 +84,7 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
 def wake(target: "Controller") -> None:
     """End the suspended state: fetch what the host queued meanwhile, re-signal CQs."""
     target.state.suspended = False
+    ctrlstate.forget(target)
     ts = target_state(target)
     ts.suspended_by, ts.suspended_at = -1, []
     target.kick()

@@ -12,7 +12,7 @@
   Controller Identifier (1Fh).  The spec gives that status for CDQ create,
   Track Send/TMC (CNTLID = self), Track Receive and Migration Send/Receive;
   for Suspend/Resume of an unknown controller no sentence was found and 1Fh
-  is the natural reading (doc §9.1, UNCONFIRMED there).
+  is the natural reading.
 """
 from __future__ import annotations
 

@@ -11,8 +11,14 @@ changed, after the change is visible and before the command's completion
 Markers (LBACIR 10b, no range): ESA 001b when logging starts and on Resume,
 011b on Suspend, 010b on stop.  The entry that fills the queue carries ESA
 111b whatever it is, logging stops, and the One-Shot CDQ Full event goes out
-(doc §6.3); we prefer 111b over 010b/011b for a marker that fills the queue
-because the host must learn that the queue is full.
+(NVM CS 1.2 §5.6; Base 2.1 §5.1.2.1 One-Shot events); we prefer 111b over
+010b/011b for a marker that fills the queue because the host must learn that
+the queue is full.
+
+A change of a whole namespace (Sanitize by the logged controller) is posted as
+ordinary range entries covering every LBA (LBACIR 00b): NVM CS 1.2 Figure 177
+requires LBACIR 00b whenever ESA is 000b, so LBACIR 01b ("all LBAs of NSID")
+could only ride on a first/last entry, which such a change is not.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 log = logging.getLogger("nvme.lm.udlog")
+MAX_NLB = 1 << 32  # LBAs one Entry Type 0 can describe (NLB 7:4, 0's based)
 
 
 def track_send_ludc(ctrl: "Controller", cmd: Command) -> tuple[int, int]:
@@ -39,11 +46,12 @@ def track_send_ludc(ctrl: "Controller", cmd: Command) -> tuple[int, int]:
     if lact not in (wire.LACT_STOP, wire.LACT_START):
         raise invalid_field(f"LACT {lact:#x} reserved")
     target = ctrl.subsystem.controllers.get(q.cntlid)
+    if target is not None and target.state.suspended:
+        # Controller Suspended (39h) for starting and stopping alike (Base 2.3
+        # §5.2.28.1.1).  An MMH ends logging of a suspended controller by
+        # deleting the queue (CDQ delete, or Suspend with DUDMQ=1).
+        raise specific(CommandSpecific.CONTROLLER_SUSPENDED, f"controller {q.cntlid}")
     if lact == wire.LACT_START:
-        if target is not None and target.state.suspended:
-            # 39h for a suspended target.  Applied to starting only: the
-            # reference flow (Base §8.1.12.1) stops logging after Suspend.
-            raise specific(CommandSpecific.CONTROLLER_SUSPENDED, f"controller {q.cntlid}")
         if q.logging:
             # The spec's 37h for a target already being logged; QEMU treats a
             # repeated start as a no-op.  We follow the spec.
@@ -83,23 +91,24 @@ def on_write(target: "Controller", nsid: int, slba: int, nlb: int, deallocated: 
     if found is None or not found[1].logging:
         return
     mmc, q = found
-    ns = target.subsystem.namespaces.get(nsid)
-    if ns is not None and slba == 0 and nlb >= ns.nsze:
-        # The whole namespace changed (e.g. Sanitize): LBACIR 01b, no range.
-        _post(mmc, q, nsid, 0, 0, Esa.NORMAL, deallocated, Lbacir.WHOLE_NAMESPACE)
-        return
-    _post(mmc, q, nsid, nlb - 1, slba, Esa.NORMAL, deallocated, Lbacir.RANGE)
+    # NLB is a 32-bit 0's based field: a larger change (a whole namespace, e.g.
+    # Sanitize) takes one range entry per 2^32 LBAs (Figure 177: LBACIR 00b).
+    while nlb > 0 and q.logging:
+        n = min(nlb, MAX_NLB)
+        _post(mmc, q, nsid, n - 1, slba, Esa.NORMAL, deallocated, Lbacir.RANGE)
+        slba, nlb = slba + n, nlb - n
 
 
 def on_suspend(target: "Controller", mmc: "Controller", delete: bool) -> None:
-    """Suspend (§5.1.17.1.1): ESA 011b marker after the drain, then DUDMQ."""
+    """Suspend (§5.1.17.1.1): ESA 011b marker after the drain, then DUDMQ deletes
+    the UDMQ associated with the controller, whichever MMC created it (Figure 351)."""
     found = cdq.udmq_of(target)
     if found is None:
         return
     owner, q = found
     if q.logging:
         post_marker(owner, q, Esa.LAST_SUSPENDED)
-    if delete and owner is mmc:
+    if delete:
         cdq.delete_cdq(owner, q)
 
 

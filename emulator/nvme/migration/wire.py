@@ -146,7 +146,7 @@ VENDOR_STATE_FORMAT = 1
 
 # --- Identify (§5.1.13) ----------------------------------------------------------------
 CNS20_HEADER = struct.Struct("<BB")  # NV, NUUID; then NV 2-byte versions, NUUID UUIDs
-# Identify Controller fields (byte offsets; doc §3.1, from libnvme struct nvme_id_ctrl)
+# Identify Controller fields (byte offsets of Base 2.1 Identify Controller, as in libnvme struct nvme_id_ctrl)
 IDC_OACS = 256
 OACS_HMLMS = 1 << 11  # Host Managed Live Migration Support
 IDC_LM_LIMITS = struct.Struct("<HHBBBxHHHHH")  # CMMRTD..MCDQPC at bytes 570..587
