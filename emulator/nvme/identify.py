@@ -250,7 +250,7 @@ def identify_independent_namespace(ctrl: "Controller", cmd: Command) -> bytes:
     ns = _namespace_for_identify(ctrl, cmd.nsid)
     if ns is None or cmd.nsid == BROADCAST_NSID:
         return bytes(b)
-    b[0] = 0x1  # NSFEAT: thin provisioning reported in NUSE
+    b[0] = 0  # NSFEAT: not rotational media (bit 4), volatile write cache present (bit 5 = 0)
     b[1] = 0x1 if ctrl.subsystem.shared(ns.nsid) else 0  # NMIC
     _put(b, 10, "HH", 0, 0)  # NVMSETID, ENDGID: no NVM Sets, no Endurance Groups
     b[14] = 0x1  # NSTAT: namespace ready
