@@ -163,7 +163,11 @@ def create_namespace(ctrl: "Controller", cmd: Command) -> int:
     Namespace.remove_stale(path)
     config = NamespaceConfig(nsid, path, size, lba_size, tlbaag=max(1, 4096 // lba_size),
                              shared=bool(data[OFF_NMIC] & 0x1))
-    sub.namespaces[nsid] = Namespace(config, sub.nqn)
+    try:
+        sub.namespaces[nsid] = Namespace(config, sub.nqn)
+    except OSError as e:  # e.g. larger than the file system allows (EFBIG) or no space for the bitmap
+        Namespace.remove_stale(path)
+        raise specific(CommandSpecific.NS_INSUFFICIENT_CAPACITY, f"{path}: {e}") from e
     log.info("namespace %d created: %d x %d bytes, %s", nsid, nsze, lba_size, path)
     sub.changed()
     return nsid

@@ -162,3 +162,17 @@ def test_delete_detach_format_refused_under_migration(emu):
     assert (c.sct, c.sc) == (1, CommandSpecific.CONTROLLER_SUSPENDED)
     assert m.resume(1).ok
     assert m.h.ns_delete(1).ok
+
+
+def test_create_beyond_what_the_file_system_holds(emu):
+    """A capacity larger than the file system allows: the create fails cleanly (EFBIG)."""
+    e = emu({"subsystem": {"capacity": "64TiB", "max_namespaces": 4},
+             "namespaces": [{"nsid": 1, "size": "1MiB"}], "controllers": [{"cntlid": 1, "type": "io"}]})
+    h = e.host()
+    c = h.ns_create((48 << 40) // 512)  # 48 TiB: beyond ext4's 16 TiB file size limit
+    if c.ok:  # a file system that holds it (xfs, tmpfs): the namespace exists and works
+        assert h.ns_delete(c.dw0).ok
+        return
+    assert (c.sct, c.sc) == (1, CommandSpecific.NS_INSUFFICIENT_CAPACITY)
+    assert not (e.config.state_dir / "ns2.img").exists()
+    assert h.ns_create(2048).dw0 == 2  # and the NSID is still free
