@@ -138,10 +138,12 @@ def test_copy_errors(e):
     assert copy(h, 1, 30, [(0, 10), (20, 5)]).ok
     assert err(copy(h, 1, n - 4, [(0, 8)])) == (0, Generic.LBA_OUT_OF_RANGE)
     assert err(copy(h, 1, 0, [(n - 4, 8)])) == (0, Generic.LBA_OUT_OF_RANGE)
-    assert err(copy(h, 1, 0, [(3, 0, 1)], desfmt=2)) == (1, NvmCommandSpecific.INCOMPATIBLE_NAMESPACE_OR_FORMAT)
+    incompatible = (1, NvmCommandSpecific.INCOMPATIBLE_NAMESPACE_OR_FORMAT)
+    assert err(copy(h, 1, 0, [(3, 0, 1)], desfmt=2)) == incompatible  # 4 KiB source, 512 B destination
     assert err(copy(h, 1, 0, [(4, 0, 1)], desfmt=2)) == (0, Generic.INVALID_NAMESPACE)  # not attached
     assert err(copy(h, 1, 0, [(100, 1)], desfmt=4)) == (0, Generic.INVALID_FIELD)
-    assert err(copy(h, 1, 0, [(100 + i, 1) for i in range(129)])) == (1, NvmCommandSpecific.COMMAND_SIZE_LIMIT_EXCEEDED)
+    too_many = copy(h, 1, 0, [(100 + i, 1) for i in range(129)])  # MSRC + 2 ranges
+    assert err(too_many) == (1, NvmCommandSpecific.COMMAND_SIZE_LIMIT_EXCEEDED)
     assert write_uncor(h, 1, 500, 1).ok
     assert err(copy(h, 1, 0, [(499, 4)])) == URE
 
