@@ -232,3 +232,10 @@ def test_lba_status_information_alert(e):
     ev = h.wait(0, cid)
     assert (ev.dw0 & 0x7, (ev.dw0 >> 8) & 0xFF, (ev.dw0 >> 16) & 0xFF) == (2, 0x05, 0x0E)
     assert h.get_log_page(LID.LBA_STATUS_INFORMATION, 512).ok  # RAE=0 re-arms notices
+
+
+def test_sanitize_overwrite_arguments(e):
+    h = e.host()
+    assert err(h.admin(0x84, cdw10=0x3 | (1 << 9), cdw11=1)) == (0, Generic.INVALID_FIELD)  # NDAS: NDI
+    assert err(h.admin(0x84, cdw10=0x4)) == (0, Generic.INVALID_FIELD)  # Crypto Erase: not in SANICAP
+    assert struct.unpack_from("<I", h.identify(cns=1), 328)[0] & 0x4  # SANICAP.OWS
