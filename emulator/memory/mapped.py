@@ -4,15 +4,41 @@ Regions come from vfio-user DMA_MAP (fd + offset) or from a test host that
 registers its own memfd.  Each region gets its own mapping (QEMU sends a
 fresh dup of the same memfd for every map; Python's mmap keeps a dup of the
 fd per mapping).
+
+Fault safety: a client (or anyone holding the file) may shrink a mapped file,
+and a load or store past its new end raises SIGBUS, which would kill the
+process.  A region whose fd is a memfd sealed against shrinking
+(F_SEAL_SHRINK, what QEMU's memory-backend-memfd does by default) cannot lose
+pages, and is read and written directly.  Any other region is *guarded*:
+:meth:`MappedMemory.read` and :meth:`MappedMemory.write` copy through the
+kernel (``emulator.memory.safecopy``), so a lost page is a :class:`DmaError` (a Data
+Transfer Error for the command) instead of a crash.  The views handed out by
+:meth:`MappedMemory.views` are for system calls (preadv/pwritev), which meet a
+lost page with EFAULT; Python code must not load or store through them.
 """
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 
+from emulator.memory import safecopy
 from emulator.memory.guest_memory import DmaError, WriteObserver
+
+
+# Python 3.13+ can map without keeping its own dup of the fd (one fd less per region).
+_NO_FD_COPY: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def sealed_against_shrink(fd: int) -> bool:
+    """True if nobody can make ``fd``'s file smaller (a memfd with F_SEAL_SHRINK)."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # not a memfd (EINVAL): any holder may truncate it
+        return False
 
 
 @dataclass
@@ -23,6 +49,8 @@ class Region:
     fd_offset: int = 0
     # None for a region that came without an fd: it exists but cannot be reached.
     mem: memoryview | None = None
+    # True when the file may shrink under the mapping: copies go through the kernel.
+    guarded: bool = False
     _mmap: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -66,9 +94,10 @@ class MappedMemory:
             length = skip + size
             length += (-length) % align
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=base)
+            m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=base, **_NO_FD_COPY)
             region._mmap = m
             region.mem = memoryview(m)[skip:skip + size]
+            region.guarded = not sealed_against_shrink(fd)
         self._starts.insert(i, iova)
         self._regions.insert(i, region)
         return region
@@ -107,12 +136,11 @@ class MappedMemory:
         return list(self._regions)
 
     # -- access ---------------------------------------------------------
-    def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
+    def _pieces(self, addr: int, length: int, write: bool) -> list[tuple[Region, int, int]]:
+        """(region, offset in it, length) covering [addr, addr+length), or DmaError."""
         if length < 0 or addr < 0:
             raise DmaError(addr, length, "bad range")
-        out: list[memoryview] = []
-        if length == 0:
-            return out
+        out: list[tuple[Region, int, int]] = []
         pos, remaining = addr, length
         i = bisect.bisect_right(self._starts, pos) - 1
         while remaining:
@@ -127,7 +155,7 @@ class MappedMemory:
                 raise DmaError(addr, length, "write into read-only memory")
             off = pos - r.iova
             n = min(remaining, r.size - off)
-            out.append(r.mem[off:off + n])
+            out.append((r, off, n))
             pos += n
             remaining -= n
             i += 1
@@ -136,16 +164,30 @@ class MappedMemory:
                 obs(addr, length)
         return out
 
+    def views(self, addr: int, length: int, write: bool = False) -> list[memoryview]:
+        return [r.mem[off:off + n] for r, off, n in self._pieces(addr, length, write)]  # type: ignore[index]
+
     def read(self, addr: int, length: int) -> bytes:
-        vs = self.views(addr, length)
-        if len(vs) == 1:
-            return bytes(vs[0])
-        return b"".join(bytes(v) for v in vs)
+        out = []
+        for r, off, n in self._pieces(addr, length, False):
+            v = r.mem[off:off + n]  # type: ignore[index]
+            if r.guarded:
+                got = safecopy.read(v)
+                if got is None:
+                    raise DmaError(addr, length, "beyond the end of the mapped file")
+                out.append(got)
+            else:
+                out.append(bytes(v))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
         pos = 0
-        for v in self.views(addr, len(mv), write=True):
-            n = len(v)
-            v[:] = mv[pos:pos + n]
+        for r, off, n in self._pieces(addr, len(mv), True):
+            v = r.mem[off:off + n]  # type: ignore[index]
+            if r.guarded:
+                if not safecopy.write(v, mv[pos:pos + n]):
+                    raise DmaError(addr, len(mv), "beyond the end of the mapped file")
+            else:
+                v[:] = mv[pos:pos + n]
             pos += n

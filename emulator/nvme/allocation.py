@@ -2,12 +2,20 @@
 
 One bit per Tracked LBA Allocation Granularity granule (bit g lives in byte
 g >> 3, bit g & 7; equivalently in little-endian 64-bit word g >> 6, bit
-g & 63).  The array is a shared memory map of a sidecar file
-``<backing>.alloc``, so every update is in the kernel's page cache the moment
-it is made: a process killed without a flush loses nothing.  Flush (and
-close) msync the sidecar, like the data file, so a crash of the whole
-machine loses at most what the host had not flushed: the Volatile Write
-Cache rule (Base 2.1 §5.27.1.4) covers the bitmap exactly as it covers data.
+g & 63).  The array lives in process memory and is written through to a
+sidecar file ``<backing>.alloc``: every update that changes a word is
+``pwrite``n at once, so it is in the kernel's page cache the moment it is
+made and a process killed without a flush loses nothing.  Flush (and close)
+fdatasync the sidecar, like the data file, so a crash of the whole machine
+loses at most what the host had not flushed: the Volatile Write Cache rule
+(Base 2.1 §5.27.1.4) covers the bitmap exactly as it covers data.
+
+The sidecar is not memory-mapped on purpose: a store into a mapped page that
+the file system cannot back (disk full) or that someone truncated away is a
+SIGBUS, which kills the process.  Its blocks are reserved (``fallocate``)
+when it is created, so a full file system cannot refuse a bitmap update; a
+write-through that still fails is logged and the whole bitmap is rewritten
+at the next save.  The sidecar is opened with O_NOFOLLOW and created 0600.
 
 At open the sidecar is reconciled with the backing file's data extents
 (SEEK_DATA / SEEK_HOLE):
@@ -37,6 +45,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +65,8 @@ _SCAN_MAX_WORDS = 1 << 19  # chunks double up to 32 Mi granules (4 MiB of bitmap
 _READ_CHUNK = 1 << 20  # bytes read at a time when checking granules at open
 _EXTENT_SLACK = 1 << 20  # SEEK_DATA may over-report by this much and still be trusted
 _EMPTY_RUNS = np.zeros((0, 2), dtype=np.int64)
+_MAX_RUN_WRITES = 4096  # write-through calls per update before one write covers the span
+_WRITE_GAP_WORDS = 512  # unchanged words (4 KiB) rewritten rather than starting another write
 
 
 def bitmap_words(granules: int) -> int:
@@ -105,7 +116,7 @@ def _any_nonzero(fd: int, lo: int, hi: int) -> bool:
 
 class AllocationMap:
     def __init__(self, nsze: int, tlbaag: int, bits: np.ndarray,
-                 sidecar: Path | None = None) -> None:
+                 sidecar: Path | None = None, sidecar_fd: int = -1) -> None:
         if tlbaag < 1:
             raise ValueError(f"TLBAAG must be >= 1, not {tlbaag}")
         self.nsze = nsze
@@ -113,11 +124,12 @@ class AllocationMap:
         self.granules = (nsze + tlbaag - 1) // tlbaag
         if bits.nbytes != bitmap_words(self.granules) * 8:
             raise ValueError("bitmap size does not match the namespace")
-        self.bits = bits  # uint8, packed little-endian bit order (a memmap: flushed by save())
-        # The same memory as plain 64-bit words (no memmap subclass overhead on every slice).
-        self.words = bits.view(np.ndarray).view(_WORD)
+        self.bits = bits  # uint8, packed little-endian bit order
+        self.words = bits.view(np.ndarray).view(_WORD)  # the same memory as 64-bit words
         self.sidecar = sidecar
-        self.dirty = False
+        self.sidecar_fd = sidecar_fd  # -1: not persisted
+        self.dirty = False  # written through since the last save
+        self.stale = False  # a write-through failed: save() rewrites everything
 
     # -- construction ----------------------------------------------------
     @classmethod
@@ -133,20 +145,26 @@ class AllocationMap:
         granules = (nsze + tlbaag - 1) // tlbaag
         nbytes = bitmap_words(granules) * 8
         header = _HEADER.pack(_MAGIC, nsze, tlbaag, lba_size)
-        valid = False
-        if sidecar.exists() and sidecar.stat().st_size == _HEADER.size + nbytes:
-            with open(sidecar, "rb") as f:
-                valid = f.read(_HEADER.size) == header
-        if not valid:
-            with open(sidecar, "wb") as f:  # sparse: an empty bitmap costs no disk space
-                f.write(header)
-                f.truncate(_HEADER.size + nbytes)
-        if nbytes:
-            bits: np.ndarray = np.memmap(sidecar, dtype=np.uint8, mode="r+",
-                                         offset=_HEADER.size, shape=(nbytes,))
-        else:
-            bits = np.zeros(0, dtype=np.uint8)
-        amap = cls(nsze, tlbaag, bits, sidecar)
+        fd = os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)  # like the image it describes
+            valid = (st.st_size == _HEADER.size + nbytes
+                     and os.pread(fd, _HEADER.size, 0) == header)
+            bits = np.zeros(nbytes, dtype=np.uint8)
+            if valid:
+                _read_exactly(fd, memoryview(bits), _HEADER.size)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, _HEADER.size + nbytes)
+            # reserve the bitmap's blocks: a full disk must not refuse an update later
+            os.posix_fallocate(fd, 0, _HEADER.size + nbytes)
+            amap = cls(nsze, tlbaag, bits, sidecar, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         amap.reconcile(data_fd, lba_size, sidecar_valid=valid)
         amap.save()
         return amap
@@ -247,23 +265,51 @@ class AllocationMap:
         g1 = min(g1, self.granules)
         if g1 <= g0:
             return
-        self.dirty = True
         w0, w1 = g0 >> 6, (g1 - 1) >> 6
         first = _ONES << np.uint64(g0 & 63)
         last = _ONES >> np.uint64(63 - ((g1 - 1) & 63))
         words = self.words
         if w0 == w1:
             mask = first & last
-            words[w0] = (words[w0] | mask) if value else (words[w0] & ~mask)
+            old = words[w0]
+            words[w0] = (old | mask) if value else (old & ~mask)
+            if words[w0] != old:
+                self._write_through(w0, w0 + 1)
             return
         if value:
             words[w0] |= first
             words[w1] |= last
-            words[w0 + 1:w1] = _ONES
         else:
             words[w0] &= ~first
             words[w1] &= ~last
-            words[w0 + 1:w1] = 0
+        self._write_through(w0, w0 + 1)
+        self._write_through(w1, w1 + 1)
+        # Inner words: only those that change are stored and written through (deallocating a
+        # terabyte with a few scattered allocated granules touches a few words, not 32 MiB).
+        inner = words[w0 + 1:w1]
+        changed = np.flatnonzero(inner != _ONES) if value else np.flatnonzero(inner)
+        if not changed.size:
+            return
+        inner[changed] = _ONES if value else 0
+        # one write per group of changed words less than a page apart
+        breaks = np.flatnonzero(np.diff(changed) > _WRITE_GAP_WORDS) + 1
+        if breaks.size > _MAX_RUN_WRITES:  # very scattered: one write over the span
+            self._write_through(w0 + 1 + int(changed[0]), w0 + 2 + int(changed[-1]))
+            return
+        for run in np.split(changed, breaks):
+            self._write_through(w0 + 1 + int(run[0]), w0 + 2 + int(run[-1]))
+
+    def _write_through(self, w0: int, w1: int) -> None:
+        """Store words [w0, w1) into the sidecar (its page cache: a killed process loses nothing)."""
+        if self.sidecar_fd < 0:
+            return
+        self.dirty = True
+        try:
+            _write_exactly(self.sidecar_fd, memoryview(self.words[w0:w1]).cast("B"), _HEADER.size + w0 * 8)
+        except OSError as e:
+            if not self.stale:
+                log.error("%s: bitmap update not stored (%s); rewriting it at the next flush", self.sidecar, e)
+            self.stale = True
 
     # -- queries -----------------------------------------------------------
     def is_allocated(self, granule: int) -> bool:
@@ -354,7 +400,49 @@ class AllocationMap:
 
     # -- persistence -------------------------------------------------------
     def save(self) -> None:
-        """msync the sidecar (part of Flush: Base 2.1 §5.27.1.4 volatile write cache)."""
-        if isinstance(self.bits, np.memmap) and self.dirty:
-            self.bits.flush()
-        self.dirty = False
+        """fdatasync the sidecar (part of Flush: Base 2.1 §5.27.1.4 volatile write cache).
+
+        Raises OSError when the bitmap cannot be stored (the caller's Flush fails)."""
+        fd = self.begin_save()
+        if fd >= 0:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                self.dirty = True
+                raise
+
+    def begin_save(self) -> int:
+        """The event-loop part of :meth:`save`: rewrite a bitmap whose write-through failed;
+        returns the fd to fdatasync (any thread may), or -1 when there is nothing to sync."""
+        if self.sidecar_fd < 0:
+            return -1
+        if self.stale:
+            _write_exactly(self.sidecar_fd, memoryview(self.bits), _HEADER.size)
+            self.stale = False
+            self.dirty = True
+        if not self.dirty:
+            return -1
+        self.dirty = False  # updates from now on need the next flush
+        return self.sidecar_fd
+
+    def close(self) -> None:
+        if self.sidecar_fd >= 0:
+            try:
+                self.save()
+            finally:
+                os.close(self.sidecar_fd)
+                self.sidecar_fd = -1
+
+
+def _read_exactly(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "sidecar shorter than its header says")
+        buf, offset = buf[n:], offset + n
+
+
+def _write_exactly(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.pwritev(fd, [buf], offset)
+        buf, offset = buf[n:], offset + n

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
+from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.sgl import sgl_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
-    CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
+    CSTS_CFS, CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
     REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError, generic,
     status_field,
 )
@@ -117,6 +118,8 @@ class Controller:
         self.cqs: dict[int, CQState] = {}
         self._irq: dict[int, _IrqState] = {}
         self._intx_pending = 0
+        self.arbiter = Arbiter(self)  # bounded round-robin passes over the SQs with work
+        self.resets = 0
         self.observers = Observers()
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
@@ -226,7 +229,7 @@ class Controller:
         if (old & CC_EN) and not (new & CC_EN):
             r.cc = new
             self.controller_level_reset()
-            r.csts &= ~CSTS_RDY
+            r.csts &= ~(CSTS_RDY | CSTS_CFS)  # a reset clears the fatal status
             r.csts &= ~(0x3 << CSTS_SHST_SHIFT)
             return
         r.cc = new
@@ -269,6 +272,8 @@ class Controller:
             if st.timer:
                 st.timer.cancel()
         self._irq.clear()
+        self.arbiter.clear()
+        self.resets += 1  # offloaded commands of before the reset are not completed
         self.sqs.clear()
         self.cqs.clear()
         self.state.aer.outstanding.clear()
@@ -345,26 +350,39 @@ class Controller:
         return self.ready and not self.state.suspended and self.memory is not None
 
     def process_sq(self, sq: SQState) -> None:
+        """Run the commands ``sq`` makes available: at once without a scheduler, else in
+        bounded round-robin passes (emulator/nvme/arbitration.py), the first one right now."""
+        if self.scheduler is None:
+            self.run_sq(sq, None)
+        else:
+            self.arbiter.ready(sq.qid)
+
+    def run_sq(self, sq: SQState, limit: int | None) -> tuple[int, bool]:
+        """Fetch and execute up to ``limit`` commands of ``sq``: (commands run, more to run now)."""
         memory = self.memory
+        done = 0
         while sq.head != sq.tail and self.can_fetch() and memory is not None:
+            if limit is not None and done >= limit:
+                return done, True
             cq = self.cqs.get(sq.cqid)
             if cq is None:
-                return
+                return done, False
             if q.cq_full(cq, len(cq.held)):
                 self._dbbuf.refresh_cq_head(self, cq, arm=True)
                 self.post_held(cq)
                 if q.cq_full(cq, len(cq.held)):
-                    return  # resumes when the host frees CQ slots (CQ head doorbell)
+                    return done, False  # resumes when the host frees CQ slots (CQ head doorbell)
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
-                log.error("ctrl %d: SQ %d fetch failed: %s", self.cntlid, sq.qid, e)
-                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
-                return
+                self.fatal(f"SQ {sq.qid} fetch failed: {e}")  # the queue is unusable
+                return done, False
             cmd = Command(raw, sq.qid)
             self.execute(cmd)
+            done += 1
             if sq.qid not in self.sqs:
-                return  # deleted by the command itself
+                return done, False  # deleted by the command itself
+        return done, False
 
     def execute(self, cmd: Command) -> None:
         table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
@@ -383,18 +401,22 @@ class Controller:
                 return  # held (Asynchronous Event Request)
             dw0, dw1 = result
             status = 0
-        except NvmeError as e:
-            status, dw0, dw1 = e.status, e.dw0, e.dw1
-            self.record_error(cmd, status)
-        except DmaError as e:
-            log.info("ctrl %d: cid %d: %s", self.cntlid, cmd.cid, e)
-            status = status_field(0, Generic.DATA_TRANSFER_ERROR)
-            self.record_error(cmd, status)
-        except Exception:  # a bug must not take the process down
-            log.exception("ctrl %d: opcode %#x failed", self.cntlid, cmd.opc)
-            status = status_field(0, Generic.INTERNAL_ERROR)
-            self.record_error(cmd, status)
+        except Exception as e:  # a bug must not take the process down either
+            status, dw0, dw1 = self.failure(cmd, e)
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+
+    def failure(self, cmd: Command, e: BaseException) -> tuple[int, int, int]:
+        """(status, DW0, DW1) of a command that raised ``e``, recorded in the error log."""
+        if isinstance(e, NvmeError):
+            status, dw0, dw1 = e.status, e.dw0, e.dw1
+        elif isinstance(e, DmaError):
+            log.info("ctrl %d: cid %d: %s", self.cntlid, cmd.cid, e)
+            status, dw0, dw1 = status_field(0, Generic.DATA_TRANSFER_ERROR), 0, 0
+        else:
+            log.error("ctrl %d: opcode %#x failed", self.cntlid, cmd.opc, exc_info=e)
+            status, dw0, dw1 = status_field(0, Generic.INTERNAL_ERROR), 0, 0
+        self.record_error(cmd, status)
+        return status, dw0, dw1
 
     def complete(self, sqid: int, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> bool:
         """Post a CQE for a command of ``sqid``; False only if its SQ or CQ is gone.
@@ -432,14 +454,22 @@ class Controller:
             dw0, dw1, sqhd, sqid, cid, status = cq.held[0]
             try:
                 q.cq_post(cq, self.memory, dw0, dw1, sqhd, sqid, cid, status)
-            except DmaError as e:
-                log.error("ctrl %d: CQ %d post failed: %s", self.cntlid, cq.qid, e)
-                self.state.regs.csts |= 0x2  # CSTS.CFS: the queue is unusable
+            except DmaError as e:  # the entry stays held; a reset clears CFS and the queues
+                self.fatal(f"CQ {cq.qid}: completion not posted: {e}")
                 return
             cq.held.pop(0)
             posted += 1
         if posted:
             self._irq.setdefault(cq.qid, _IrqState()).pending += posted
+
+    def fatal(self, why: str) -> None:
+        """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
+
+        Logged once: until a reset clears CFS, later ones are not logged."""
+        r = self.state.regs
+        if not r.csts & CSTS_CFS:
+            log.error("ctrl %d: controller fatal status: %s", self.cntlid, why)
+        r.csts |= CSTS_CFS
 
     def record_error(self, cmd: Command, status: int) -> None:
         s = self.state
@@ -449,35 +479,51 @@ class Controller:
 
     # ------------------------------------------------------------------ data transfer
     def data_views(self, cmd: Command, length: int, to_host: bool) -> list[memoryview]:
-        """Views of the command's PRP data buffer; to_host = controller writes memory."""
+        """Views of the command's PRP data buffer, for system calls only (see MappedMemory);
+        to_host = controller writes memory."""
+        views: list[memoryview] = []
+        for addr, n in self.data_segments(cmd, length):
+            views.extend(self.memory.views(addr, n, write=to_host))  # type: ignore[union-attr]
+        return views
+
+    def data_segments(self, cmd: Command, length: int) -> list[tuple[int, int]]:
+        """(address, length) segments of the command's data buffer (PRPs or SGLs).
+
+        A transfer longer than MDTS (Base 2.1, Identify Controller data structure, MDTS)
+        is Invalid Field in Command, refused before anything is allocated."""
+        if length > self.max_transfer:
+            raise generic(Generic.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
-        if cmd.psdt:
+        if cmd.psdt:  # SGL (I/O commands only: execute() refuses PSDT on the admin queue)
             segs = sgl_segments(self.memory, struct.pack("<QQ", cmd.prp1, cmd.prp2), length)
             if not self.stats.get("sgl_commands"):
                 log.info("ctrl %d: the host uses SGLs", self.cntlid)
             self.stats["sgl_commands"] = self.stats.get("sgl_commands", 0) + 1
-        else:
-            segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
-        views: list[memoryview] = []
-        for addr, n in segs:
-            views.extend(self.memory.views(addr, n, write=to_host))
-        return views
+            return segs
+        return prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
 
     def data_to_host(self, cmd: Command, payload: bytes, length: int | None = None) -> None:
-        """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer."""
+        """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer.
+
+        Through ``memory.write`` (not the views): memory that can shrink under
+        its mapping then gives a DmaError instead of a SIGBUS.
+        """
         if length is None:
             length = len(payload)
+        segs = self.data_segments(cmd, length)
         if len(payload) < length:
             payload = payload + bytes(length - len(payload))
         pos = 0
-        for v in self.data_views(cmd, length, to_host=True):
-            n = len(v)
-            v[:] = payload[pos:pos + n]
+        for addr, n in segs:  # all mapped before any byte is stored
+            self.memory.views(addr, n)  # type: ignore[union-attr]
+        for addr, n in segs:
+            self.memory.write(addr, memoryview(payload)[pos:pos + n])  # type: ignore[union-attr]
             pos += n
 
     def data_from_host(self, cmd: Command, length: int) -> bytes:
-        return b"".join(bytes(v) for v in self.data_views(cmd, length, to_host=False))
+        return b"".join(self.memory.read(addr, n)  # type: ignore[union-attr]
+                        for addr, n in self.data_segments(cmd, length))
 
     # ------------------------------------------------------------------ interrupts
     def flush_interrupts(self) -> None:

@@ -6,6 +6,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from emulator.nvme.controller import Result, io_command
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
     BROADCAST_NSID, Command, Generic, IoOpcode, MediaError, generic, invalid_field, media,
 )
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from emulator.nvme.namespace import Namespace
 
 DSM_RANGE = struct.Struct("<IIQ")  # Context Attributes, Length (LBAs), SLBA (Fig. 64)
+# A deallocation this large (bytes) punches its holes on a worker thread (emulator/nvme/offload.py).
+OFFLOAD_DEALLOCATE = 64 << 20
 
 
 def _rw_args(ctrl: "Controller", cmd: Command) -> tuple["Namespace", int, int]:
@@ -66,11 +69,11 @@ def write(ctrl: "Controller", cmd: Command) -> Result:
 @io_command(IoOpcode.FLUSH)
 def flush(ctrl: "Controller", cmd: Command) -> Result:
     if cmd.nsid == BROADCAST_NSID:  # VWC bits 2:1 = 11b
-        for ns in ctrl.attached_namespaces():
-            ns.flush()
+        syncs = [ns.flush_begin() for ns in ctrl.attached_namespaces()]
     else:
-        ctrl.namespace(cmd.nsid).flush()
-    return 0, 0
+        syncs = [ctrl.namespace(cmd.nsid).flush_begin()]
+    # fdatasync can take long on a busy disk: off the loop
+    return offload(ctrl, cmd, lambda: [sync() for sync in syncs], lambda _: (0, 0))
 
 
 @io_command(IoOpcode.WRITE_ZEROES)
@@ -93,9 +96,23 @@ def dataset_management(ctrl: "Controller", cmd: Command) -> Result:
     for _, length, slba in ranges:
         if not ns.in_range(slba, length):
             raise generic(Generic.LBA_OUT_OF_RANGE, f"DSM range {slba}+{length}")
-    if cmd.cdw11 & 0x4:  # AD: Attribute - Deallocate
-        for _, length, slba in ranges:
-            if length:
-                ns.deallocate(slba, length)
-                _notify_write(ctrl, ns, slba, length, True)
-    return 0, 0
+    if not cmd.cdw11 & 0x4:  # AD: Attribute - Deallocate
+        return 0, 0
+    todo = [(slba, length) for _, length, slba in ranges if length]
+
+    def punch() -> None:
+        for slba, length in todo:
+            ns.punch(slba, length)
+
+    def then(_: None) -> Result:
+        for slba, length in todo:
+            ns.allocation.mark_deallocated(slba, length)
+            if ns.uncorrectable:
+                ns.uncorrectable.clear(slba, length)  # deallocated: no longer uncorrectable
+            _notify_write(ctrl, ns, slba, length, True)
+        return 0, 0
+
+    if sum(n for _, n in todo) << ns.lba_shift >= OFFLOAD_DEALLOCATE:
+        return offload(ctrl, cmd, punch, then)  # many extents can take seconds in the kernel
+    punch()
+    return then(None)

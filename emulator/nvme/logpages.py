@@ -43,6 +43,8 @@ def get_log_page(ctrl: "Controller", cmd: Command) -> Result:
         raise specific(CommandSpecific.INVALID_LOG_PAGE, f"LID {lid:#x}")
     if offset & 0x3:
         raise invalid_field("log page offset not dword aligned")
+    if numd * 4 > ctrl.max_transfer:  # MDTS caps every data transfer; checked before building
+        raise invalid_field(f"log page of {numd * 4} bytes exceeds MDTS")
     data = builder(ctrl, cmd)
     if offset > len(data):
         raise invalid_field("log page offset beyond the log")

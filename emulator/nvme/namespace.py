@@ -5,18 +5,47 @@ into the DMA views: no intermediate copy.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 from cbind import fileops
+from emulator.memory import DmaError
+from emulator.nvme import offload
 from emulator.nvme.allocation import AllocationMap
+from emulator.nvme.spec import Generic, generic
 from emulator.nvme.uncorrectable import UncorrectableMarks
 
 # The LBA formats every namespace supports (Identify Namespace LBAF0..NLBAF):
 # LBA data sizes in bytes, no metadata.  Format NVM switches between them.
 LBA_FORMATS = (512, 4096)
+
+# A file system out of space (or quota): the namespace's thin provisioning ran
+# out: Capacity Exceeded (Base 2.1 Generic Command Status Values, SC 81h), never Internal Error.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def file_errors(what: str) -> Iterator[None]:
+    """Turn the OSErrors of a data-path system call into the command's status.
+
+    EFAULT: guest memory behind a DMA view is gone (its file shrank): a
+    DmaError (Data Transfer Error).  ENOSPC/EDQUOT: Capacity Exceeded.
+    Others propagate (Internal Error).
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.EFAULT:
+            raise DmaError(0, 0, f"{what}: guest memory unreachable") from None
+        if e.errno in _NO_SPACE:
+            raise generic(Generic.CAPACITY_EXCEEDED, f"{what}: {os.strerror(e.errno)}") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -37,15 +66,42 @@ class NamespaceConfig:
 IOV_MAX = 1024
 
 
+def open_backing_file(path: Path, size: int) -> int:
+    """Open (or create, 0600) a namespace's backing file of ``size`` bytes; growing it is fine.
+
+    Refused with ValueError: a symbolic link (never followed: its target would be
+    resized), anything but a regular file, and an existing file larger than
+    ``size`` (shrinking it would destroy the data past ``size``).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; refusing to follow it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > size:
+            raise ValueError(f"{path} holds {st.st_size} bytes but its namespace is configured as {size} bytes; "
+                             f"refusing to shrink it (configure size: {st.st_size} or more)")
+        if st.st_size < size:
+            os.ftruncate(fd, size)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Namespace:
     def __init__(self, config: NamespaceConfig, subsystem_nqn: str = "") -> None:
         self.config = config
         self.nsid = config.nsid
         self.path = Path(config.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self.fd).st_size != config.size:
-            os.ftruncate(self.fd, config.size)
+        self.fd = open_backing_file(self.path, config.size)
         # Stable unique identifiers (Identify NS NGUID/EUI64, NS descriptors).
         digest = hashlib.sha256(f"{subsystem_nqn}/{config.nsid}".encode()).digest()
         self.nguid = digest[:16]
@@ -53,7 +109,13 @@ class Namespace:
         self.uuid = bytearray(digest[:16])
         self.uuid[6] = (self.uuid[6] & 0x0F) | 0x80  # RFC 9562 version 8 (custom)
         self.uuid[8] = (self.uuid[8] & 0x3F) | 0x80
-        self._open_format(config)
+        try:
+            self._open_format(config)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{self.path}.alloc is a symbolic link; refusing to follow it") from None
+            raise
 
     def _open_format(self, config: NamespaceConfig) -> None:
         self.config = config
@@ -70,7 +132,8 @@ class Namespace:
         The tracked granule keeps its size in bytes, so TLBAAG follows the new LBA size."""
         granule = self.config.tlbaag * self.config.lba_size
         self.erase()
-        self.allocation.save()
+        offload.wait_idle()  # no worker thread may still use the old bitmap
+        self.allocation.close()
         Path(str(self.path) + ".alloc").unlink(missing_ok=True)
         self._open_format(replace(self.config, lba_size=lba_size,
                                   tlbaag=max(1, granule // lba_size)))
@@ -86,10 +149,12 @@ class Namespace:
         return slba + nlb <= self.nsze
 
     def read_into(self, slba: int, views: list[memoryview]) -> None:
-        self._transfer(slba, views, read=True)
+        with file_errors("read"):
+            self._transfer(slba, views, read=True)
 
     def write_from(self, slba: int, nlb: int, views: list[memoryview]) -> None:
-        self._transfer(slba, views, read=False)
+        with file_errors("write"):
+            self._transfer(slba, views, read=False)
         self.allocation.mark_allocated(slba, nlb)
         if self.uncorrectable:
             self.uncorrectable.clear(slba, nlb)  # a write heals a Write Uncorrectable mark
@@ -122,7 +187,7 @@ class Namespace:
                     if read:  # beyond EOF reads as zeroes
                         sub[:] = bytes(len(sub))
                         break
-                    raise OSError("short write to backing file")
+                    raise OSError(errno.EIO, "short write to backing file")
                 sub = sub[k:]
                 off += k
             pos += n
@@ -133,20 +198,38 @@ class Namespace:
         if deallocate:
             self.deallocate(slba, nlb)
         else:
-            fileops.zero_range(self.fd, offset, length)
+            with file_errors("write zeroes"):
+                fileops.zero_range(self.fd, offset, length)
             self.allocation.mark_allocated(slba, nlb)
             if self.uncorrectable:
                 self.uncorrectable.clear(slba, nlb)
 
     def deallocate(self, slba: int, nlb: int) -> None:
-        fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
+        self.punch(slba, nlb)
         self.allocation.mark_deallocated(slba, nlb)
         if self.uncorrectable:
             self.uncorrectable.clear(slba, nlb)
 
+    def punch(self, slba: int, nlb: int) -> None:
+        """The file part of a deallocation (no bitmap update): safe on a worker thread."""
+        with file_errors("deallocate"):
+            fileops.punch_hole(self.fd, slba << self.lba_shift, nlb << self.lba_shift)
+
     def flush(self) -> None:
-        os.fdatasync(self.fd)
-        self.allocation.save()
+        self.flush_begin()()
+
+    def flush_begin(self) -> Callable[[], None]:
+        """The event-loop part of a flush; returns the blocking part (fdatasync of the
+        data and the bitmap), safe on a worker thread."""
+        with file_errors("flush"):
+            fds = [self.fd, self.allocation.begin_save()]
+
+        def sync() -> None:
+            with file_errors("flush"):
+                for fd in fds:
+                    if fd >= 0:
+                        os.fdatasync(fd)
+        return sync
 
     def nuse(self) -> int:
         """Namespace Utilization in LBAs (allocated blocks)."""
@@ -154,17 +237,18 @@ class Namespace:
 
     def close(self) -> None:
         if self.fd >= 0:
+            offload.wait_idle()  # no worker thread may still use the fd
             try:
                 self.flush()
             finally:
                 os.close(self.fd)
                 self.fd = -1
+                self.allocation.close()
 
     def destroy(self) -> None:
         """Namespace Management delete: close, then remove the backing file and its sidecars."""
         self.close()
-        for p in (self.path, Path(str(self.path) + ".alloc"), UncorrectableMarks.sidecar(self.path)):
-            p.unlink(missing_ok=True)
+        self.remove_stale(self.path)
 
     @staticmethod
     def remove_stale(path: Path) -> None:

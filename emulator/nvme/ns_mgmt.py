@@ -165,7 +165,7 @@ def create_namespace(ctrl: "Controller", cmd: Command) -> int:
                              shared=bool(data[OFF_NMIC] & 0x1))
     try:
         sub.namespaces[nsid] = Namespace(config, sub.nqn)
-    except OSError as e:  # e.g. larger than the file system allows (EFBIG) or no space for the bitmap
+    except (OSError, ValueError) as e:  # larger than the file system allows (EFBIG), no space, ...
         Namespace.remove_stale(path)
         raise specific(CommandSpecific.NS_INSUFFICIENT_CAPACITY, f"{path}: {e}") from e
     log.info("namespace %d created: %d x %d bytes, %s", nsid, nsze, lba_size, path)

@@ -8,11 +8,12 @@ bit 8) is set; OWPASS (CDW10 7:4, 0 = 16) passes.  Only the last pass is
 written (a file has no remanence for earlier passes to remove), and the
 LBAs stay allocated holding it: NDAS=0 asks that the controller "should"
 deallocate, which would make an Overwrite indistinguishable from a Block
-Erase.  Crypto Erase is not supported.  Both run to completion inside the
-command, so no sanitize is ever "in progress".  No-Deallocate is inhibited
+Erase.  Crypto Erase is not supported.  The file work runs on a worker
+thread (emulator/nvme/offload.py) and the command completes when it is done,
+so no sanitize is ever reported "in progress".  No-Deallocate is inhibited
 (SANICAP.NDI=1): NDAS=1 is Invalid Field (the No-Deallocate Error Response
-Mode, the default).  Write Uncorrectable marks are cleared.  TP4159: while any controller of the subsystem is
-suspended the command is aborted with Controller Suspended (39h) (§5.1.22:
+Mode, the default).  Write Uncorrectable marks are cleared.  TP4159: while
+any controller of the subsystem is suspended the command is aborted with Controller Suspended (39h) (§5.1.22:
 "If one or more controllers in the NVM subsystem is suspended ...").
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 from emulator.nvme.controller import Result, admin_command
 from emulator.nvme.identify import CTRL_PATCHERS
 from emulator.nvme.logpages import log_page
+from emulator.nvme.namespace import file_errors
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
     LID, AdminOpcode, Command, CommandSpecific, invalid_field, specific,
 )
@@ -61,35 +64,52 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     if sanact == SANACT_EXIT_FAILURE:
         return 0, 0  # never in the failure state
     passes = ((cmd.cdw10 >> 4) & 0xF) or 16
-    for ns in sub.namespaces.values():
-        if sanact == SANACT_BLOCK_ERASE:
-            ns.erase()
-        else:
-            pattern = cmd.cdw11
-            if cmd.cdw10 & CDW10_OIPBP and passes % 2 == 0:
-                pattern ^= 0xFFFFFFFF  # the last of an even number of alternating passes
-            overwrite(ns, pattern)
-    for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
-        for hook in ctrl.observers.on_write:
-            hook(ctrl, attached.nsid, 0, attached.nsze, sanact == SANACT_BLOCK_ERASE)
-    sstat = SSTAT_COMPLETED | ((passes if sanact == SANACT_OVERWRITE else 0) << 3)  # Overwrite passes 7:3
-    for c in sub.controllers.values():
-        c.state.vendor[VENDOR_KEY] = [sstat, cmd.cdw10]
-    return 0, 0
+    pattern = cmd.cdw11
+    if cmd.cdw10 & CDW10_OIPBP and passes % 2 == 0:
+        pattern ^= 0xFFFFFFFF  # the last of an even number of alternating passes
+    block_erase = sanact == SANACT_BLOCK_ERASE
+    namespaces = list(sub.namespaces.values())
+
+    def erase() -> None:  # on a worker thread: file operations only
+        for ns in namespaces:
+            if block_erase:
+                ns.punch(0, ns.nsze)
+            else:
+                write_pattern(ns, pattern)
+            os.fdatasync(ns.fd)
+
+    def then(_: None) -> Result:
+        syncs = []
+        for ns in namespaces:
+            if block_erase:
+                ns.allocation.mark_deallocated(0, ns.nsze)
+            else:
+                ns.allocation.mark_allocated(0, ns.nsze)
+            ns.uncorrectable.clear_all()
+            syncs.append(ns.allocation.save)  # the bitmap's words that changed
+        for attached in ctrl.attached_namespaces():  # user data changed by this controller's command
+            for hook in ctrl.observers.on_write:
+                hook(ctrl, attached.nsid, 0, attached.nsze, block_erase)
+        sstat = SSTAT_COMPLETED | ((passes if not block_erase else 0) << 3)  # Overwrite passes 7:3
+        for c in sub.controllers.values():
+            c.state.vendor[VENDOR_KEY] = [sstat, cmd.cdw10]
+        for sync in syncs:
+            sync()
+        return 0, 0
+
+    return offload(ctrl, cmd, erase, then)
 
 
-def overwrite(ns: "Namespace", pattern: int) -> None:
-    """Write the 32-bit ``pattern`` over every LBA of ``ns`` and make it durable."""
+def write_pattern(ns: "Namespace", pattern: int) -> None:
+    """Write the 32-bit ``pattern`` over every LBA of ``ns`` (file only: safe on a worker thread)."""
     chunk = struct.pack("<I", pattern) * (_PATTERN_CHUNK // 4)
     size = ns.nsze << ns.lba_shift
-    for off in range(0, size, _PATTERN_CHUNK):
-        view = memoryview(chunk)[:min(_PATTERN_CHUNK, size - off)]
-        while view:
-            n = os.pwrite(ns.fd, view, off)
-            view, off = view[n:], off + n
-    ns.allocation.mark_allocated(0, ns.nsze)
-    ns.uncorrectable.clear_all()
-    ns.flush()
+    with file_errors("sanitize overwrite"):
+        for start in range(0, size, _PATTERN_CHUNK):
+            view, off = memoryview(chunk)[:min(_PATTERN_CHUNK, size - start)], start
+            while view:
+                n = os.pwrite(ns.fd, view, off)
+                view, off = view[n:], off + n
 
 
 @log_page(LID.SANITIZE_STATUS)

@@ -8,8 +8,10 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
                 max_namespaces: 16}   # NN and MNAN; default: the largest nsid
     namespaces:
       - nsid: 1               # 1..1024, unique
-        file: ns1.img         # relative to state_dir; default ns<nsid>.img
-        size: 1GiB            # bytes, or a string with a unit (see parse_size)
+        file: ns1.img         # relative to state_dir (no escaping it with ..) or absolute;
+                              # default ns<nsid>.img; not a symlink; never shrunk
+        size: 1GiB            # bytes, or a string with a unit (see parse_size); at most
+                              # 2^63-1 and 2^33 TLBAAG granules (a 1 GiB bitmap)
         lba_size: 512         # 512 or 4096
         tlbaag: 8             # power of two; default 4 KiB / lba_size
     controllers:
@@ -54,6 +56,8 @@ CNTLID_MAX = 0xFFEF  # FFF0h-FFFFh are reserved controller IDs
 LBA_SIZES = (512, 4096)
 CONTROLLER_TYPES = ("io", "mmc")
 UNIX_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
+OFF_MAX = (1 << 63) - 1  # the largest file offset (off_t) the backing file can reach
+BITMAP_MAX = 1 << 30  # bytes of TLBAAG allocation bitmap one namespace may need (kept in memory)
 DEFAULT_NQN = "nqn.2026-11.io.nvme-emu:subsys0"
 
 _NQN_RE = re.compile(r"nqn\.\d{4}-\d{2}\.[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:.+)?")
@@ -197,7 +201,7 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
     top = _mapping(data, "(top level)")
     _check_keys(top, "", ("state_dir", "subsystem", "namespaces", "controllers"))
     if "state_dir" in top:
-        state_dir = _path(top["state_dir"], "state_dir", Path(base_dir).absolute())
+        state_dir = _path(top["state_dir"], "state_dir", Path(base_dir).absolute(), contained=False)
     else:
         state_dir = default_state_dir()
     subsystem = _subsystem(top.get("subsystem", {}), "subsystem")
@@ -264,9 +268,15 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
         raise ConfigError(f"{path}.size", "must be greater than 0")
     if size % lba_size:
         raise ConfigError(f"{path}.size", f"must be a multiple of lba_size ({lba_size})")
+    if size > OFF_MAX:
+        raise ConfigError(f"{path}.size", f"{size} bytes is past the largest file size ({OFF_MAX})")
     tlbaag = _int(m.get("tlbaag", max(1, 4096 // lba_size)), f"{path}.tlbaag", 1, 1 << 31)
     if tlbaag & (tlbaag - 1):
         raise ConfigError(f"{path}.tlbaag", f"must be a power of two, not {tlbaag}")
+    granules = -(-(size // lba_size) // tlbaag)
+    if (granules + 63) // 64 * 8 > BITMAP_MAX:
+        raise ConfigError(f"{path}.size", f"{size} bytes at tlbaag {tlbaag} needs {granules} allocation granules, "
+                          f"more than {BITMAP_MAX * 8} (a {BITMAP_MAX >> 20} MiB bitmap): raise tlbaag")
     return NamespaceConfig(nsid, file, size, lba_size, tlbaag)
 
 
@@ -395,12 +405,21 @@ def _ascii(value: Any, path: str, max_len: int) -> str:
     return text
 
 
-def _path(value: Any, path: str, base: Path) -> Path:
+def _path(value: Any, path: str, base: Path, contained: bool = True) -> Path:
+    """An absolute path as given, or one relative to ``base``; with ``contained``, ``..`` may not
+    leave ``base`` (a namespace file or socket stays in the state directory unless given absolute)."""
     text = _str(value, path)
     if not text:
         raise ConfigError(path, "must not be empty")
+    if "\0" in text:
+        raise ConfigError(path, "must not contain a NUL character")
     p = Path(text).expanduser()
-    return Path(os.path.normpath(p if p.is_absolute() else base / p))
+    if p.is_absolute():
+        return Path(os.path.normpath(p))
+    full = Path(os.path.normpath(base / p))
+    if contained and os.path.commonpath([full, os.path.normpath(base)]) != os.path.normpath(base):
+        raise ConfigError(path, f"{text!r} leaves {base} (use an absolute path to put it elsewhere)")
+    return full
 
 
 def _unique(value: Any, seen: list[Any], path: str) -> None:

@@ -22,6 +22,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: each client may hold up to max_dma_maps
+    mappings (an fd each before Python 3.13), and the soft limit is often only 1024."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -32,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from emulator.subsystem.runtime import Runtime
 
+    _raise_fd_limit()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:

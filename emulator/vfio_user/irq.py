@@ -19,7 +19,12 @@ ERR/REQ only TRIGGER with count <= 1, fds only with DATA_EVENTFD and exactly
   ``unwatch`` callbacks (the server passes its loop's add_reader/remove_reader).
 * An index whose info has AUTOMASKED (INTx) masks itself when it fires.
 
-A trigger writes an 8-byte little-endian 1 to the eventfd.  ``on_change(index)``
+Every fd must be an eventfd (anything else is refused with EINVAL: a pipe
+can block the loop when full or make it spin at end of file); the server
+switches it to non-blocking.  A trigger writes an 8-byte little-endian 1 to
+the eventfd; a counter at its maximum (EAGAIN) drops that interrupt, logged
+once per fd.  Every fd a SET_IRQS brings is either stored or closed, on every
+error path.  ``on_change(index)``
 is called after every change of fds or masks (the backend's ``irqs_changed``).
 """
 from __future__ import annotations
@@ -37,6 +42,22 @@ from emulator.vfio_user.protocol import MessageError
 log = logging.getLogger(__name__)
 
 _ONE = p.EVENTFD_VALUE.pack(1)
+_EVENTFD_LINK = "anon_inode:[eventfd]"
+
+
+def is_eventfd(fd: int) -> bool:
+    """True if ``fd`` is an eventfd (what /proc says the open file is)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == _EVENTFD_LINK
+    except OSError:
+        return False
+
+
+def prepare_eventfd(fd: int) -> None:
+    """Refuse an fd that is not an eventfd; make it non-blocking (a full counter must not block the loop)."""
+    if not is_eventfd(fd):
+        raise MessageError(f"SET_IRQS: fd {fd} is not an eventfd")
+    os.set_blocking(fd, False)
 
 Watch = Callable[[int, Callable[[], None]], object]
 Unwatch = Callable[[int], object]
@@ -66,6 +87,7 @@ class IrqTable:
         self._watch = watch
         self._unwatch = unwatch
         self._on_change = on_change
+        self._full_logged: set[int] = set()  # trigger fds whose full counter was logged
 
     # -- IrqLines ------------------------------------------------------------------
     def trigger(self, index: int, subindex: int) -> bool:
@@ -83,7 +105,11 @@ class IrqTable:
         try:
             os.write(fd, _ONE)
         except BlockingIOError:
-            pass  # counter saturated: the interrupt is pending anyway
+            # the counter is at its maximum: this interrupt is dropped (the
+            # reader still sees a nonzero count); say so once per fd
+            if fd not in self._full_logged:
+                self._full_logged.add(fd)
+                log.warning("irq %d.%d: eventfd counter full, interrupt dropped", index, subindex)
         except OSError as e:
             log.warning("irq %d.%d: eventfd write failed: %s", index, subindex, e)
             return False
@@ -112,8 +138,12 @@ class IrqTable:
         """
         try:
             line = self._validate(flags, index, start, count, fds, data)
-        except MessageError:
+            for fd in fds:
+                prepare_eventfd(fd)
+        except (MessageError, OSError) as e:
             close_fds(fds)
+            if isinstance(e, OSError):
+                raise MessageError(f"SET_IRQS: {e}") from None
             raise
         kind, action = flags & p.IRQ_SET_DATA_MASK, flags & p.IRQ_SET_ACTIONS
         subs = range(start, start + count)
@@ -121,10 +151,14 @@ class IrqTable:
         if kind == p.IRQ_SET_DATA_EVENTFD:
             for i, sub in enumerate(subs):
                 fd = fds[i] if fds else None
-                if action == p.IRQ_SET_ACTION_TRIGGER:
-                    self._replace(line.trigger, sub, fd)
-                else:
-                    self._watch_fd(line.mask_fd if mask else line.unmask_fd, index, sub, fd, mask)
+                try:
+                    if action == p.IRQ_SET_ACTION_TRIGGER:
+                        self._replace(line.trigger, sub, fd)
+                    else:
+                        self._watch_fd(line.mask_fd if mask else line.unmask_fd, index, sub, fd, mask)
+                except BaseException:
+                    close_fds(fds[i + 1:])  # not stored yet; fds[i] is stored or closed by the callee
+                    raise
         elif action == p.IRQ_SET_ACTION_TRIGGER and count == 0:
             self._disable(line)
         else:
@@ -158,20 +192,24 @@ class IrqTable:
             raise MessageError(f"SET_IRQS: {len(data)} bool bytes for count {count}")
         return line
 
-    @staticmethod
-    def _replace(slots: list[int | None], sub: int, fd: int | None) -> None:
+    def _replace(self, slots: list[int | None], sub: int, fd: int | None) -> None:
         old = slots[sub]
         slots[sub] = fd
         if old is not None and old != fd:
+            self._full_logged.discard(old)
             close_fds((old,))
 
     def _watch_fd(self, table: dict[int, int], index: int, sub: int, fd: int | None, mask: bool) -> None:
         self._unwatch_fd(table, sub)
         if fd is None:
             return
-        table[sub] = fd
         if self._watch is not None:
-            self._watch(fd, lambda: self._signalled(fd, index, sub, mask))
+            try:
+                self._watch(fd, lambda: self._signalled(fd, index, sub, mask))
+            except BaseException:
+                close_fds((fd,))  # e.g. an fd epoll cannot poll: refused, not kept
+                raise
+        table[sub] = fd
 
     def _unwatch_fd(self, table: dict[int, int], sub: int) -> None:
         old = table.pop(sub, None)
@@ -182,12 +220,17 @@ class IrqTable:
 
     def _signalled(self, fd: int, index: int, sub: int, mask: bool) -> None:
         try:
-            os.read(fd, 8)
+            got = os.read(fd, 8)
         except BlockingIOError:
             return
         except OSError as e:
             if e.errno != errno.EBADF:
                 log.warning("irq %d.%d: reading the %smask eventfd: %s", index, sub, "" if mask else "un", e)
+            got = b""
+        if not got:  # end of file or a read error: stop watching instead of spinning on it
+            table = self._indexes[index].mask_fd if mask else self._indexes[index].unmask_fd
+            if table.get(sub) == fd:
+                self._unwatch_fd(table, sub)
             return
         self._set_mask(index, sub, mask)
         if self._on_change is not None:

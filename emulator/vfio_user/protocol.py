@@ -56,7 +56,10 @@ FLAGS_KNOWN = FLAGS_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR
 # -- limits ----------------------------------------------------------------------
 MAX_DATA_XFER_SIZE = 1 << 20  # what we advertise and what we accept
 MAX_MSG_FDS = 8  # fds per message we accept (and advertise)
-MAX_DMA_MAPS = 65535
+MAX_DMA_MAPS = 65535  # the spec's default and QEMU's largest accepted value (a client announces it)
+# DMA regions one client may map on this server (announced as max_dma_maps in
+# the VERSION reply): each region holds an mmap (and, before Python 3.13, an fd).
+SERVER_MAX_DMA_MAPS = 1024
 PGSIZE = 4096
 # Largest message accepted: a full data transfer plus generous headroom for
 # the fixed part (libvfio-user accepts max_data_xfer_size + 32).

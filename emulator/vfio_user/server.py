@@ -9,6 +9,16 @@ sends the replies.  Output that does not fit the socket is queued and reading
 pauses until it drains.  Any fatal protocol error, socket error or internal
 error drops that client only; the server then accepts the next one.  Device
 state lives in the backend and survives clients.
+
+No client can hold the socket hostage:
+
+* a client that has not sent VERSION within ``handshake_timeout`` seconds of
+  being served is dropped;
+* a client that connects while another is attached waits (unread) for at
+  most ``busy_wait`` seconds: it is served as soon as the attached client
+  leaves (a QEMU restarted right after the previous one exited attaches),
+  otherwise its VERSION is answered with an EBUSY error and it is closed.
+  At most ``MAX_WAITING`` wait; more are closed at once.
 """
 from __future__ import annotations
 
@@ -22,14 +32,17 @@ from collections import deque
 
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.backend import DeviceBackend
-from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessage, Role
+from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessage, Role, close_fds
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
 from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
 
 
+MAX_WAITING = 4  # connections waiting for the attached client to leave
+
+
 class _Client:
-    __slots__ = ("sock", "fd", "conn", "session", "out")
+    __slots__ = ("sock", "fd", "conn", "session", "out", "timer")
 
     def __init__(self, sock: socket.socket, conn: Connection, session: Session) -> None:
         self.sock = sock
@@ -37,6 +50,7 @@ class _Client:
         self.conn = conn
         self.session = session
         self.out: deque[tuple[memoryview, list[int]]] = deque()  # unsent output, fds with its first byte
+        self.timer: asyncio.TimerHandle | None = None  # the handshake deadline
 
 
 class VfioUserServer:
@@ -44,7 +58,8 @@ class VfioUserServer:
 
     def __init__(self, path: str | os.PathLike[str], backend: DeviceBackend, loop: asyncio.AbstractEventLoop,
                  log: logging.Logger | None = None, *, max_msg_fds: int = p.MAX_MSG_FDS,
-                 max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE, budget: int = 256) -> None:
+                 max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE, budget: int = 256,
+                 handshake_timeout: float = 10.0, busy_wait: float = 3.0) -> None:
         if not 1 <= max_msg_fds <= 16:  # QEMU refuses a server advertising more than 16
             raise ValueError(f"max_msg_fds {max_msg_fds} outside 1..16")
         if not p.PGSIZE <= max_data_xfer_size <= p.MAX_MSG_SIZE - 64:  # QEMU reads 4 KiB of config at once
@@ -61,6 +76,9 @@ class VfioUserServer:
         self._inode: tuple[int, int] | None = None
         self._client: _Client | None = None
         self._closed = False
+        self.handshake_timeout = handshake_timeout
+        self.busy_wait = busy_wait
+        self._waiting: deque[tuple[socket.socket, asyncio.TimerHandle]] = deque()
 
     # -- listening -------------------------------------------------------------------
     def start(self) -> None:
@@ -128,11 +146,51 @@ class VfioUserServer:
             self._accept(False)
             self.loop.call_later(0.1, self._accept, True)
             return
-        if self._client is not None:
+        if self._client is not None or self._waiting:
+            self._hold(sock)
+            return
+        self._serve(sock, None)
+
+    def _hold(self, sock: socket.socket) -> None:
+        """A connection while a client is attached: it waits, bounded (see the module text)."""
+        if len(self._waiting) >= MAX_WAITING:
+            self.log.warning("refused a vfio-user client: another client is attached and %d are waiting",
+                             len(self._waiting))
             sock.close()
             return
-        self._accept(False)
-        self._serve(sock, None)
+        sock.setblocking(False)
+        self._waiting.append((sock, self.loop.call_later(self.busy_wait, self._refuse, sock)))
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Answer a waiting client's first request with EBUSY, then close it."""
+        self._waiting = deque(w for w in self._waiting if w[0] is not sock)
+        self.log.warning("refused a vfio-user client after %.1f s: another client is attached", self.busy_wait)
+        try:
+            head = sock.recv(p.HEADER_SIZE, socket.MSG_PEEK)
+            if len(head) == p.HEADER_SIZE:
+                msg_id, command = p.HEADER.unpack(head)[:2]
+                send_chunk(sock, p.HEADER.pack(msg_id, command, p.HEADER_SIZE, p.TYPE_REPLY | p.FLAG_ERROR,
+                                               errno.EBUSY))
+            for _ in range(64):  # drain what it sent (closing over unread data would reset the reply)
+                data, fds, _ = recv_chunk(sock, 1 << 16, self._ancsize)
+                close_fds(fds)
+                if not data:
+                    break
+        except OSError:
+            pass
+        sock.close()
+
+    def _serve_next(self) -> None:
+        """Serve the longest-waiting connection, if any (the attached client left)."""
+        if self._waiting and self._client is None and not self._closed:
+            sock, timer = self._waiting.popleft()
+            timer.cancel()
+            self._serve(sock, None)
+
+    def _handshake_expired(self, c: _Client) -> None:
+        c.timer = None
+        if self._client is c and not c.session.negotiated:
+            self._drop(c, p.FatalProtocolError(f"no VERSION within {self.handshake_timeout:g} s"))
 
     def _serve(self, sock: socket.socket, state: HandoverState | None) -> None:
         sock.setblocking(False)
@@ -152,9 +210,12 @@ class VfioUserServer:
             if state is not None:
                 state.close()
                 raise
+            self._serve_next()
             return
         client = _Client(sock, Connection(Role.SERVER, max_fds=self.max_msg_fds), session)
         self._client = client
+        if state is None:
+            client.timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired, client)
         self.loop.add_reader(client.fd, self._on_readable)
         self.log.info("vfio-user client connected")
 
@@ -229,11 +290,15 @@ class VfioUserServer:
     def _release(self, c: _Client) -> None:
         """Forget client ``c`` (socket left open) and accept the next one."""
         self._client = None
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
         self.loop.remove_reader(c.fd)
         self.loop.remove_writer(c.fd)
         c.conn.close()
         c.session.close()
         self._accept(not self._closed)
+        self._serve_next()
 
     def _drop(self, c: _Client, exc: BaseException | None) -> None:
         if self._client is not c:
@@ -263,6 +328,10 @@ class VfioUserServer:
     def close(self) -> None:
         """Drop the client, stop listening, remove the socket file (if still ours)."""
         self._closed = True
+        for sock, timer in self._waiting:
+            timer.cancel()
+            sock.close()
+        self._waiting.clear()
         self.disconnect()
         if self._listener is not None:
             self._accept(False)

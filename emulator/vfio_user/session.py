@@ -8,7 +8,8 @@ a bare header with the errno):
 * malformed or out-of-range requests, commands before VERSION, a second
   VERSION, MIG_DATA_* outside a migration state: EINVAL;
 * a DMA_MAP overlapping an existing map: EEXIST; more than ``max_dma_maps``
-  maps: ENOSPC; an fd that cannot be mapped: the mmap errno;
+  maps (announced in the VERSION reply, default 1024): ENOSPC; an fd that
+  cannot be mapped: the mmap errno;
 * DEVICE_FEATURE: ENOTTY (kernel-VFIO "feature not supported");
 * dirty-page bitmaps, DIRTY_PAGES, GET_REGION_IO_FDS: ENOTSUP (from the codec);
 * the backend raising ValueError: EINVAL; any other exception: logged, EIO.
@@ -84,8 +85,10 @@ class Session:
 
     def __init__(self, backend: DeviceBackend, log: logging.Logger, *, watch: Watch | None = None,
                  unwatch: Unwatch | None = None, max_msg_fds: int = p.MAX_MSG_FDS,
-                 max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE) -> None:
+                 max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE,
+                 max_dma_maps: int = p.SERVER_MAX_DMA_MAPS) -> None:
         self.backend = backend
+        self.max_dma_maps = max_dma_maps
         self.log = log
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
@@ -205,7 +208,7 @@ class Session:
             raise MessageError(f"client protocol version {msg.major}.{msg.minor}; this server speaks 0.0")
         self._accept_version(msg.capabilities)
         caps: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size,
-                                "pgsizes": p.PGSIZE, "max_dma_maps": p.MAX_DMA_MAPS}
+                                "pgsizes": p.PGSIZE, "max_dma_maps": self.max_dma_maps}
         if msg.capabilities.get("write_multiple") is True:
             caps["write_multiple"] = True
         return m.VersionReply(0, 0, caps)
@@ -230,8 +233,8 @@ class Session:
                 raise MessageError(f"DMA_MAP flags 0x{msg.flags:x}")
             if msg.size == 0 or msg.iova + msg.size > 1 << 64:
                 raise MessageError(f"DMA_MAP of 0x{msg.iova:x}+0x{msg.size:x}")
-            if len(self._maps) >= p.MAX_DMA_MAPS:
-                raise MessageError("too many DMA maps", errno.ENOSPC)
+            if len(self._maps) >= self.max_dma_maps:
+                raise MessageError(f"more than max_dma_maps ({self.max_dma_maps}) DMA maps", errno.ENOSPC)
             key = None
             if fd is not None:
                 st = os.fstat(fd)
@@ -240,7 +243,11 @@ class Session:
                     raise MessageError(f"DMA_MAP past the end of its {st.st_size}-byte file")
                 key = (st.st_dev, st.st_ino)
             try:
-                self.memory.add(msg.iova, msg.size, fd, msg.offset, writable=bool(msg.flags & p.DMA_FLAG_WRITE))
+                region = self.memory.add(msg.iova, msg.size, fd, msg.offset,
+                                         writable=bool(msg.flags & p.DMA_FLAG_WRITE))
+                if region.guarded:
+                    self.log.info("DMA_MAP 0x%x+0x%x: its file is not sealed against shrinking; controller "
+                                  "accesses go through the kernel (slower, but safe)", msg.iova, msg.size)
             except FileExistsError:
                 raise MessageError(f"DMA_MAP 0x{msg.iova:x}+0x{msg.size:x} overlaps a map", errno.EEXIST) from None
             except OSError as e:

@@ -56,7 +56,7 @@ def test_qemu_like_attach(server: ServerThread, backend: FakeBackend) -> None:
     reply = c.recv_raw()
     assert reply is not None and not reply.is_error and reply.msg_size < 16 + len(request)
     assert reply.payload == (b"\0\0\0\0" + b'{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,'
-                             b'"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}\0')
+                             b'"pgsizes":4096,"max_dma_maps":1024,"write_multiple":true}}\0')
     c.conn._next_id = 1  # the raw VERSION used id 0
     c.max_msg_fds, c.max_data_xfer_size = 8, 1 << 20
     # 2. DMA_MAP x N, pipelined ("nowait"), then wait for them

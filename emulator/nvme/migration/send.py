@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from emulator.nvme import offload
 from emulator.nvme.controller import Result
 from emulator.nvme.migration import ctrlstate, udlog, wire
 from emulator.nvme.migration.model import mmc_state, target_state
@@ -56,6 +57,7 @@ def suspend(mmc: "Controller", cmd: Command) -> Result:
         return 0, 0  # already suspended with the same STYPE: not an error
     # 1. stop fetching; 2. fetched commands are complete (run to completion)
     #    except AERs; 3. no more transport transactions.
+    offload.drain(target)  # commands whose file work runs on a worker thread complete first
     target.state.suspended = True
     ts.suspended_by, ts.notified_by = mmc.cntlid, -1
     ts.suspended_at = [time.monotonic(), time.time()]

@@ -1,0 +1,89 @@
+"""Long file operations off the event loop (punch hole, fdatasync): a worker thread runs
+them, the command is held, and its completion is posted back on the loop.
+
+One event loop serves every controller of the process, so a Dataset Management
+deallocating a terabyte of scattered extents, a Sanitize or a Flush on a slow
+disk would stall every other controller for seconds.  ``offload`` hands the
+blocking part (``work``, file-only system calls: no controller state, no guest
+memory) to a small worker pool; ``then`` runs on the loop with the result
+(bitmap updates, notifications) and the command completes with the usual
+status mapping.  A Controller Level Reset while the work runs drops the
+completion (the queues it belonged to are gone).  :func:`drain` waits for a
+controller's offloaded commands and completes them at once: TP4159 Suspend
+needs every fetched command complete before the controller is suspended.
+Without a thread-safe scheduler (a controller without a loop, as in direct
+tests) both parts run at once.
+"""
+from __future__ import annotations
+
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from emulator.nvme.spec import Command
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller, Result
+
+T = TypeVar("T")
+
+_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvme-offload")
+_inflight: "weakref.WeakKeyDictionary[Controller, set[_Job]]" = weakref.WeakKeyDictionary()
+
+
+class _Job:
+    def __init__(self, ctrl: "Controller", cmd: Command, then: Callable[[Any], "Result"]) -> None:
+        self.ctrl, self.cmd, self.then = ctrl, cmd, then
+        self.resets = ctrl.resets
+        self.future: Future[Any] | None = None
+        self.finished = False
+
+    def finish(self) -> None:
+        """On the loop: complete the command (once)."""
+        if self.finished:
+            return
+        self.finished = True
+        ctrl = self.ctrl
+        _inflight.get(ctrl, set()).discard(self)
+        if ctrl.resets != self.resets:
+            return  # the controller was reset meanwhile: no queue to complete on
+        assert self.future is not None
+        dw0 = dw1 = 0
+        try:
+            result = self.then(self.future.result())
+            if result is not None:
+                dw0, dw1 = result
+            status = 0
+        except Exception as e:  # noqa: BLE001 - mapped to the command's status
+            status, dw0, dw1 = ctrl.failure(self.cmd, e)
+        ctrl.complete(self.cmd.sqid, self.cmd.cid, status, dw0, dw1)
+        ctrl.flush_interrupts()
+
+
+def offload(ctrl: "Controller", cmd: Command, work: Callable[[], T],
+            then: Callable[[T], "Result"]) -> "Result":
+    """Run ``work()`` on a worker thread, then ``then(value)`` on the loop; returns None (held)."""
+    post = getattr(ctrl.scheduler, "call_soon_threadsafe", None)
+    if post is None:
+        return then(work())
+    job = _Job(ctrl, cmd, then)
+    _inflight.setdefault(ctrl, set()).add(job)
+    job.future = _pool.submit(work)
+    job.future.add_done_callback(lambda _: post(job.finish))
+    return None
+
+
+def drain(ctrl: "Controller") -> None:
+    """Wait for ``ctrl``'s offloaded commands (blocking the loop) and complete them now."""
+    for job in list(_inflight.get(ctrl, ())):
+        assert job.future is not None
+        job.future.exception()  # waits; the outcome is taken by finish()
+        job.finish()
+
+
+def wait_idle() -> None:
+    """Wait until no offloaded work runs (before closing the files it uses)."""
+    for jobs in list(_inflight.values()):
+        for job in list(jobs):
+            if job.future is not None:
+                job.future.exception()

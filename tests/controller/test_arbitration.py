@@ -1,0 +1,140 @@
+"""Bounded work per loop turn: SQs are served round robin (Base 2.1 §3.4.4), and one
+doorbell releasing many commands does not run them all before the loop gets control back.
+
+The controller gets a scheduler whose deferred calls the test runs by hand, so
+what one pass does is observable (no timing is asserted: a pass may stop
+earlier on a slow machine, never later than its command budget).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from emulator.host.driver import NvmeHost
+from emulator.host.memory import HostMemory
+from emulator.host.transport import DirectTransport
+from emulator.nvme import arbitration as ctrl_mod
+from emulator.nvme.controller import Controller, ControllerConfig
+from emulator.nvme.namespace import Namespace, NamespaceConfig
+from emulator.subsystem.subsystem import Subsystem
+
+
+class ManualScheduler:
+    def __init__(self) -> None:
+        self.soon: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.soon.append((fn, args))
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any:
+        class Handle:
+            def cancel(self) -> None:
+                pass
+        return Handle()
+
+    def run_one_turn(self) -> int:
+        due, self.soon = self.soon, []
+        for fn, args in due:
+            fn(*args)
+        return len(due)
+
+
+def test_one_doorbell_is_split_and_sqs_take_turns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ctrl_mod, "TURN_SECONDS", 3600.0)  # only the command budget cuts a pass here
+    sub = Subsystem()
+    sub.namespaces[1] = Namespace(NamespaceConfig(1, Path(tempfile.mkdtemp()) / "ns.img", 1 << 20), sub.nqn)
+    ctrl = Controller(ControllerConfig(1, nsids=(1,)), sub)
+    sub.controllers[1] = ctrl
+    h = NvmeHost(DirectTransport(ctrl, HostMemory(8 << 20)))
+    h.init(io_queues=2, qsize=256)
+    sched = ManualScheduler()
+    ctrl.scheduler = sched  # from now on the controller defers what does not fit a pass
+    order: list[int] = []
+    execute = ctrl.execute
+    ctrl.execute = lambda cmd: (order.append(cmd.sqid), execute(cmd))[1]  # type: ignore[method-assign]
+    for qid in (1, 2):
+        for _ in range(200):
+            h.submit(qid, 0x7F, nsid=1, ring=False)  # Invalid Opcode: the cheapest command
+    h.ring_sq(1)
+    first = len(order)
+    assert first == ctrl_mod.TURN_COMMANDS and set(order) == {1}  # one pass, then the loop
+    assert sched.soon, "the rest is left for a later loop turn"
+    h.ring_sq(2)
+    assert len(order) == first  # a pass is already due: the doorbell only marks SQ 2 ready
+    turns = 0
+    while sched.run_one_turn():
+        turns += 1
+    assert len(order) == 400 and turns >= 400 // ctrl_mod.TURN_COMMANDS - 1
+    # after the first pass: bursts of ARB_BURST, SQ 1 and SQ 2 in turn, while both have work
+    rest = order[first:]
+    runs: list[tuple[int, int]] = []
+    for qid in rest:
+        if runs and runs[-1][0] == qid:
+            runs[-1] = (qid, runs[-1][1] + 1)
+        else:
+            runs.append((qid, 1))
+    both = [r for r in runs[:-1]]  # the last run is SQ 2 alone finishing its queue
+    assert all(n <= ctrl_mod.ARB_BURST for _, n in both), runs[:10]
+    assert [q for q, _ in both] == [1, 2] * (len(both) // 2) + [1] * (len(both) % 2)
+    for qid in (1, 2):
+        assert len(h.reap(qid)) == 200
+
+
+def test_long_file_operations_run_off_the_loop(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A large deallocation, a Sanitize and a Flush do their blocking system calls on a worker
+    thread; the command completes afterwards with the right status and effect."""
+    import os
+    import threading
+
+    from emulator.nvme import namespace as ns_mod
+    threads: list[tuple[str, int]] = []
+    punch, fdatasync = ns_mod.Namespace.punch, os.fdatasync
+
+    def spy_punch(self, slba: int, nlb: int) -> None:  # type: ignore[no-untyped-def]
+        threads.append(("punch", threading.get_ident()))
+        punch(self, slba, nlb)
+
+    def spy_fdatasync(fd: int) -> None:
+        threads.append(("fdatasync", threading.get_ident()))
+        fdatasync(fd)
+
+    e = emu({"namespaces": [{"nsid": 1, "size": "1GiB"}], "controllers": [{"cntlid": 1}]})
+    h = e.host()
+    loop_thread = e.call(threading.get_ident)
+    assert h.write(1, 1000, b"\x42" * 512).ok
+    monkeypatch.setattr(ns_mod.Namespace, "punch", spy_punch)
+    monkeypatch.setattr(ns_mod.os, "fdatasync", spy_fdatasync)
+    assert h.deallocate(1, [(0, (1 << 30) // 512)]).ok
+    assert h.read(1, 1000, 1).data == bytes(512)
+    assert h.flush(1).ok
+    assert h.admin(0x84, cdw10=0x2).ok  # Sanitize, Block Erase
+    kinds = {k for k, _ in threads}
+    assert kinds == {"punch", "fdatasync"}
+    assert all(t != loop_thread for k, t in threads if k == "punch")
+    assert any(t != loop_thread for k, t in threads if k == "fdatasync")
+
+
+def test_suspend_completes_offloaded_commands_first(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """TP4159 Suspend: every fetched command is complete before the controller is suspended,
+    including one whose fdatasync is still running on a worker thread."""
+    import time
+
+    from emulator.host.lm import MigrationHost
+    from emulator.nvme import namespace as ns_mod
+    from emulator.nvme.spec import IoOpcode
+    from tp4159_common import IO, LM_CONFIG, MMC, flush_posted
+    fdatasync = ns_mod.os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.3)  # a slow disk
+        fdatasync(fd)
+
+    e = emu(LM_CONFIG)
+    g, m = e.host(IO, io_queues=1), MigrationHost(e.host(MMC))
+    monkeypatch.setattr(ns_mod.os, "fdatasync", slow_fdatasync)
+    cid = g.submit(1, IoOpcode.FLUSH, nsid=1)
+    flush_posted(g)  # the Flush is fetched and its fdatasync runs on a worker thread
+    assert m.suspend(IO).ok
+    assert g.poll(1, cid) is not None  # completed before the suspend, not held by it
+    assert m.resume(IO).ok
