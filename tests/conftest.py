@@ -24,8 +24,8 @@ def emu() -> Iterator[Callable[..., Emu]]:
     """Factory: ``emu(config_dict=None)`` starts a subsystem over vfio-user."""
     made: list[Emu] = []
 
-    def make(config: dict[str, Any] | None = None, start: bool = True) -> Emu:
-        e = Emu(config)
+    def make(config: dict[str, Any] | None = None, start: bool = True, visible_writes: str = "boot") -> Emu:
+        e = Emu(config, visible_writes=visible_writes)
         made.append(e)
         return e.start() if start else e
 

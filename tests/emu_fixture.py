@@ -24,7 +24,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 class Emu:
-    def __init__(self, config: dict[str, Any] | None = None, state_dir: Path | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, state_dir: Path | None = None,
+                 visible_writes: str = "boot") -> None:
+        self.visible_writes = visible_writes
         self.raw = copy.deepcopy(config or DEFAULT_CONFIG)
         # Short paths: sockaddr_un paths are limited to 107 bytes.
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="ne-"))
@@ -35,7 +37,7 @@ class Emu:
 
     def start(self) -> "Emu":
         from emulator.subsystem.runtime import RuntimeThread
-        self.rt = RuntimeThread(self.config).start()
+        self.rt = RuntimeThread(self.config, visible_writes=self.visible_writes).start()  # type: ignore[arg-type]
         return self
 
     def stop(self) -> None:
@@ -64,16 +66,17 @@ class Emu:
         return self.rt.call(fn, *args)
 
     def connect(self, cntlid: int = 1, memory: HostMemory | None = None,
-                vectors: int = 8, posted_writes: bool = True) -> VfioUserTransport:
+                vectors: int = 8, posted_writes: bool = True, serve_dma: bool = False) -> VfioUserTransport:
+        """``serve_dma``: the client answers the server's DMA_READ/DMA_WRITE against the host memory."""
         from emulator.vfio_user.client import VfioUserClient
         assert self.rt is not None
-        client = VfioUserClient(self.rt.socket(cntlid))
-        return VfioUserTransport(client, memory or HostMemory(32 << 20), vectors=vectors,
-                                 posted_writes=posted_writes)
+        memory = memory or HostMemory(32 << 20)
+        client = VfioUserClient(self.rt.socket(cntlid), memory=memory if serve_dma else None)
+        return VfioUserTransport(client, memory, vectors=vectors, posted_writes=posted_writes)
 
     def host(self, cntlid: int = 1, io_queues: int = 1, qsize: int = 64, init: bool = True,
-             memory: HostMemory | None = None, use_interrupts: bool = False) -> NvmeHost:
-        h = NvmeHost(self.connect(cntlid, memory), use_interrupts=use_interrupts)
+             memory: HostMemory | None = None, use_interrupts: bool = False, serve_dma: bool = False) -> NvmeHost:
+        h = NvmeHost(self.connect(cntlid, memory, serve_dma=serve_dma), use_interrupts=use_interrupts)
         if init:
             h.init(io_queues=io_queues, qsize=qsize)
         self.hosts.append(h)

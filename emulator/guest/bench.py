@@ -23,6 +23,7 @@ import yaml
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
 from emulator.guest.qemu import GuestSpec, QemuNvme, VfioUserDevice, run
+from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
 SIZE = 256 << 20
 MODEL = "nvme-emu bench"
@@ -71,9 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     p.add_argument("--rounds", type=int, default=3, help="rounds (order alternates); medians are reported")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--visible-writes", choices=MODES, default=DEFAULT_MODE,
+                   help="the emulator's --visible-writes mode (all: every device write as a DMA_WRITE)")
 
 
-def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3) -> dict[str, float]:
+def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
+              visible_writes: str = DEFAULT_MODE) -> dict[str, float]:
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -83,7 +87,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3) -> dic
            "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 4}]}
     cfg_path = wd / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd)
+    emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd,
+                          command=[sys.executable, "-m", "emulator", "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
         spec = GuestSpec(init=BODY.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
@@ -117,10 +122,11 @@ def report(r: dict[str, float]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    r = run_bench(args.runtime, args.workdir, args.rounds)
+    r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes)
     print(report(r))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
-          f"of {args.runtime} s, order alternating; {time.monotonic() - t0:.0f} s)")
+          f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
+          f"{time.monotonic() - t0:.0f} s)")
     return 0
 
 

@@ -41,6 +41,10 @@ class GuestEnv:
     tools: dict[str, Path]          # tool name -> path inside the root (as a host path)
     versions: dict[str, str] = field(default_factory=dict)
     recipe_hash: str = ""
+    # host programs (installed on the host by scripts/guest-env) that build boot disks
+    host_tools: dict[str, Path] = field(default_factory=dict)
+    # host files: OVMF code/vars, syslinux's MBR, systemd's EFI stub
+    files: dict[str, Path] = field(default_factory=dict)
     qemu_source: str = "root"       # "root" (trixie-backports QEMU) or "system"
 
     @classmethod
@@ -69,6 +73,8 @@ class GuestEnv:
                 versions=dict(m.get("versions", {})),
                 recipe_hash=str(m.get("recipe_hash", "")),
                 qemu_source=str(m.get("qemu_source", "root")),
+                host_tools={k: Path(v) for k, v in m.get("host_tools", {}).items()},
+                files={k: Path(v) for k, v in m.get("files", {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise GuestEnvMissing(f"manifest {manifest} lacks {e}: run scripts/guest-env") from e
@@ -86,6 +92,20 @@ class GuestEnv:
             return self.tools[name]
         except KeyError:
             raise GuestEnvMissing(f"tool {name!r} not in the guest tool box: run scripts/guest-env") from None
+
+    def host_tool(self, name: str) -> Path:
+        """Host path of a disk-image tool (``sfdisk``, ``mkfs.fat``, ``mcopy``, ``syslinux``, ...)."""
+        p = self.host_tools.get(name)
+        if p is None or not p.exists():
+            raise GuestEnvMissing(f"host tool {name!r} not in the guest tool box: run scripts/guest-env")
+        return p
+
+    def file(self, name: str) -> Path:
+        """Host path of a firmware or boot file (``ovmf_code``, ``ovmf_vars``, ``syslinux_mbr``, ``efi_stub``)."""
+        p = self.files.get(name)
+        if p is None or not p.exists():
+            raise GuestEnvMissing(f"file {name!r} not in the guest tool box: run scripts/guest-env")
+        return p
 
     def qemu_data_args(self) -> list[str]:
         """``-L DIR`` arguments for the QEMU of this tool box."""

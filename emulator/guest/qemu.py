@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -126,6 +127,8 @@ class GuestSpec:
     append: str = ""
     extra_args: list[str] = field(default_factory=list)
     incoming: str | None = None          # "-incoming URI" (migration destination)
+    kernel_boot: bool = True             # False: the firmware boots from a disk (give it bootindex)
+    firmware: str = "seabios"            # "seabios" (QEMU's default BIOS) or "ovmf" (UEFI)
 
 
 def _check_socket_path(p: Path | str, what: str) -> None:
@@ -155,6 +158,17 @@ def device_args(spec: GuestSpec) -> list[str]:
     return args
 
 
+def firmware_args(env: GuestEnv, spec: GuestSpec, workdir: Path | str) -> list[str]:
+    """``-drive if=pflash`` arguments for OVMF (code read-only, a per-guest copy of the vars)."""
+    if spec.firmware == "seabios":
+        return []
+    if spec.firmware != "ovmf":
+        raise ValueError(f"unknown firmware {spec.firmware!r} (seabios or ovmf)")
+    vars_copy = Path(workdir) / "ovmf-vars.fd"
+    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={env.file('ovmf_code')}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+
+
 def qemu_command(env: GuestEnv, spec: GuestSpec, initrd: Path | str,
                  qmp_socket: Path | str | None = None) -> list[str]:
     """The exact QEMU argv that boots ``spec`` with ``initrd`` (printable with shlex.join)."""
@@ -163,9 +177,11 @@ def qemu_command(env: GuestEnv, spec: GuestSpec, initrd: Path | str,
         "-machine", "q35,accel=tcg,memory-backend=mem0", "-cpu", "max", "-smp", "1", "-m", mem,
         "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "mon:stdio",
-        "-kernel", str(env.kernel), "-initrd", str(initrd),
-        "-append", (DEFAULT_APPEND + " " + spec.append).strip(),
     ]
+    argv += firmware_args(env, spec, Path(initrd).parent)
+    if spec.kernel_boot:
+        argv += ["-kernel", str(env.kernel), "-initrd", str(initrd),
+                 "-append", (DEFAULT_APPEND + " " + spec.append).strip()]
     if qmp_socket is not None:
         _check_socket_path(qmp_socket, "QMP socket")
         argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
@@ -291,8 +307,11 @@ class Guest:
     def start(self) -> "Guest":
         for nv in self.spec.qemu_nvme:
             nv.ensure_image()
-        init = self.spec.init if self.spec.raw_init else wrap_init(self.spec.init)
-        build_initramfs(self.env, init, self.initrd, self.spec.extra_files)
+        if self.spec.kernel_boot:
+            init = self.spec.init if self.spec.raw_init else wrap_init(self.spec.init)
+            build_initramfs(self.env, init, self.initrd, self.spec.extra_files)
+        if self.spec.firmware == "ovmf":
+            shutil.copyfile(self.env.file("ovmf_vars"), self.workdir / "ovmf-vars.fd")
         (self.workdir / "qemu.cmd").write_text(format_command(self.command, self.env.qemu_env) + "\n")
         log = open(self.console_log, "wb")
         log.write(f"# {shlex.join(self.command)}\n".encode())

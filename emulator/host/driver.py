@@ -209,7 +209,10 @@ class NvmeHost:
         q = self.queues[qid]
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         spins = 0
+        serve = getattr(self.t, "serve_requests", None)
         while cid not in q.done:
+            if serve is not None:
+                serve()
             self.reap(qid)
             if cid in q.done:
                 break

@@ -137,6 +137,13 @@ class VfioUserTransport:
         self.client.region_write(BAR0, offset, value.to_bytes(size, "little"),
                                  posted=posted and self.posted_writes)
 
+    def serve_requests(self) -> int:
+        """Answer the server's DMA_READ/DMA_WRITE requests that have arrived (a polling host
+        must, or a server sending its writes as messages waits for it)."""
+        if self.client.memory is None:
+            return 0
+        return self.client.process_requests(0.0)
+
     def wait_irq(self, vector: int, timeout: float) -> bool:
         if vector >= len(self.eventfds):
             return False

@@ -4,6 +4,9 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 
+UNMAPPED = "in memory the client unmapped"  # and has not mapped again (yet): a remap in progress
+
+
 class DmaError(Exception):
     """A DMA access touched memory the device cannot reach."""
 
@@ -12,6 +15,12 @@ class DmaError(Exception):
         self.addr = addr
         self.length = length
         self.reason = reason
+
+    @property
+    def unmapped(self) -> bool:
+        """The client unmapped that memory and has not mapped it again: a remap in progress
+        (QEMU unmaps, then maps the new pieces) may bring it back with its next DMA_MAP."""
+        return self.reason == UNMAPPED
 
 
 # Called with (addr, length) after every device write into guest memory.
@@ -32,5 +41,11 @@ class GuestMemory(Protocol):
     def read(self, addr: int, length: int) -> bytes:
         ...
 
+
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        ...
+
+    def store_now(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """A store the host must see at once, before the device's next read of guest memory
+        (doorbell-buffer EventIdx); never code.  Plain memory: the same as :meth:`write`."""
         ...

@@ -5,6 +5,12 @@ registers its own memfd.  Each region gets its own mapping (QEMU sends a
 fresh dup of the same memfd for every map; Python's mmap keeps a dup of the
 fd per mapping).
 
+Unmapping follows VFIO type1: a range removes every region inside it, and a
+region it only partly covers is cut to what lies outside (the pieces share the
+mapping).  So after an unmap nothing in the range can be reached, whatever the
+client mapped there before; a map over an existing region is refused, the
+caller keeps the old one (vfio-user §3.1: EEXIST).
+
 Fault safety: a client (or anyone holding the file) may shrink a mapped file,
 and a load or store past its new end raises SIGBUS, which would kill the
 process.  A region whose fd is a memfd sealed against shrinking
@@ -26,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 
 from emulator.memory import safecopy
-from emulator.memory.guest_memory import DmaError, WriteObserver
+from emulator.memory.guest_memory import UNMAPPED, DmaError, WriteObserver
 
 
 # Python 3.13+ can map without keeping its own dup of the fd (one fd less per region).
@@ -41,6 +47,9 @@ def sealed_against_shrink(fd: int) -> bool:
         return False
 
 
+MAX_HOLES = 256  # unmapped ranges remembered (QEMU's remaps leave a few at a time)
+
+
 @dataclass
 class Region:
     iova: int
@@ -52,6 +61,8 @@ class Region:
     # True when the file may shrink under the mapping: copies go through the kernel.
     guarded: bool = False
     _mmap: mmap.mmap | None = field(default=None, repr=False)
+    # regions cut from one DMA_MAP share its mmap: [users], closed when the last goes
+    _users: list[int] = field(default_factory=lambda: [1], repr=False)
 
     @property
     def end(self) -> int:
@@ -65,6 +76,8 @@ class MappedMemory:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self.observers: list[WriteObserver] = []
+        # ranges the client unmapped and has not mapped again: [start, end)
+        self._holes: list[tuple[int, int]] = []
 
     # -- map management -------------------------------------------------
     def add(self, iova: int, size: int, fd: int | None, fd_offset: int = 0,
@@ -100,19 +113,58 @@ class MappedMemory:
             region.guarded = not sealed_against_shrink(fd)
         self._starts.insert(i, iova)
         self._regions.insert(i, region)
+        self._fill_holes(iova, iova + size)
         return region
 
+    def _fill_holes(self, start: int, end: int) -> None:
+        keep: list[tuple[int, int]] = []
+        for a, b in self._holes:
+            keep += [(x, y) for x, y in ((a, min(b, start)), (max(a, end), b)) if x < y]
+        self._holes = keep
+
+    def _why_unmapped(self, pos: int) -> str:
+        return UNMAPPED if any(a <= pos < b for a, b in self._holes) else "outside mapped memory"
+
     def remove(self, iova: int, size: int) -> bool:
-        """Unmap the region that exactly matches; False if there is none."""
-        i = bisect.bisect_left(self._starts, iova)
-        if i < len(self._regions) and self._regions[i].iova == iova and self._regions[i].size == size:
-            self._release(self._regions[i])
-            del self._starts[i]
-            del self._regions[i]
-            return True
-        return False
+        """Unmap [iova, iova+size): regions inside go, regions partly inside are cut.
+
+        False if nothing was mapped there."""
+        end = iova + size
+        i = max(0, bisect.bisect_right(self._starts, iova) - 1)
+        hit = False
+        while i < len(self._regions) and self._regions[i].iova < end:
+            r = self._regions[i]
+            if r.end <= iova:
+                i += 1
+                continue
+            hit = True
+            keep = [piece for piece in (self._cut(r, r.iova, iova), self._cut(r, end, r.end)) if piece]
+            self._release(r)
+            self._regions[i:i + 1] = keep
+            self._starts[i:i + 1] = [k.iova for k in keep]
+            i += len(keep)
+        if hit:
+            self._fill_holes(iova, end)
+            self._holes.append((iova, end))
+            del self._holes[:-MAX_HOLES]
+        return hit
+
+    @staticmethod
+    def _cut(r: Region, start: int, stop: int) -> Region | None:
+        """The part [start, stop) of ``r`` as a region sharing its mapping (None if empty)."""
+        if stop <= start:
+            return None
+        off = start - r.iova
+        piece = Region(start, stop - start, r.writable, r.fd_offset + off, guarded=r.guarded)
+        if r.mem is not None:
+            piece.mem = r.mem[off:off + piece.size]
+            piece._mmap = r._mmap
+            piece._users = r._users
+            r._users[0] += 1
+        return piece
 
     def clear(self) -> None:
+        self._holes.clear()
         for r in self._regions:
             self._release(r)
         self._starts.clear()
@@ -123,7 +175,8 @@ class MappedMemory:
         if r.mem is not None:
             r.mem.release()
             r.mem = None
-        if r._mmap is not None:
+        r._users[0] -= 1
+        if r._mmap is not None and r._users[0] <= 0:
             try:
                 r._mmap.close()
             except BufferError:
@@ -135,6 +188,7 @@ class MappedMemory:
     def regions(self) -> list[Region]:
         return list(self._regions)
 
+
     # -- access ---------------------------------------------------------
     def _pieces(self, addr: int, length: int, write: bool) -> list[tuple[Region, int, int]]:
         """(region, offset in it, length) covering [addr, addr+length), or DmaError."""
@@ -145,10 +199,10 @@ class MappedMemory:
         i = bisect.bisect_right(self._starts, pos) - 1
         while remaining:
             if i < 0 or i >= len(self._regions):
-                raise DmaError(addr, length, "outside mapped memory")
+                raise DmaError(addr, length, self._why_unmapped(pos))
             r = self._regions[i]
             if not (r.iova <= pos < r.end):
-                raise DmaError(addr, length, "outside mapped memory")
+                raise DmaError(addr, length, self._why_unmapped(pos))
             if r.mem is None:
                 raise DmaError(addr, length, "into a region without an fd")
             if write and not r.writable:
@@ -191,3 +245,5 @@ class MappedMemory:
             else:
                 v[:] = mv[pos:pos + n]
             pos += n
+
+    store_now = write

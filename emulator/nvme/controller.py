@@ -372,9 +372,17 @@ class Controller:
                 self.post_held(cq)
                 if q.cq_full(cq, len(cq.held)):
                     return done, False  # resumes when the host frees CQ slots (CQ head doorbell)
+            # Queue memory can be unmapped for a while (QEMU remaps guest RAM on PAM changes):
+            # the entry stays in the SQ and runs once a DMA_MAP brings the memory back.
+            if q.cq_slot_unmapped(cq, memory):
+                log.info("ctrl %d: CQ %d entry unmapped: SQ %d waits for a DMA map", self.cntlid, cq.qid, sq.qid)
+                return done, False
             try:
                 raw = q.sq_fetch(sq, memory)
             except DmaError as e:
+                if e.unmapped:
+                    log.info("ctrl %d: SQ %d entry unmapped: waits for a DMA map", self.cntlid, sq.qid)
+                    return done, False
                 self.fatal(f"SQ {sq.qid} fetch failed: {e}")  # the queue is unusable
                 return done, False
             cmd = Command(raw, sq.qid)
@@ -454,8 +462,11 @@ class Controller:
             dw0, dw1, sqhd, sqid, cid, status = cq.held[0]
             try:
                 q.cq_post(cq, self.memory, dw0, dw1, sqhd, sqid, cid, status)
-            except DmaError as e:  # the entry stays held; a reset clears CFS and the queues
-                self.fatal(f"CQ {cq.qid}: completion not posted: {e}")
+            except DmaError as e:
+                if e.unmapped:  # a remap in progress: held until the next DMA_MAP (kick)
+                    log.info("ctrl %d: CQ %d entry unmapped: completions held until a DMA map", self.cntlid, cq.qid)
+                    break
+                self.fatal(f"CQ {cq.qid}: completion not posted: {e}")  # the entry stays held
                 return
             cq.held.pop(0)
             posted += 1

@@ -81,7 +81,7 @@ def _read(ctrl: "Controller", addr: int) -> int | None:
 def _write(ctrl: "Controller", addr: int, value: int) -> None:
     if ctrl.memory is not None and not ctrl.state.suspended:
         try:
-            ctrl.memory.write(addr, _U32.pack(value & 0xFFFFFFFF))
+            ctrl.memory.store_now(addr, _U32.pack(value & 0xFFFFFFFF))  # the host reads it before ringing
         except DmaError:
             pass
 

@@ -1,7 +1,7 @@
 """Submission and Completion Queue mechanics over guest memory (Base 2.1 §3.3)."""
 from __future__ import annotations
 
-from emulator.memory import GuestMemory
+from emulator.memory import DmaError, GuestMemory
 from emulator.nvme.spec import CQE, CQE_SIZE, SQE_SIZE
 from emulator.nvme.state import CQState, SQState
 
@@ -11,6 +11,15 @@ def sq_fetch(sq: SQState, memory: GuestMemory) -> bytes:
     raw = memory.read(sq.base + sq.head * SQE_SIZE, SQE_SIZE)
     sq.head = sq.head + 1 if sq.head + 1 < sq.size else 0
     return raw
+
+
+def cq_slot_unmapped(cq: CQState, memory: GuestMemory) -> bool:
+    """Nothing is mapped at the CQ entry at the tail (the host remaps that memory right now)."""
+    try:
+        memory.views(cq.base + cq.tail * CQE_SIZE, CQE_SIZE)  # read views: no access, no observer
+    except DmaError as e:
+        return e.unmapped
+    return False
 
 
 def cq_full(cq: CQState, reserved: int = 0) -> bool:

@@ -287,6 +287,11 @@ class NvmePciFunction:
         with self._lock:
             self._deliver_pending_locked()
 
+    def dma_mapped(self) -> None:
+        """A DMA_MAP arrived: queues that stalled on unmapped memory (a remap) go on."""
+        if self._device is not None and self._memory is not None:
+            self._device.set_memory(self._memory)
+
     def detach(self) -> None:
         if self._device is not None:
             self._device.set_memory(None)

@@ -21,6 +21,7 @@ from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem import nsstore
 from emulator.subsystem.config import SubsystemConfig
 from emulator.subsystem.subsystem import Subsystem
+from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
 from emulator.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("nvme-emu")
@@ -28,7 +29,8 @@ T = TypeVar("T")
 
 
 class Runtime:
-    def __init__(self, config: SubsystemConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: SubsystemConfig, loop: asyncio.AbstractEventLoop,
+                 visible_writes: Mode = DEFAULT_MODE) -> None:
         self.config = config
         self.loop = loop
         info = config.subsystem
@@ -63,7 +65,8 @@ class Runtime:
             self.functions[cc.cntlid] = fn
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
-                                                     logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"))
+                                                     logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"),
+                                                     visible_writes=visible_writes)
         for cntlid, nsids in attachments.items():
             if cntlid in self.subsystem.controllers:
                 self.subsystem.attachments[cntlid] = {n for n in nsids if n in self.subsystem.namespaces}
@@ -92,8 +95,9 @@ class Runtime:
 class RuntimeThread:
     """A Runtime on its own event loop in a background thread."""
 
-    def __init__(self, config: SubsystemConfig) -> None:
+    def __init__(self, config: SubsystemConfig, visible_writes: Mode = DEFAULT_MODE) -> None:
         self.config = config
+        self.visible_writes = visible_writes
         self.loop = asyncio.new_event_loop()
         self._ready: Future[Runtime] = Future()
         self._thread = threading.Thread(target=self._main, name="nvme-emu", daemon=True)
@@ -103,7 +107,7 @@ class RuntimeThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            rt = Runtime(self.config, self.loop)
+            rt = Runtime(self.config, self.loop, visible_writes=self.visible_writes)
             self.sockets = rt.start()
             self.runtime = rt
             self._ready.set_result(rt)

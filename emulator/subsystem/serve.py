@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from emulator.subsystem.config import ConfigError, default_config, load_config
+from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path,
                    help="state directory for the embedded default (namespaces, sockets)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--visible-writes", choices=MODES, default=DEFAULT_MODE,
+                   help="device writes QEMU performs itself (vfio-user DMA_WRITE), so that TCG drops stale "
+                        "translated code: off, boot (below 1 MiB, default) or all")
 
 
 def _raise_fd_limit() -> None:
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        runtime = Runtime(config, loop)
+        runtime = Runtime(config, loop, visible_writes=args.visible_writes)
     except (OSError, ValueError) as e:
         print(f"nvme-emu: cannot start: {e}", file=sys.stderr)
         return 1

@@ -93,3 +93,5 @@ class DeviceBackend(Protocol):
         """SET_IRQS changed the eventfds or masks of ``index``."""
         ...
 
+    # Optional: ``dma_mapped()`` -- a DMA_MAP added memory (work that waited for it can go on).
+

@@ -474,8 +474,16 @@ class DmaWriteRequest(_DmaData):
 
 @dataclass(slots=True)
 class DmaWriteReply(_DmaCount):
+    """The spec's reply carries address and count; a bare header is accepted too (older QEMU)."""
+
     COMMAND = Command.DMA_WRITE
     IS_REPLY = True
+
+    @classmethod
+    def decode(cls, payload: memoryview, fds: list[int]) -> Self:
+        if not len(payload):
+            return cls(0, 0)
+        return cls(**cls._fields(payload)[0])
 
 
 # -- DEVICE_RESET (§3.9) ------------------------------------------------------------------------

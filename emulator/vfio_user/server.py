@@ -33,6 +33,7 @@ from collections import deque
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.backend import DeviceBackend
 from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessage, Role, close_fds
+from emulator.vfio_user.dmawrite import Mode
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
 from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
@@ -59,7 +60,8 @@ class VfioUserServer:
     def __init__(self, path: str | os.PathLike[str], backend: DeviceBackend, loop: asyncio.AbstractEventLoop,
                  log: logging.Logger | None = None, *, max_msg_fds: int = p.MAX_MSG_FDS,
                  max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE, budget: int = 256,
-                 handshake_timeout: float = 10.0, busy_wait: float = 3.0) -> None:
+                 handshake_timeout: float = 10.0, busy_wait: float = 3.0,
+                 visible_writes: Mode = "off") -> None:
         if not 1 <= max_msg_fds <= 16:  # QEMU refuses a server advertising more than 16
             raise ValueError(f"max_msg_fds {max_msg_fds} outside 1..16")
         if not p.PGSIZE <= max_data_xfer_size <= p.MAX_MSG_SIZE - 64:  # QEMU reads 4 KiB of config at once
@@ -71,6 +73,7 @@ class VfioUserServer:
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
         self._budget = budget  # socket reads per wakeup
+        self.visible_writes = visible_writes  # device writes sent as DMA_WRITE (dmawrite.py)
         self._ancsize = ancillary_size(max_msg_fds)
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -197,7 +200,8 @@ class VfioUserServer:
         session = None
         try:
             session = Session(self.backend, self.log, watch=self.loop.add_reader, unwatch=self.loop.remove_reader,
-                              max_msg_fds=self.max_msg_fds, max_data_xfer_size=self.max_data_xfer_size)
+                              max_msg_fds=self.max_msg_fds, max_data_xfer_size=self.max_data_xfer_size,
+                              visible_writes=self.visible_writes, notify=self._schedule_requests)
             session.attach()
             if state is not None:
                 session.restore(state)
@@ -251,6 +255,22 @@ class VfioUserServer:
             self._drop(c, e)
 
     # -- the send path ---------------------------------------------------------------------
+    def _schedule_requests(self) -> None:
+        """The session has requests for the client: send them once the current message is handled."""
+        self.loop.call_soon(self._send_requests)
+
+    def _send_requests(self) -> None:
+        c = self._client
+        if c is None:
+            return
+        try:
+            msgs = c.session.take_requests()
+            for msg in msgs:
+                self._send(c, msg)
+            c.session.requests_sent()
+        except Exception as e:  # noqa: BLE001 - a socket error or a bug: drop this client only
+            self._drop(c, e)
+
     def _send(self, c: _Client, msg: Message) -> None:
         data, fds = c.conn.send(msg)
         if c.out:
@@ -355,7 +375,7 @@ class VfioUserServer:
         c = self._client
         if c is None:
             raise RuntimeError("no client connected")
-        if not c.conn.at_message_boundary or c.out:
+        if not c.conn.at_message_boundary or c.out or c.session.requests_pending:
             raise RuntimeError("not at a message boundary")
         state = c.session.export()
         self._release(c)

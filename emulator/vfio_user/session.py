@@ -30,6 +30,7 @@ from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.backend import DeviceBackend, IrqInfo, RegionInfo
 from emulator.vfio_user.codec import InvalidMessage, close_fds
+from emulator.vfio_user.dmawrite import Mode, VisibleWrites
 from emulator.vfio_user.irq import IrqTable, Unwatch, Watch
 from emulator.vfio_user.protocol import MessageError
 
@@ -86,7 +87,8 @@ class Session:
     def __init__(self, backend: DeviceBackend, log: logging.Logger, *, watch: Watch | None = None,
                  unwatch: Unwatch | None = None, max_msg_fds: int = p.MAX_MSG_FDS,
                  max_data_xfer_size: int = p.MAX_DATA_XFER_SIZE,
-                 max_dma_maps: int = p.SERVER_MAX_DMA_MAPS) -> None:
+                 max_dma_maps: int = p.SERVER_MAX_DMA_MAPS, visible_writes: Mode = "off",
+                 notify: Callable[[], None] | None = None) -> None:
         self.backend = backend
         self.max_dma_maps = max_dma_maps
         self.log = log
@@ -97,6 +99,12 @@ class Session:
         self.memory = MappedMemory()
         self.irqs = IrqTable([self._irq_info(i) for i in range(info.num_irqs)],
                              watch=watch, unwatch=unwatch, on_change=self._irqs_changed)
+        # device writes sent as DMA_WRITE requests (dmawrite.py); ``notify`` asks the socket
+        # layer to collect them with take_requests()
+        self.visible: VisibleWrites | None = None
+        if visible_writes != "off":
+            self.visible = VisibleWrites(self.memory, self.irqs, visible_writes, notify=notify or (lambda: None),
+                                         max_xfer=max_data_xfer_size, log=log)
         self.negotiated = False
         self.client_caps: dict[str, Any] = {}
         self._client_fds = 1  # fds the client takes per message (spec default)
@@ -127,10 +135,28 @@ class Session:
 
     # -- life ------------------------------------------------------------------
     def attach(self) -> None:
-        self.backend.attach(self.memory, self.irqs)
+        if self.visible is not None:
+            self.backend.attach(self.visible, self.visible)  # type: ignore[arg-type]  # duck-typed wrappers
+        else:
+            self.backend.attach(self.memory, self.irqs)
+
+    def take_requests(self) -> list[m.Message]:
+        """Requests this server sends the client (DMA_WRITE); call :meth:`requests_sent` after sending."""
+        return self.visible.take_requests() if self.visible is not None else []
+
+    def requests_sent(self) -> None:
+        if self.visible is not None:
+            self.visible.sent()
+
+    @property
+    def requests_pending(self) -> bool:
+        """DMA_WRITEs queued or awaiting their replies (a hand-over must wait)."""
+        return self.visible is not None and self.visible.pending
 
     def close(self) -> None:
         """The client went away: drop DMA maps and interrupt fds, detach the backend (state stays)."""
+        if self.visible is not None:
+            self.visible.drop()
         self.memory.clear()
         self._maps.clear()
         close_fds(fd for fd, _ in self._files.values())
@@ -165,8 +191,10 @@ class Session:
     # -- dispatch ----------------------------------------------------------------
     def handle(self, msg: m.Message) -> m.Message | None:
         """Run one request; return its reply (an ErrorReply on failure), None for NO_REPLY."""
+        if msg.IS_REPLY and self._reply(msg):
+            return None
         handler = self._handlers.get(type(msg))
-        if handler is None:  # a reply: this server sends no requests, so nothing waits for one
+        if handler is None:  # a reply to no request of ours
             self.log.warning("ignoring %s %d", type(msg).__name__, msg.msg_id)
             close_fds(msg.attached_fds())
             return None
@@ -183,8 +211,18 @@ class Session:
         reply.msg_id = msg.msg_id
         return reply
 
+    def _reply(self, msg: m.Message) -> bool:
+        """A reply to a DMA_WRITE this server sent; False if it is not one."""
+        if self.visible is None:
+            return False
+        if isinstance(msg, m.ErrorReply):
+            return msg.command == p.Command.DMA_WRITE and self.visible.acknowledge(msg.msg_id, msg.errno or errno.EIO)
+        return isinstance(msg, m.DmaWriteReply) and self.visible.acknowledge(msg.msg_id)
+
     def invalid(self, ev: InvalidMessage) -> m.Message | None:
         """Log a message the codec rejected; the error reply, if one is owed."""
+        if ev.is_reply and ev.command == p.Command.DMA_WRITE and self.visible is not None:
+            self.visible.acknowledge(ev.msg_id, ev.errno or errno.EIO)
         self.log.warning("%s %d rejected: %s (errno %d)%s", p.command_name(ev.command), ev.msg_id, ev.reason,
                          ev.errno, "" if ev.needs_reply else ", not answered")
         return m.ErrorReply(ev.command, ev.errno, msg_id=ev.msg_id) if ev.needs_reply else None
@@ -225,9 +263,13 @@ class Session:
         if not isinstance(multi, bool):
             raise MessageError(f"client write_multiple {multi!r}")
         self.client_caps, self._client_fds, self.negotiated = caps, fds, True
+        if self.visible is not None:
+            self.visible.max_xfer = min(self.max_data_xfer_size, xfer)
 
     def _dma_map(self, msg: m.DmaMapRequest) -> m.Message:
         fd = msg.fd
+        self.log.debug("DMA_MAP 0x%x+0x%x offset 0x%x flags 0x%x%s", msg.iova, msg.size, msg.offset,
+                       msg.flags, "" if fd is not None else " (no fd)")
         try:
             if msg.flags & ~p.DMA_MAP_FLAGS_KNOWN:
                 raise MessageError(f"DMA_MAP flags 0x{msg.flags:x}")
@@ -262,6 +304,9 @@ class Session:
         finally:
             if fd is not None:
                 close_fds((fd,))
+        mapped = getattr(self.backend, "dma_mapped", None)
+        if callable(mapped):  # the device retries what waited for unmapped memory
+            mapped()
         return m.DmaMapReply()
 
     def _unmap(self, iova: int) -> None:
@@ -273,7 +318,27 @@ class Session:
                 close_fds((kept[0],))
                 del self._files[record.file]  # type: ignore[arg-type]
 
+    def _unmap_range(self, start: int, end: int) -> None:
+        """Forget the maps inside [start, end); keep the outside parts of maps it cuts (as memory does)."""
+        for iova, record in sorted(self._maps.items()):
+            stop = iova + record.size
+            if stop <= start or iova >= end:
+                continue
+            pieces = [(a, b) for a, b in ((iova, min(stop, start)), (max(iova, end), stop)) if a < b]
+            for a, b in pieces:  # each piece holds the backing file too
+                self._maps[a] = _DmaMap(b - a, record.offset + (a - iova), record.flags, record.file)
+                kept = self._files.get(record.file) if record.file else None
+                if kept is not None:
+                    kept[1] += 1
+            if iova not in dict(pieces):
+                self._unmap(iova)
+            else:  # the head piece replaced the record in place: drop the old record's file use
+                kept = self._files.get(record.file) if record.file else None
+                if kept is not None:
+                    kept[1] -= 1
+
     def _dma_unmap(self, msg: m.DmaUnmapRequest) -> m.Message:
+        self.log.debug("DMA_UNMAP 0x%x+0x%x flags 0x%x", msg.iova, msg.size, msg.flags)
         if msg.flags & ~p.DMA_UNMAP_ALL:
             raise MessageError(f"DMA_UNMAP flags 0x{msg.flags:x}")
         if msg.flags & p.DMA_UNMAP_ALL:
@@ -283,7 +348,7 @@ class Session:
             for iova in list(self._maps):
                 self._unmap(iova)
         elif self.memory.remove(msg.iova, msg.size):
-            self._unmap(msg.iova)
+            self._unmap_range(msg.iova, msg.iova + msg.size)
         else:
             self.log.info("DMA_UNMAP of unmapped 0x%x+0x%x ignored", msg.iova, msg.size)
         return m.DmaUnmapReply(msg.iova, msg.size, msg.flags, msg.argsz)

@@ -66,3 +66,15 @@ def test_serve_config_error_names_key_and_reason() -> None:
     out, err = p.communicate(timeout=20)
     assert p.returncode == 2
     assert "namespaces[0].size" in err and "multiple" in err
+
+
+def test_serve_visible_writes_modes() -> None:
+    d = Path(tempfile.mkdtemp(prefix="ne-"))
+    p = _serve("--state-dir", str(d), "--visible-writes", "all")
+    _listening(p, 1)
+    p.terminate()
+    assert p.wait(20) == 0
+    bad = _serve("--state-dir", str(d), "--visible-writes", "sometimes")
+    _, err = bad.communicate(timeout=20)
+    assert bad.returncode == 2 and "--visible-writes" in err
+

@@ -147,3 +147,23 @@ def test_stale_mmio_value_does_not_move_the_tail_back(emu):
     while 4 not in got and time.monotonic() < deadline:
         got += s.reap()
     assert sorted(got) == [1, 2, 3, 4]
+
+
+def test_eventidx_reaches_the_host_when_device_writes_go_by_message(emu):
+    """--visible-writes all: data and CQEs travel as DMA_WRITE messages, but the SQ EventIdx
+    must reach the host at once: a host that submits again before the messages are applied
+    would read a stale EventIdx, skip the doorbell, and the command would never be seen."""
+    import time
+    h = emu(visible_writes="all").host(qsize=8, serve_dma=True)
+    db, ei = h.mem.alloc(4096), h.mem.alloc(4096)
+    assert h.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=db, prp2=ei).ok
+    s, done = ShadowHost(h, db, ei), []
+    for rnd in range(4):
+        s.put(2 * rnd)                 # rings; the controller runs it, moves EventIdx to the new tail
+        time.sleep(0.05)               # ... and queues the read data and CQE as messages (not served yet)
+        s.put(2 * rnd + 1)             # rings only if it already sees that EventIdx
+        deadline = time.monotonic() + 5
+        while len(done) < 2 * rnd + 2 and time.monotonic() < deadline:
+            h.t.serve_requests()
+            done += s.reap()
+    assert sorted(done) == list(range(8))

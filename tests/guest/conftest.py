@@ -2,6 +2,7 @@
 
 * ``guest_env``     the provisioned tool box (scripts/guest-env).  Missing: skipped with
                     "run scripts/guest-env" outside CI; a failure when CI=true.
+* ``boot_disk_env`` the tool box plus the host tools that build boot disks (same rule).
 * ``guest_workdir`` a short per-test directory (UNIX socket paths must stay < 108 bytes),
                     removed when the test passes, kept (and named in the report) when not.
 * ``boot_guest``    ``boot_guest(body_or_spec, *, vfio_user=(), qemu_nvme=(), timeout=180,
@@ -96,6 +97,20 @@ def guest_env() -> GuestEnv:
                         pytrace=False)
         pytest.skip(f"run scripts/guest-env ({e})")
         raise  # unreachable
+
+
+@pytest.fixture(scope="session")
+def boot_disk_env(guest_env: GuestEnv) -> GuestEnv:
+    """The tool box with the host tools that build boot disks (same skip/fail rule as guest_env)."""
+    from emulator.guest.diskimage import require_tools
+    try:
+        require_tools(guest_env)
+    except GuestEnvMissing as e:
+        if IN_CI:
+            pytest.fail(f"CI=true and the boot-disk tools are missing (guest tests never skip in CI): {e}",
+                        pytrace=False)
+        pytest.skip(f"run scripts/guest-env ({e})")
+    return guest_env
 
 
 @pytest.fixture

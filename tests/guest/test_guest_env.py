@@ -25,6 +25,21 @@ def test_manifest_describes_a_usable_tool_box(guest_env: GuestEnv) -> None:
     for tool in ("busybox", "nvme", "fio", "mkfs.ext4", "e2fsck"):
         assert guest_env.tool(tool).exists(), tool
     assert guest_env.versions["nvme-cli"] >= "2.13"
+    for tool in ("sfdisk", "mkfs.fat", "mcopy", "mmd", "syslinux", "extlinux", "objcopy", "mke2fs"):
+        assert guest_env.host_tool(tool).exists(), tool
+    for name in ("ovmf_code", "ovmf_vars", "syslinux_mbr", "efi_stub"):
+        assert guest_env.file(name).is_file(), name
+
+
+def test_qemu_command_line_boots_firmware_from_a_disk(guest_env: GuestEnv, tmp_path: Path) -> None:
+    spec = GuestSpec(init="", kernel_boot=False, firmware="ovmf",
+                     vfio_user=[VfioUserDevice("/run/x/c1.sock", props={"bootindex": 1})])
+    argv = qemu_command(guest_env, spec, tmp_path / "initrd.img")
+    joined = " ".join(argv)
+    assert "-kernel" not in argv and "-initrd" not in argv and "-append" not in argv
+    assert '"bootindex":1' in joined
+    assert f"readonly=on,file={guest_env.file('ovmf_code')}" in joined
+    assert f"file={tmp_path / 'ovmf-vars.fd'}" in joined
 
 
 def test_qemu_command_line_places_devices_on_root_ports(guest_env: GuestEnv, tmp_path: Path) -> None:
