@@ -10,6 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("emulator.subsystem.serve", "run an NVM subsystem (YAML config, or the embedded default)"),
     "scenario": ("emulator.guest.scenario", "turn a qemu-configs scenario into a running setup"),
     "demo": ("emulator.guest.demo", "boot a guest on the embedded default, write, verify, show nvme-cli"),
+    "bench": ("emulator.host.loadgen", "drive a serve child over vfio-user, no guest: IOPS, CPU µs per I/O"),
 }
 
 

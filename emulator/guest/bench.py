@@ -3,8 +3,11 @@
 One TCG guest gets both disks (same size, same host page cache situation) and
 runs the same fio jobs on each, in one run:
 
-- 4 KiB random read, QD32, libaio, O_DIRECT
-- 128 KiB sequential read, QD4 (a 1 MiB request would exceed our MDTS split)
+- 4 KiB random read and random write at QD32 and at QD1, libaio, O_DIRECT
+- 128 KiB sequential read and write, QD4 (a 1 MiB request would exceed our MDTS split)
+- 4 KiB random 70 % read / 30 % write at QD8 (IOPS of both directions summed)
+
+(``JOBS`` below is the one list; ``--jobs`` picks some of them.)
 
 Prints a table with the emulator/QEMU ratio.  Run: ``bash scripts/bench-guest``
 (or ``python -m emulator.guest.bench``).
@@ -48,6 +51,18 @@ for DEV in $QEMU $EMU; do  # fill the region so both read real data, not holes
         dd if=/tmp/fill of=$DEV bs=1M seek=$((k * 16)) oflag=direct 2>/dev/null; k=$((k + 1))
     done
 done
+fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
+    key=$1; fields=$2; shift 2
+    fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
+        --runtime=@RUNTIME@ --ramp_time=1 --output-format=terse --terse-version=3 "$@" \
+        > /tmp/job.out 2>&1
+    v=0
+    for f in $fields; do
+        x=$(cut -d';' -f$f /tmp/job.out | head -n1); case "$x" in ''|*[!0-9]*) x=0;; esac
+        v=$((v + x))
+    done
+    result ${name}_${key}_$r "$v"
+}
 r=0
 while [ $r -lt @ROUNDS@ ]; do
   r=$((r + 1))
@@ -55,17 +70,34 @@ while [ $r -lt @ROUNDS@ ]; do
   [ $((r % 2)) -eq 1 ] && ORDER="qemu emu" || ORDER="emu qemu"
   for name in $ORDER; do
     [ $name = emu ] && DEV=$EMU || DEV=$QEMU
-    fio --name=rr --filename=$DEV --rw=randread --bs=4k --iodepth=32 --ioengine=libaio \
-        --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
-        --output-format=terse --terse-version=3 > /tmp/rr.out 2>&1
-    result ${name}_randread_iops_$r "$(cut -d';' -f8 /tmp/rr.out)"
-    fio --name=sr --filename=$DEV --rw=read --bs=128k --iodepth=4 --ioengine=libaio \
-        --direct=1 --size=64m --time_based --runtime=@RUNTIME@ --ramp_time=1 \
-        --output-format=terse --terse-version=3 > /tmp/sr.out 2>&1
-    result ${name}_seqread_kibs_$r "$(cut -d';' -f7 /tmp/sr.out)"
+@JOBS@
   done
 done
 """
+
+
+# (result key, table label, fio arguments).  fio terse v3 fields (fio's HOWTO, "Terse
+# output"): 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS; a key ending in
+# _kibs reports bandwidth, _iops IOPS, summed over both directions for a mixed job.
+JOBS: list[tuple[str, str, str]] = [
+    ("randread_iops", "fio 4 KiB randread QD32 (IOPS)", "--rw=randread --bs=4k --iodepth=32"),
+    ("randwrite_iops", "fio 4 KiB randwrite QD32 (IOPS)", "--rw=randwrite --bs=4k --iodepth=32"),
+    ("randread1_iops", "fio 4 KiB randread QD1 (IOPS)", "--rw=randread --bs=4k --iodepth=1"),
+    ("randwrite1_iops", "fio 4 KiB randwrite QD1 (IOPS)", "--rw=randwrite --bs=4k --iodepth=1"),
+    ("seqread_kibs", "fio 128 KiB seq read QD4 (MiB/s)", "--rw=read --bs=128k --iodepth=4"),
+    ("seqwrite_kibs", "fio 128 KiB seq write QD4 (MiB/s)", "--rw=write --bs=128k --iodepth=4"),
+    ("mixed_iops", "fio 4 KiB randrw 70/30 QD8 (IOPS)",
+     "--rw=randrw --rwmixread=70 --bs=4k --iodepth=8"),
+]
+
+
+def _job_lines(keys: list[str]) -> str:
+    lines = []
+    for key, _label, fio_args in JOBS:
+        if key in keys:
+            fields = "7 48" if key.endswith("_kibs") else "8 49"
+            lines.append(f'    fio_job {key} "{fields}" {fio_args}')
+    return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,10 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--visible-writes", choices=MODES, default=DEFAULT_MODE,
                    help="the emulator's --visible-writes mode (all: every device write as a DMA_WRITE)")
+    p.add_argument("--jobs", default=",".join(k for k, _l, _a in JOBS),
+                   help="comma-separated result keys of JOBS (default: all)")
 
 
 def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
-              visible_writes: str = DEFAULT_MODE) -> dict[str, float]:
+              visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None) -> dict[str, float]:
+    keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -91,10 +126,11 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                           command=[sys.executable, "-m", "emulator", "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
-        spec = GuestSpec(init=BODY.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
+        body = BODY.replace("@JOBS@", _job_lines(keys))
+        spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
-        res = run(env, spec, wd / "guest", timeout=120 + 6 * runtime * rounds)
+        res = run(env, spec, wd / "guest", timeout=120 + 3 * len(keys) * (runtime + 2) * rounds)
     finally:
         emu.stop()
     if not res.ok:
@@ -108,10 +144,10 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
 
 
 def report(r: dict[str, float]) -> str:
-    rows = [("fio 4 KiB randread QD32 (IOPS)", "randread_iops"),
-            ("fio 128 KiB seq read QD4 (MiB/s)", "seqread_kibs")]
     out = [f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7}"]
-    for label, key in rows:
+    for key, label, _args in JOBS:
+        if f"qemu_{key}" not in r and f"emu_{key}" not in r:
+            continue
         q, e = r.get(f"qemu_{key}", 0.0), r.get(f"emu_{key}", 0.0)
         if key.endswith("kibs"):
             q, e = q / 1024, e / 1024
@@ -122,7 +158,8 @@ def report(r: dict[str, float]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes)
+    r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
+                  [k for k in args.jobs.split(",") if k])
     print(report(r))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "

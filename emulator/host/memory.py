@@ -13,11 +13,18 @@ DEFAULT_IOVA = 0x1_0000_0000
 
 
 class HostMemory:
-    def __init__(self, size: int = 64 << 20, iova: int = DEFAULT_IOVA, name: str = "nvme-host") -> None:
+    def __init__(self, size: int = 64 << 20, iova: int = DEFAULT_IOVA, name: str = "nvme-host",
+                 sealed: bool = False) -> None:
+        """``sealed``: seal the memfd against shrinking and growing, as QEMU's
+        memory-backend-memfd does, so the emulator may copy to it directly."""
         self.size = size
         self.iova = iova
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0)
+        self.fd = os.memfd_create(name, flags)
         os.ftruncate(self.fd, size)
+        if sealed:
+            import fcntl
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self._mmap = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
         self.view = memoryview(self._mmap)
         self._next = 0

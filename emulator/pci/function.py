@@ -34,7 +34,7 @@ from emulator.pci import regs as r
 from emulator.pci.capabilities import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET, PM_CAP_OFFSET, build_config_space
 from emulator.pci.ids import (NVME_EMU_DEVICE_ID, NVME_EMU_REVISION_ID, NVME_EMU_SUBSYSTEM_ID,
                               NVME_EMU_SUBSYSTEM_VENDOR_ID, NVME_EMU_VENDOR_ID, PciIdentity)
-from emulator.pci.msix import Bar0Layout, MsixTable
+from emulator.pci.msix import NVME_WINDOW_SIZE, Bar0Layout, MsixTable
 from emulator.pci.state import PciFunctionState
 from emulator.vfio_user.backend import (DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED,
                                         IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, PCI_BAR0_REGION_INDEX,
@@ -153,7 +153,13 @@ class NvmePciFunction:
         if index == PCI_CONFIG_REGION_INDEX:
             self._config_write(offset, bytes(data))
         elif index == PCI_BAR0_REGION_INDEX:
-            self._bar0_access(offset, len(data), bytes(data))
+            n, device = len(data), self._device
+            if (n == 4 or n == 8) and device is not None and 0 <= offset <= NVME_WINDOW_SIZE - n:
+                # The hot path (a doorbell): what _bar0_access does for one whole access
+                # inside the NVMe window, without building the area list.
+                device.mmio_write(offset, n, int.from_bytes(data, "little"))
+                return
+            self._bar0_access(offset, n, bytes(data))
         else:
             raise ValueError(f"region {index} is not writable")
 

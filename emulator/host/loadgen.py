@@ -1,0 +1,315 @@
+"""`nvme-emu bench`: a host-side load generator, no guest.
+
+Starts ``nvme-emu serve`` as a child process (or attaches to a running one with
+``--socket``/``--pid``), drives one controller over vfio-user with the Python
+host driver's queues, and prints for each job IOPS and the **emulator's CPU
+time per I/O** (utime + stime of the serving process, all its threads, from
+``/proc/PID/stat``).  Next to the jobs it prints the physical limit measured on
+the same machine: a 4 KiB memcpy and a 4 KiB ``preadv`` from the page cache.
+
+The submission loop is lean on purpose: SQEs are packed once per slot, the
+SQ tail and CQ head doorbells of a batch go as posted (NO_REPLY) region
+writes, and completions are found by the phase tag (NVMe Base 2.1 §4.2.4), so
+the generator costs the emulator nothing but the I/O itself.  The emulator's
+CPU per I/O is therefore what the hot path costs: doorbell message -> SQE
+fetch -> decode -> PRP -> preadv/pwritev -> CQE -> interrupt.  IOPS depend on
+the generator too (it shares the machine); CPU per I/O does not.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from emulator.host.driver import HostQueue, NvmeHost
+from emulator.host.memory import PAGE, HostMemory
+from emulator.host.transport import BAR0, VfioUserTransport
+from emulator.nvme.spec import CQE, CQE_SIZE, DOORBELL_BASE, SQE, SQE_SIZE, IoOpcode
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (name, opcode, queues, queue depth per queue)
+DEFAULT_JOBS: list[tuple[str, int, int, int]] = [
+    ("4k-read-qd1", IoOpcode.READ, 1, 1),
+    ("4k-write-qd1", IoOpcode.WRITE, 1, 1),
+    ("4k-read-qd32", IoOpcode.READ, 1, 32),
+    ("4k-write-qd32", IoOpcode.WRITE, 1, 32),
+    ("4k-read-4q-qd8", IoOpcode.READ, 4, 8),
+    ("4k-write-4q-qd8", IoOpcode.WRITE, 4, 8),
+]
+
+
+@dataclass
+class JobResult:
+    name: str
+    ios: int
+    seconds: float
+    iops: float
+    emu_cpu_us_per_io: float  # emulator process CPU (all threads) per I/O
+    gen_cpu_us_per_io: float  # this generator's CPU per I/O, for context
+    errors: int
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` (proc(5): fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ---------------------------------------------------------------------- physical limits
+def memcpy_4k_us(n: int = 200_000) -> tuple[float, float]:
+    """(per call, net of a 1-byte call) µs for a 4 KiB memmove through ctypes."""
+    a = ctypes.create_string_buffer(PAGE)
+    b = ctypes.create_string_buffer(PAGE)
+    mv = ctypes.memmove
+
+    def loop(size: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            mv(a, b, size)
+        return (time.perf_counter() - t) / n * 1e6
+
+    full, tiny = min(loop(PAGE) for _ in range(3)), min(loop(1) for _ in range(3))
+    return full, max(0.0, full - tiny)
+
+
+def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
+    """(per call, net of a 1-byte preadv) µs for a 4 KiB preadv from page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(PAGE)
+        one = bytearray(1)
+        size = max(PAGE, os.fstat(fd).st_size)
+        span = min(size, 16 << 20) // PAGE
+        for i in range(span):  # warm the page cache
+            os.preadv(fd, [buf], i * PAGE)
+
+        def loop(b: bytearray) -> float:
+            t = time.perf_counter()
+            for i in range(n):
+                os.preadv(fd, [b], (i % span) * PAGE)
+            return (time.perf_counter() - t) / n * 1e6
+
+        full, tiny = min(loop(buf) for _ in range(3)), min(loop(one) for _ in range(3))
+        return full, max(0.0, full - tiny)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- the driving loop
+def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
+            seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
+            seed: int = 1, cq_doorbell_every: int = 1) -> JobResult:
+    """Keep ``depth`` commands outstanding on each queue for ``seconds``.
+
+    The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
+    completions (and always while draining); the queues are at least twice
+    ``depth`` deep, so the controller never finds its CQ full in between."""
+    t = host.t
+    assert isinstance(t, VfioUserTransport)
+    client = t.client
+    mem = host.mem
+    view = mem.view
+    base = mem.iova
+    rng = random.Random(seed)
+    nlb = bs // lba_size
+    blocks = ns_lbas // nlb
+    state: list[tuple[HostQueue, list[int]]] = []
+    for qid in queues:
+        q = host.queues[qid]
+        if depth >= q.size:
+            raise ValueError(f"depth {depth} needs a queue larger than {q.size}")
+        bufs = [mem.alloc(bs) for _ in range(depth)]
+        state.append((q, bufs))
+    pack = SQE.pack_into
+    unpack = CQE.unpack_from
+    ios = errors = 0
+
+    def submit(q: HostQueue, bufs: list[int], cid: int) -> None:
+        slba = rng.randrange(blocks) * nlb
+        off = q.sq_iova - base + q.sq_tail * SQE_SIZE
+        pack(view, off, opc, 0, cid, nsid, 0, 0, 0, bufs[cid], 0,
+             slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0)
+        q.sq_tail = (q.sq_tail + 1) % q.size
+
+    for q, bufs in state:
+        for cid in range(depth):
+            submit(q, bufs, cid)
+        client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
+                            q.sq_tail.to_bytes(4, "little"), posted=True)
+    cpu0, gen0, t0 = proc_cpu_seconds(pid), time.process_time(), time.perf_counter()
+    deadline = t0 + seconds
+    draining = False
+    outstanding = depth * len(state)
+    batches = 0
+    while outstanding:
+        now = time.perf_counter()
+        if not draining and now >= deadline:
+            draining = True
+        for q, bufs in state:
+            got = 0
+            while True:
+                off = q.cq_iova - base + q.cq_head * CQE_SIZE
+                # The phase tag first, the rest after it (a real driver's read barrier):
+                # a CQE read in one go can be half old, half new while it is written.
+                if (view[off + 14] & 1) != q.phase:
+                    break
+                _dw0, _dw1, _sqhd, _sqid, cid, sf = unpack(view, off)
+                got += 1
+                if cid >= depth:  # not one of ours: count it, never resubmit it
+                    errors += 1
+                    q.cq_head += 1
+                    if q.cq_head == q.cq_size:
+                        q.cq_head, q.phase = 0, q.phase ^ 1
+                    outstanding -= 1
+                    continue
+                if sf >> 1:
+                    errors += 1
+                q.cq_head += 1
+                if q.cq_head == q.cq_size:
+                    q.cq_head, q.phase = 0, q.phase ^ 1
+                if draining:
+                    outstanding -= 1
+                else:
+                    submit(q, bufs, cid)
+            if got:
+                ios += got
+                batches += 1
+                if draining or batches % cq_doorbell_every == 0:
+                    client.region_write(BAR0, DOORBELL_BASE + (2 * q.qid + 1) * 4,
+                                        q.cq_head.to_bytes(4, "little"), posted=True)
+                if not draining:
+                    client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
+                                        q.sq_tail.to_bytes(4, "little"), posted=True)
+    elapsed = time.perf_counter() - t0
+    cpu = proc_cpu_seconds(pid) - cpu0
+    gen = time.process_time() - gen0
+    for _q, bufs in state:
+        for b in bufs:
+            mem.free(b, bs)
+    n = max(ios, 1)
+    return JobResult(name, ios, elapsed, ios / elapsed, cpu / n * 1e6, gen / n * 1e6, errors)
+
+
+# ---------------------------------------------------------------------- the serving child
+def start_server(state_dir: Path, size: str, lba_size: int) -> tuple[subprocess.Popen[str], str]:
+    import yaml
+    cfg = {"state_dir": str(state_dir),
+           "namespaces": [{"nsid": 1, "file": "bench.img", "size": size, "lba_size": lba_size}],
+           "controllers": [{"cntlid": 1, "socket": "bench.sock"}]}
+    (state_dir / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "emulator", "serve", str(state_dir / "bench.yaml"),
+                          "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if not line.startswith("listening on "):
+        p.kill()
+        raise RuntimeError(f"nvme-emu serve did not start: {line!r}")
+    return p, line[len("listening on "):]
+
+
+def connect(sock: str, queues: int, qsize: int, sealed: bool = True) -> NvmeHost:
+    """A host on ``sock``; ``sealed`` memory is what QEMU gives (the emulator's direct
+    copy path), unsealed memory takes the guarded copies (emulator/memory/safecopy.py)."""
+    from emulator.vfio_user.client import VfioUserClient
+    client = VfioUserClient(sock)
+    memory = HostMemory(64 << 20, sealed=sealed)
+    host = NvmeHost(VfioUserTransport(client, memory, vectors=queues + 1))
+    host.init(io_queues=queues, qsize=qsize)
+    return host
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=3.0, help="run time per job")
+    p.add_argument("--size", default="256MiB", help="namespace size of the child server")
+    p.add_argument("--lba-size", type=int, default=512, choices=(512, 4096))
+    p.add_argument("--socket", help="attach to a running server's socket instead of starting one")
+    p.add_argument("--pid", type=int, help="with --socket: the serving process (for its CPU time)")
+    p.add_argument("--jobs", help="comma-separated job names (default: all)")
+    p.add_argument("--fill", action="store_true",
+                   help="write the whole namespace first, so reads hit allocated blocks")
+    p.add_argument("--cq-doorbell-every", type=int, default=1, metavar="N",
+                   help="ring the CQ head doorbell once per N completion batches (QD1 only: "
+                        "what the CQ doorbell message costs)")
+    p.add_argument("--unsealed", action="store_true",
+                   help="host memory not sealed against shrinking (the guarded copy path)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _format(results: list[JobResult], limits: dict[str, float]) -> str:
+    lines = [f"{'job':<18}{'IOPS':>10}{'emu µs/IO':>12}{'gen µs/IO':>12}{'errors':>8}"]
+    for r in results:
+        lines.append(f"{r.name:<18}{r.iops:>10.0f}{r.emu_cpu_us_per_io:>12.1f}"
+                     f"{r.gen_cpu_us_per_io:>12.1f}{r.errors:>8}")
+    lines.append("physical limit on this machine (µs per call; net of a 1-byte call):")
+    lines.append(f"  4 KiB memcpy          {limits['memcpy_us']:.2f}  ({limits['memcpy_net_us']:.2f})")
+    lines.append(f"  4 KiB preadv (cache)  {limits['preadv_us']:.2f}  ({limits['preadv_net_us']:.2f})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = DEFAULT_JOBS
+    if args.jobs:
+        wanted = set(args.jobs.split(","))
+        jobs = [j for j in DEFAULT_JOBS if j[0] in wanted]
+        if not jobs:
+            print(f"nvme-emu bench: no job among {sorted(wanted)}", file=sys.stderr)
+            return 2
+    queues = max(j[2] for j in jobs)
+    depth = max(j[3] for j in jobs)
+    child = None
+    state_dir = Path(tempfile.mkdtemp(prefix="ne-bench-"))
+    try:
+        if args.socket:
+            if not args.pid:
+                print("nvme-emu bench: --socket needs --pid", file=sys.stderr)
+                return 2
+            sock, pid = args.socket, args.pid
+        else:
+            child, sock = start_server(state_dir, args.size, args.lba_size)
+            pid = child.pid
+        host = connect(sock, queues, qsize=max(64, 2 * depth), sealed=not args.unsealed)
+        idns = host.identify(cns=0, nsid=1)
+        ns_lbas = int.from_bytes(idns[0:8], "little")
+        if args.fill:
+            _fill(host, ns_lbas, args.lba_size)
+        results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
+                           1, args.lba_size, ns_lbas,
+                           cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1)
+                   for name, opc, nq, qd in jobs]
+        host.close()
+        img = state_dir / "bench.img" if child else None
+        limits_path = img if img and img.exists() else Path(sys.executable)
+        m_full, m_net = memcpy_4k_us()
+        p_full, p_net = preadv_4k_us(limits_path)
+        limits = {"memcpy_us": m_full, "memcpy_net_us": m_net, "preadv_us": p_full,
+                  "preadv_net_us": p_net}
+        if args.json:
+            print(json.dumps({"jobs": [asdict(r) for r in results], "limits": limits}, indent=1))
+        else:
+            print(_format(results, limits))
+        return 1 if any(r.errors for r in results) else 0
+    finally:
+        if child is not None:
+            child.terminate()
+            child.wait(30)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _fill(host: NvmeHost, ns_lbas: int, lba_size: int) -> None:
+    chunk = 128 << 10
+    data = b"\xa5" * chunk
+    nlb = chunk // lba_size
+    for slba in range(0, ns_lbas - nlb + 1, nlb):
+        host.write(1, slba, data, lba_size=lba_size, check=True)

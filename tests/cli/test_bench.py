@@ -1,0 +1,42 @@
+"""`nvme-emu bench` (issue 12): the host-side load generator runs its jobs against a
+`nvme-emu serve` child without errors and reports the emulator's CPU time per I/O.
+No timing is asserted: the figures are only checked to be there."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from emulator.guest import bench as guest_bench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_runs_jobs_and_reports_cpu_per_io() -> None:
+    out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--seconds", "0.3",
+                          "--size", "8MiB", "--jobs", "4k-read-qd1,4k-write-qd32,4k-read-4q-qd8",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert [j["name"] for j in r["jobs"]] == ["4k-read-qd1", "4k-write-qd32", "4k-read-4q-qd8"]
+    for j in r["jobs"]:
+        assert j["ios"] > 0 and j["errors"] == 0
+        assert j["emu_cpu_us_per_io"] >= 0 and j["iops"] > 0
+    assert set(r["limits"]) == {"memcpy_us", "memcpy_net_us", "preadv_us", "preadv_net_us"}
+
+
+def test_bench_unknown_job_is_an_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--jobs", "nope"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no job" in out.stderr
+
+
+def test_guest_bench_job_lines_and_report() -> None:
+    keys = [k for k, _label, _args in guest_bench.JOBS]
+    lines = guest_bench._job_lines(keys).splitlines()
+    assert len(lines) == len(keys) == len(set(keys))
+    assert all(k.endswith(("_iops", "_kibs")) for k in keys)
+    assert any("--rwmixread=70" in line and "--iodepth=8" in line for line in lines)
+    table = guest_bench.report({"qemu_randread1_iops": 100.0, "emu_randread1_iops": 150.0})
+    assert "QD1" in table and "1.50" in table and "QD32" not in table
