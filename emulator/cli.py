@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("emulator.subsystem.serve", "run an NVM subsystem (YAML config, or the embedded default)"),
     "scenario": ("emulator.guest.scenario", "turn a qemu-configs scenario into a running setup"),
+    "migrate": ("emulator.mmh.cli", "live-migrate a guest's disk between two nvme-emu processes"),
     "demo": ("emulator.guest.demo", "boot a guest on the embedded default, write, verify, show nvme-cli"),
     "bench": ("emulator.host.loadgen", "drive a serve child over vfio-user, no guest: IOPS, CPU µs per I/O"),
 }

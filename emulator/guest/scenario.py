@@ -14,6 +14,8 @@ A scenario file::
           - {qemu_nvme: {size: 64MiB}}          # QEMU's own NVMe on a raw file (comparison)
         incoming: "unix:{workdir}/migration.sock"   # optional (migration destination)
         qmp: true                   # optional: QMP socket at <workdir>/<guest name>/qmp.sock
+    migrate: [a, b, a]              # optional: with --boot, the first guest loops fio on its disk
+                                    # while the disk live-migrates a -> b -> a (nvme-emu migrate)
 
 Unless an emulator config sets ``state_dir`` (relative to the scenario file), the state
 directory is ``<workdir>/<name>``; ``<workdir>`` defaults to ``<cache>/scenarios/<stem>``.
@@ -107,6 +109,7 @@ class Scenario:
     workdir: Path
     emulators: list[EmulatorDef]
     guests: list[GuestDef]
+    migrate: list[str] = field(default_factory=list)  # emulator names, in migration order
 
     def emulator(self, name: str) -> EmulatorDef:
         for e in self.emulators:
@@ -135,7 +138,13 @@ def load_scenario(path: Path, workdir: Path | None = None, body: str = SHOW_BODY
         cfg = {"state_dir": str(state_dir), **{k: v for k, v in cfg.items() if k != "state_dir"}}
         sockets = {int(c["cntlid"]): state_dir / str(c["socket"]) for c in cfg.get("controllers") or []}
         emus.append(EmulatorDef(name, cfg, state_dir, workdir / f"{name}.yaml", sockets))
-    sc = Scenario(path, str(data.get("description", "")).strip(), workdir, emus, [])
+    sc = Scenario(path, str(data.get("description", "")).strip(), workdir, emus, [],
+                  [str(n) for n in data.get("migrate") or []])
+    for n in sc.migrate:
+        sc.emulator(n)
+    if sc.migrate:
+        from emulator.guest.lmrun import fio_loop_body
+        body = fio_loop_body(_ns_mib(sc.emulator(sc.migrate[0])))
     for g in data.get("guests") or []:
         name = str(g.get("name", f"guest{len(sc.guests)}"))
         gdir = workdir / name
@@ -163,6 +172,11 @@ def load_scenario(path: Path, workdir: Path | None = None, body: str = SHOW_BODY
         spec.append = str(g.get("append", ""))
         sc.guests.append(GuestDef(name, spec, gdir, sorted(set(uses)), bool(g.get("qmp", False))))
     return sc
+
+
+def _ns_mib(e: EmulatorDef) -> int:
+    ns = (e.config.get("namespaces") or [{}])[0]
+    return parse_size(ns.get("size", "1GiB")) >> 20
 
 
 def _prepare_guest(env: GuestEnv, g: GuestDef) -> list[str]:
@@ -264,6 +278,9 @@ def _boot(env: GuestEnv, sc: Scenario, args: argparse.Namespace, procs: list[Emu
         return 2
     emus = [p for p in procs if p.name in g.uses]
     print(f"\n[scenario] booting guest '{g.name}' (console log {g.workdir / 'console.log'})", flush=True)
+    if sc.migrate:
+        emus = [p for p in procs if p.name in set(sc.migrate) | set(g.uses)]
+        return _boot_and_migrate(env, sc, g, emus, args.timeout)
     try:
         with Guest(env, g.spec, g.workdir, emulators=emus, name=g.name, qmp=g.qmp) as guest:
             guest.start()
@@ -276,6 +293,42 @@ def _boot(env: GuestEnv, sc: Scenario, args: argparse.Namespace, procs: list[Emu
     print(f"\n[scenario] guest '{g.name}': booted to /init in {res.boot_seconds or 0:.1f} s, "
           f"finished in {res.wall_seconds:.1f} s")
     return 0
+
+
+def _control(e: EmulatorDef) -> Path:
+    return e.state_dir / str(e.config.get("control_socket", "control.sock"))
+
+
+def _boot_and_migrate(env: GuestEnv, sc: Scenario, g: GuestDef, emus: list[EmulatorProcess],
+                      timeout: float) -> int:
+    """Boot ``g`` looping fio; migrate its disk along ``sc.migrate``; stop fio; report."""
+    from emulator.guest.lmrun import write_stop_sentinel, migrate
+    path = [sc.emulator(n) for n in sc.migrate]
+    status = 0
+    try:
+        with Guest(env, g.spec, g.workdir, emulators=emus, name=g.name, qmp=g.qmp) as guest:
+            guest.start()
+            for n, (src, dst) in enumerate(zip(path, path[1:]), start=1):
+                guest.wait_for("PASS", f"writing_{n}", timeout=timeout)
+                r = migrate(_control(src), _control(dst))
+                print(f"[scenario] migrate {src.name} -> {dst.name}: {r.summary()}", flush=True)
+                if not r.ok:
+                    status = 1
+                    break
+            last = path[-1] if status == 0 else path[0]
+            for e in (last, *path):
+                mmc = [c for c in e.config.get("controllers") or [] if c.get("type") == "mmc"]
+                if mmc:
+                    break
+            write_stop_sentinel(e.sockets[int(mmc[0]["cntlid"])], _ns_mib(path[0]) << 20)
+            res = guest.wait(timeout=timeout, check=False)
+    except GuestError as e:
+        print(f"[scenario] {e}", file=sys.stderr)
+        return 1
+    print(f"[scenario] guest: fio runs {res.results.get('fio_runs')}, failed runs "
+          f"{res.results.get('fio_failures')}, md5 {res.results.get('md5')}; "
+          f"dmesg nvme errors: {res.outputs.get('dmesg_bad', '').strip() or 'none'}")
+    return status or (0 if res.ok and res.results.get("fio_failures") == "0" else 1)
 
 
 def _wait_for_signal(procs: list[EmulatorProcess]) -> None:

@@ -7,11 +7,35 @@ memory with the phase tag, like a driver.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from emulator.host.driver import Completion, NvmeCommandError, NvmeHost
 from emulator.nvme.migration import wire
 from emulator.nvme.spec import FID, AdminOpcode
+
+# Get LBA Status (NVM CS 1.2 §4.2.1, Figures 47-48): list header and descriptor.
+LBA_STATUS_HEADER = struct.Struct("<IB3x")  # NLSD, CMPC
+LBA_STATUS_DESCRIPTOR = struct.Struct("<QIxB2x")  # DSLBA, NLB (0's based), STAS
+ATYPE_ALLOCATED = 0x02  # TP4165: tracked allocated LBAs
+CMPC_COMPLETE = 2
+
+
+@dataclass(frozen=True)
+class NamespaceFormat:
+    """What must match between source and destination (Identify Namespace, NVM CS Figure 114)."""
+    nsid: int
+    nsze: int  # LBAs
+    lba_size: int
+    ms: int  # metadata bytes per LBA
+
+    @classmethod
+    def parse(cls, nsid: int, data: bytes) -> "NamespaceFormat":
+        nsze = int.from_bytes(data[0:8], "little")
+        flbas = data[26]
+        fmt = (flbas & 0xF) | ((flbas >> 5) & 0x3) << 4
+        lbaf = int.from_bytes(data[128 + 4 * fmt:132 + 4 * fmt], "little")
+        return cls(nsid, nsze, 1 << ((lbaf >> 16) & 0xFF), lbaf & 0xFFFF)
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,33 @@ class MigrationHost:
         if got and consume:
             check(self.cdq_set(q.cdqid, q.head))
         return got
+
+    # -- namespaces ----------------------------------------------------------------------
+    def active_nsids(self) -> list[int]:
+        """Identify CNS 02h: the namespaces attached to this (MMC) controller."""
+        data = self.h.identify(cns=0x02)
+        ids = struct.unpack("<1024I", data)
+        return [n for n in ids if n]
+
+    def namespace_format(self, nsid: int) -> NamespaceFormat:
+        return NamespaceFormat.parse(nsid, self.h.identify(cns=0x00, nsid=nsid))
+
+    def allocated(self, nsid: int, slba: int = 0, mndw: int = 1023) -> list[tuple[int, int]]:
+        """Every allocated range (SLBA, NLB) of ``nsid`` from ``slba`` on: Get LBA Status
+        ATYPE 02h, following CMPC 1h (incomplete) until 2h (complete)."""
+        out: list[tuple[int, int]] = []
+        while True:
+            c = check(self.h.admin(AdminOpcode.GET_LBA_STATUS, nsid=nsid, read_len=(mndw + 1) * 4,
+                                   cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32, cdw12=mndw,
+                                   cdw13=ATYPE_ALLOCATED << 24))
+            nlsd, cmpc = LBA_STATUS_HEADER.unpack_from(c.data)
+            for k in range(nlsd):
+                dslba, nlb0, _ = LBA_STATUS_DESCRIPTOR.unpack_from(
+                    c.data, LBA_STATUS_HEADER.size + k * LBA_STATUS_DESCRIPTOR.size)
+                out.append((dslba, nlb0 + 1))
+            if cmpc == CMPC_COMPLETE or not nlsd:
+                return out
+            slba = out[-1][0] + out[-1][1]
 
     # -- Track Send (3Dh) / Track Receive (3Eh) -------------------------------------------
     def log_start(self, cdqid: int) -> Completion:

@@ -86,10 +86,16 @@ class VfioUserTransport:
     """A vfio-user client set up the way QEMU sets up a vfio-user-pci device."""
 
     def __init__(self, client: "VfioUserClient", memory: HostMemory, vectors: int = 8,
-                 posted_writes: bool = True) -> None:
+                 posted_writes: bool = True, resumed: bool = False) -> None:
+        """``resumed``: the client is negotiated and the memory mapped, and the device's
+        PCI function came with a migration stream: only the interrupt eventfds are set up
+        (as a VMM does on the destination before the device runs again)."""
         self.client = client
         self.memory = memory
         self.posted_writes = posted_writes
+        if resumed:
+            self._irqs(vectors)
+            return
         client.negotiate()
         client.dma_map(memory.iova, memory.size, fd=memory.fd, offset=0, flags=3)
         client.device_info()
@@ -102,17 +108,22 @@ class VfioUserTransport:
                 os.close(info.fd)
         cmd = self.config_read(PCI_COMMAND, 2)
         self.config_write(PCI_COMMAND, 2, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
-        self.msix_cap = self._find_cap(PCI_CAP_ID_MSIX)
-        self.eventfds: list[int] = []
-        if self.msix_cap:
-            table_size = (self.config_read(self.msix_cap + 2, 2) & 0x7FF) + 1
-            self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                             for _ in range(min(vectors, table_size))]
-            client.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX,
-                            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                            0, len(self.eventfds), self.eventfds)
+        if self._irqs(vectors):
             ctl = self.config_read(self.msix_cap + 2, 2)
             self.config_write(self.msix_cap + 2, 2, ctl | MSIX_ENABLE)
+
+    def _irqs(self, vectors: int) -> bool:
+        """One eventfd per MSI-X vector (up to ``vectors``), given with SET_IRQS."""
+        self.msix_cap = self._find_cap(PCI_CAP_ID_MSIX)
+        self.eventfds: list[int] = []
+        if not self.msix_cap:
+            return False
+        table_size = (self.config_read(self.msix_cap + 2, 2) & 0x7FF) + 1
+        self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                         for _ in range(min(vectors, table_size))]
+        self.client.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                             0, len(self.eventfds), self.eventfds)
+        return True
 
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.client.region_read(CONFIG, offset, size), "little")

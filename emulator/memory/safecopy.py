@@ -14,12 +14,14 @@ Measured here (2 cores, shared): a 64-byte read costs about 3.8 us and a
 system call alone costs about 3.4 us, 6-8 us per copy in all.
 
 Each call returns None / False when the memory could not be reached; the
-caller reports that as a DMA error.  One pipe per process, used by one
-thread at a time (the event loop's).
+caller reports that as a DMA error.  One pipe per thread: every event loop
+(several run in one process in tests and tools) has its own, so copies of two
+threads never mix in one pipe.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 _CHUNK = 1 << 16  # the default pipe capacity
 
@@ -29,6 +31,14 @@ class _Pipe:
         self.pid = os.getpid()
         self.r, self.w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
+    def __del__(self) -> None:  # the thread ended (thread-local storage released)
+        if self.pid == os.getpid():
+            for fd in (self.r, self.w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     def drain(self) -> None:
         try:
             while os.read(self.r, _CHUNK):
@@ -37,14 +47,14 @@ class _Pipe:
             pass
 
 
-_pipe: _Pipe | None = None
+_local = threading.local()
 
 
 def _the_pipe() -> _Pipe:
-    global _pipe
-    if _pipe is None or _pipe.pid != os.getpid():  # not the parent's pipe after a fork
-        _pipe = _Pipe()
-    return _pipe
+    pipe: _Pipe | None = getattr(_local, "pipe", None)
+    if pipe is None or pipe.pid != os.getpid():  # not the parent's pipe after a fork
+        pipe = _local.pipe = _Pipe()
+    return pipe
 
 
 def read(view: memoryview) -> bytes | None:

@@ -14,7 +14,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
@@ -614,6 +614,25 @@ class Controller:
                      for k in sorted(self.cqs)]
         self._dbbuf.shadow_values(self, state.sqs, state.cqs)
         return state
+
+    def export_state(self, now: float | None = None,
+                     snap: ControllerState | None = None) -> dict[str, Any]:
+        """The whole resumable state as plain JSON-able data: the ControllerState
+        (registers, queues, features, AERs, error log, extensions; ``snap`` if the
+        caller took the snapshot already) plus counters, held INTx vectors and
+        uptime (as of monotonic time ``now``).  No side effect."""
+        now = time.monotonic() if now is None else now
+        snap = self.snapshot() if snap is None else snap
+        return {"state": snap.to_dict(), "stats": dict(self.stats),
+                "intx_pending": self._intx_pending, "uptime_ms": int((now - self.started) * 1000)}
+
+    def import_state(self, doc: dict[str, Any]) -> None:
+        """Inverse of :meth:`export_state` (``doc["state"]`` a dict or a ControllerState)."""
+        state = doc["state"]
+        self.restore(state if isinstance(state, ControllerState) else ControllerState.from_dict(state))
+        self.stats.update(doc.get("stats", {}))
+        self._intx_pending = int(doc.get("intx_pending", 0))
+        self.started = time.monotonic() - doc.get("uptime_ms", 0) / 1000
 
     def restore(self, state: ControllerState) -> None:
         self.state = state

@@ -83,6 +83,7 @@ class NvmePciFunction:
         self.config = self._defaults.copy()
         self.msix = MsixTable(msix_vectors)
         self._device = device
+        self.mig_features: object | None = None  # vfio-user migration v2, set by the subsystem wiring
         self._memory: MappedMemory | None = None
         self._irqs: IrqLines | None = None
         self._lock = threading.RLock()
@@ -329,6 +330,17 @@ class NvmePciFunction:
         with self._lock:
             return PciFunctionState(bytes(self.config.data), bytes(self.msix.table),
                                     bytes(self.msix.pba), self._intx_pending)
+
+    # DeviceBackend: opaque device state for a connection hand-over (the NVMe
+    # controller's own state moves by TP4159 Migration Receive / Send).
+    def export_device_state(self) -> dict[str, object]:
+        return {"pci_function": self.save_state().to_dict()}
+
+    def import_device_state(self, state: dict[str, object]) -> None:
+        saved = state.get("pci_function")
+        if not isinstance(saved, dict):
+            raise ValueError("no PCI function state")
+        self.load_state(PciFunctionState.from_dict(saved))
 
     def load_state(self, state: PciFunctionState) -> None:
         """Restore a saved function; ValueError if it is not this kind of function."""

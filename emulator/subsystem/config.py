@@ -3,6 +3,7 @@
 Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
 
     state_dir: ./state        # relative to the YAML file's directory
+    control_socket: control.sock  # JSON-RPC control socket, relative to state_dir (mode 0600)
     subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1",
                 capacity: 4GiB,       # TNVMCAP; default: the namespaces' total size
                 max_namespaces: 16}   # NN and MNAN; default: the largest nsid
@@ -14,6 +15,8 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
                               # 2^63-1 and 2^33 TLBAAG granules (a 1 GiB bitmap)
         lba_size: 512         # 512 or 4096
         tlbaag: 8             # power of two; default 4 KiB / lba_size
+        shared_storage: false # true: the file is shared with the migration peer (no user data
+                              # in a vfio-user migration stream)
     controllers:
       - cntlid: 1             # 1..0xFFEF, unique
         socket: ctrl1.sock    # relative to state_dir; default ctrl<cntlid>.sock
@@ -96,6 +99,7 @@ class NamespaceConfig:
     size: int  # bytes
     lba_size: int
     tlbaag: int  # Tracked LBA Allocation Granularity, in LBAs
+    shared_storage: bool = False  # vfio-user migration v2 streams no user data
 
     @property
     def nlbas(self) -> int:
@@ -125,6 +129,11 @@ class SubsystemConfig:
     subsystem: SubsystemInfo
     namespaces: tuple[NamespaceConfig, ...]
     controllers: tuple[ControllerConfig, ...]
+    control_socket: Path | None = None  # None: <state_dir>/control.sock
+
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
 
     def namespace(self, nsid: int) -> NamespaceConfig:
         for ns in self.namespaces:
@@ -142,13 +151,15 @@ class SubsystemConfig:
         """Plain data (absolute paths, sizes in bytes); ``parse_config`` reads it back."""
         return {
             "state_dir": str(self.state_dir),
+            "control_socket": str(self.control_path),
             "subsystem": {"nqn": self.subsystem.nqn, "serial": self.subsystem.serial,
                           "model": self.subsystem.model, "firmware": self.subsystem.firmware,
                           **({"capacity": self.subsystem.capacity} if self.subsystem.capacity else {}),
                           **({"max_namespaces": self.subsystem.max_namespaces}
                              if self.subsystem.max_namespaces else {})},
             "namespaces": [{"nsid": ns.nsid, "file": str(ns.file), "size": ns.size,
-                            "lba_size": ns.lba_size, "tlbaag": ns.tlbaag} for ns in self.namespaces],
+                            "lba_size": ns.lba_size, "tlbaag": ns.tlbaag, "shared_storage": ns.shared_storage}
+                           for ns in self.namespaces],
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
                              "namespaces": list(c.namespaces), "max_io_queues": c.max_io_queues,
                              "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors,
@@ -199,7 +210,7 @@ def load_config(path: str | os.PathLike[str]) -> SubsystemConfig:
 def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig:
     """Validate already-parsed YAML; ``base_dir`` anchors a relative ``state_dir``."""
     top = _mapping(data, "(top level)")
-    _check_keys(top, "", ("state_dir", "subsystem", "namespaces", "controllers"))
+    _check_keys(top, "", ("state_dir", "control_socket", "subsystem", "namespaces", "controllers"))
     if "state_dir" in top:
         state_dir = _path(top["state_dir"], "state_dir", Path(base_dir).absolute(), contained=False)
     else:
@@ -233,7 +244,11 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
     if subsystem.max_namespaces and subsystem.max_namespaces < top_nsid:
         raise ConfigError("subsystem.max_namespaces", f"{subsystem.max_namespaces} is less than "
                           f"nsid {top_nsid}")
-    return SubsystemConfig(state_dir, subsystem, tuple(namespaces), tuple(controllers))
+    control = _path(top.get("control_socket", "control.sock"), "control_socket", state_dir)
+    if len(os.fsencode(control)) > UNIX_PATH_MAX:
+        raise ConfigError("control_socket", f"{control} is too long for a unix socket")
+    _unique(control, [c.socket for c in controllers], "control_socket")
+    return SubsystemConfig(state_dir, subsystem, tuple(namespaces), tuple(controllers), control)
 
 
 # -- sections ---------------------------------------------------------------------
@@ -257,7 +272,7 @@ def _subsystem(value: Any, path: str) -> SubsystemInfo:
 
 def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     m = _mapping(value, path)
-    _check_keys(m, path, ("nsid", "file", "size", "lba_size", "tlbaag"))
+    _check_keys(m, path, ("nsid", "file", "size", "lba_size", "tlbaag", "shared_storage"))
     nsid = _int(_required(m, "nsid", path), f"{path}.nsid", 1, NSID_MAX)
     file = _path(m.get("file", f"ns{nsid}.img"), f"{path}.file", state_dir)
     lba_size = _int(m.get("lba_size", 512), f"{path}.lba_size", 1, 1 << 32)
@@ -277,7 +292,10 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     if (granules + 63) // 64 * 8 > BITMAP_MAX:
         raise ConfigError(f"{path}.size", f"{size} bytes at tlbaag {tlbaag} needs {granules} allocation granules, "
                           f"more than {BITMAP_MAX * 8} (a {BITMAP_MAX >> 20} MiB bitmap): raise tlbaag")
-    return NamespaceConfig(nsid, file, size, lba_size, tlbaag)
+    shared = m.get("shared_storage", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{path}.shared_storage", f"must be true or false, not {shared!r}")
+    return NamespaceConfig(nsid, file, size, lba_size, tlbaag, shared)
 
 
 def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) -> ControllerConfig:

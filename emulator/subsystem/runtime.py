@@ -14,14 +14,17 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from emulator.control import ControlServer
 from emulator.nvme.controller import Controller, ControllerConfig
 from emulator.nvme.namespace import Namespace, NamespaceConfig
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
 from emulator.subsystem import nsstore
 from emulator.subsystem.config import SubsystemConfig
+from emulator.subsystem.devmig import NvmeDeviceMigration
 from emulator.subsystem.subsystem import Subsystem
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
+from emulator.vfio_user.migration import MigrationFeatures
 from emulator.vfio_user.server import VfioUserServer
 
 log = logging.getLogger("nvme-emu")
@@ -61,6 +64,10 @@ class Runtime:
                                  doorbell_buffer=cc.doorbell_buffer),
                 self.subsystem, irq=fn, scheduler=loop)
             fn.bind(ctrl)
+            # vfio-user migration v2 (DEVICE_FEATURE 16): the session finds it on the backend
+            if not cc.is_mmc:
+                shared = all(self.config.namespace(n).shared_storage for n in cc.namespaces) and bool(cc.namespaces)
+                fn.mig_features = MigrationFeatures(NvmeDeviceMigration(fn, ctrl, shared_storage=shared))
             self.subsystem.controllers[cc.cntlid] = ctrl
             self.functions[cc.cntlid] = fn
             Path(cc.socket).parent.mkdir(parents=True, exist_ok=True)
@@ -71,9 +78,15 @@ class Runtime:
             if cntlid in self.subsystem.controllers:
                 self.subsystem.attachments[cntlid] = {n for n in nsids if n in self.subsystem.namespaces}
         self.subsystem.on_change = nsstore.save
+        self.log = log
+        self.control = ControlServer(config.control_path, loop)
+        from emulator.subsystem.handover import Handover
+        Handover(self).register(self.control)
 
     def start(self) -> list[str]:
-        """Listen on every controller socket; returns the socket paths."""
+        """Listen on the control socket and every controller socket; returns the
+        controller socket paths."""
+        self.control.start()
         paths = []
         for cntlid, server in self.servers.items():
             server.start()
@@ -81,6 +94,7 @@ class Runtime:
         return paths
 
     def close(self) -> None:
+        self.control.close()
         for server in self.servers.values():
             try:
                 server.close()

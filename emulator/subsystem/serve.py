@@ -59,8 +59,16 @@ def run(args: argparse.Namespace) -> int:
     # Handlers first: a SIGTERM right after the "listening on" lines must still flush.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, loop.stop)
-    for path in runtime.start():
+    try:
+        paths = runtime.start()
+    except OSError as e:
+        print(f"nvme-emu: cannot start: {e}", file=sys.stderr)
+        runtime.close()
+        loop.close()
+        return 1
+    for path in paths:
         print(f"listening on {path}", flush=True)
+    print(f"control socket {runtime.control.path}", flush=True)
     try:
         loop.run_forever()
     finally:

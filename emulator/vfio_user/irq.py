@@ -261,6 +261,22 @@ class IrqTable:
             out += [(index, sub, p.IRQ_SET_ACTION_UNMASK, fd) for sub, fd in line.unmask_fd.items()]
         return out
 
+    def mask_state(self) -> list[tuple[int, int, bool, bool]]:
+        """(index, sub-index, masked, pending) of every masked or pending line."""
+        return [(index, sub, line.masked[sub], line.pending[sub])
+                for index, line in enumerate(self._indexes) for sub in range(line.count)
+                if line.masked[sub] or line.pending[sub]]
+
+    def restore_masks(self, rows: Sequence[tuple[int, int, bool, bool]]) -> None:
+        """Set masks and pending bits saved by :meth:`mask_state` (a connection hand-over)."""
+        for index, sub, masked, pending in rows:
+            line = self._indexes[index]
+            if not 0 <= sub < line.count:
+                raise MessageError(f"irq {index}.{sub} outside the index")
+            line.masked[sub], line.pending[sub] = bool(masked), bool(pending)
+            if self._on_change is not None:
+                self._on_change(index)
+
     def close(self) -> None:
         """Close every fd (the client went away)."""
         for line in self._indexes:

@@ -529,25 +529,46 @@ class DeviceFeatureReply(_DeviceFeature):
 
 @dataclass(slots=True)
 class MigDataReadRequest(_Fixed):
+    """``argsz`` is the room for the reply: 8 + ``size`` (0: that), which libvfio-user requires."""
+
     COMMAND = Command.MIG_DATA_READ
     LAYOUT = p.MIG_DATA
     FIELDS = ("argsz", "size")
     size: int
-    argsz: int = p.MIG_DATA.size
+    argsz: int = 0
+
+    def parts(self) -> tuple[Buffer, ...]:
+        return (p.MIG_DATA.pack(self.argsz or p.MIG_DATA.size + self.size, self.size),)
 
 
 @dataclass(slots=True)
 class _MigData(_Counted):
+    """argsz, size, data; ``argsz`` 0 encodes as 8 + size (libvfio-user wants exactly that)."""
+
     LAYOUT = p.MIG_DATA
     FIELDS = ("argsz",)
     data: bytes
-    argsz: int = p.MIG_DATA.size
+    argsz: int = 0
+
+    def parts(self) -> tuple[Buffer, ...]:
+        return (p.MIG_DATA.pack(self.argsz or p.MIG_DATA.size + len(self.data), len(self.data)), self.data)
 
 
 @dataclass(slots=True)
 class MigDataReadReply(_MigData):
+    """A reply may carry more bytes than ``size`` (libvfio-user pads the last, short
+    reply to the requested length): ``size`` is the length of the data."""
+
     COMMAND = Command.MIG_DATA_READ
     IS_REPLY = True
+
+    @classmethod
+    def decode(cls, payload: memoryview, fds: list[int]) -> Self:
+        kw, values = cls._fields(payload, exact=False)
+        data = payload[p.MIG_DATA.size:]
+        if values[-1] > len(data):
+            raise MessageError(f"MIG_DATA_READ reply: size {values[-1]} but {len(data)} data bytes")
+        return cls(**kw, data=bytes(data[:values[-1]]))
 
 
 @dataclass(slots=True)

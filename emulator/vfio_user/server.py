@@ -29,6 +29,7 @@ import os
 import socket
 import stat
 from collections import deque
+from typing import Any
 
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.backend import DeviceBackend
@@ -43,7 +44,7 @@ MAX_WAITING = 4  # connections waiting for the attached client to leave
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "conn", "session", "out", "timer")
+    __slots__ = ("sock", "fd", "conn", "session", "out", "timer", "reading")
 
     def __init__(self, sock: socket.socket, conn: Connection, session: Session) -> None:
         self.sock = sock
@@ -52,6 +53,7 @@ class _Client:
         self.session = session
         self.out: deque[tuple[memoryview, list[int]]] = deque()  # unsent output, fds with its first byte
         self.timer: asyncio.TimerHandle | None = None  # the handshake deadline
+        self.reading = True  # False while paused for a hand-over (messages wait in the socket)
 
 
 class VfioUserServer:
@@ -195,10 +197,16 @@ class VfioUserServer:
         if self._client is c and not c.session.negotiated:
             self._drop(c, p.FatalProtocolError(f"no VERSION within {self.handshake_timeout:g} s"))
 
-    def _serve(self, sock: socket.socket, state: HandoverState | None) -> None:
+    def _serve(self, sock: socket.socket, state: HandoverState | None, reading: bool = True,
+               device_state: dict[str, Any] | None = None) -> None:
         sock.setblocking(False)
         session = None
         try:
+            if device_state:
+                load = getattr(self.backend, "import_device_state", None)
+                if load is None:
+                    raise ValueError("this device backend takes no device state")
+                load(device_state)
             session = Session(self.backend, self.log, watch=self.loop.add_reader, unwatch=self.loop.remove_reader,
                               max_msg_fds=self.max_msg_fds, max_data_xfer_size=self.max_data_xfer_size,
                               visible_writes=self.visible_writes, notify=self._schedule_requests)
@@ -220,8 +228,10 @@ class VfioUserServer:
         self._client = client
         if state is None:
             client.timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired, client)
-        self.loop.add_reader(client.fd, self._on_readable)
-        self.log.info("vfio-user client connected")
+        client.reading = reading
+        if reading:
+            self.loop.add_reader(client.fd, self._on_readable)
+        self.log.info("vfio-user client connected%s", "" if state is None else " (handed over)")
 
     # -- the receive path ------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -289,6 +299,7 @@ class VfioUserServer:
         c = self._client
         if c is None:
             return
+        assert c.reading
         try:
             while c.out:
                 data, fds = c.out[0]
@@ -382,10 +393,71 @@ class VfioUserServer:
         self.log.info("vfio-user client detached for hand-over")
         return c.sock, state
 
-    def adopt_connection(self, sock: socket.socket, state: HandoverState) -> None:
-        """Serve a live, negotiated connection detached elsewhere (consumes ``state``'s fds)."""
+    def adopt_connection(self, sock: socket.socket, state: HandoverState, *, reading: bool = True,
+                         device_state: dict[str, Any] | None = None) -> None:
+        """Serve a live, negotiated connection detached elsewhere (consumes ``state``'s fds).
+
+        ``device_state`` (from the other server's :meth:`export_connection`)
+        is loaded into the backend first.  With ``reading=False`` the session
+        is set up (DMA maps, interrupt fds) but the socket is not read until
+        :meth:`start_reading`; :meth:`disconnect` then discards it.
+        """
         if self._client is not None:
             state.close()
+            sock.close()
             raise RuntimeError("a client is already connected")
         self._accept(False)
-        self._serve(sock, state)
+        self._serve(sock, state, reading, device_state)
+
+    # -- hand-over in steps: pause, export, (the new owner adopts), release ----------------
+    def pause(self) -> None:
+        """Stop reading the client at a message boundary (later messages wait in the socket).
+
+        RuntimeError when no client is connected, a message is half read, a
+        reply half sent, or DMA_WRITE requests await their replies (call again
+        later).
+        """
+        c = self._client
+        if c is None:
+            raise RuntimeError("no client connected")
+        if not c.reading:
+            return
+        if not c.conn.at_message_boundary or c.out or c.session.requests_pending:
+            raise RuntimeError("not at a message boundary")  # (or DMA_WRITEs await replies)
+        c.reading = False
+        self.loop.remove_reader(c.fd)
+        self.log.info("vfio-user client paused for hand-over")
+
+    def start_reading(self) -> None:
+        """Undo :meth:`pause` (or start an adopted connection): read the socket again."""
+        c = self._client
+        if c is None:
+            raise RuntimeError("no client connected")
+        if not c.reading:
+            c.reading = True
+            self.loop.add_reader(c.fd, self._on_readable)
+            self.loop.call_soon(self._on_readable)  # messages may already wait
+
+    @property
+    def paused(self) -> bool:
+        return self._client is not None and not self._client.reading
+
+    def export_connection(self) -> tuple[int, HandoverState, dict[str, Any]]:
+        """For a paused client: a dup of its socket fd, its session (fds dup'ed) and the
+        backend's opaque device state.  The client stays here, paused, until :meth:`release`."""
+        c = self._client
+        if c is None or c.reading:
+            raise RuntimeError("the client is not paused")
+        export = getattr(self.backend, "export_device_state", None)
+        device = export() if export is not None else {}
+        state = c.session.export()
+        return os.dup(c.fd), state, device
+
+    def release(self) -> None:
+        """Forget a paused client for good (its new owner serves it); accept new clients."""
+        c = self._client
+        if c is None or c.reading:
+            raise RuntimeError("the client is not paused")
+        self._release(c)
+        c.sock.close()
+        self.log.info("vfio-user client released after hand-over")

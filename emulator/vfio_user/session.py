@@ -10,7 +10,9 @@ a bare header with the errno):
 * a DMA_MAP overlapping an existing map: EEXIST; more than ``max_dma_maps``
   maps (announced in the VERSION reply, default 1024): ENOSPC; an fd that
   cannot be mapped: the mmap errno;
-* DEVICE_FEATURE: ENOTTY (kernel-VFIO "feature not supported");
+* DEVICE_FEATURE: the kernel VFIO uAPI's errnos (migration.py): ENOTTY for
+  a feature the device lacks, EINVAL for bad flags or an invalid arc;
+* DMA_UNMAP of a range that matches no map: ENOENT (as libvfio-user);
 * dirty-page bitmaps, DIRTY_PAGES, GET_REGION_IO_FDS: ENOTSUP (from the codec);
 * the backend raising ValueError: EINVAL; any other exception: logged, EIO.
 
@@ -32,6 +34,7 @@ from emulator.vfio_user.backend import DeviceBackend, IrqInfo, RegionInfo
 from emulator.vfio_user.codec import InvalidMessage, close_fds
 from emulator.vfio_user.dmawrite import Mode, VisibleWrites
 from emulator.vfio_user.irq import IrqTable, Unwatch, Watch
+from emulator.vfio_user.migration import MigrationFeatures
 from emulator.vfio_user.protocol import MessageError
 
 
@@ -40,7 +43,8 @@ class HandoverState:
     """What a new owner of a live connection needs besides the socket (all but fds is JSON-able).
 
     ``dma_maps`` rows are (iova, size, offset, flags, index into ``dma_fds`` or -1);
-    ``irq_fds`` rows are (irq index, sub-index, SET_IRQS action, fd).  The fds
+    ``irq_fds`` rows are (irq index, sub-index, SET_IRQS action, fd);
+    ``irq_masks`` rows are (irq index, sub-index, masked, pending).  The fds
     belong to this object until :meth:`Session.restore` consumes them.
     """
 
@@ -48,6 +52,31 @@ class HandoverState:
     dma_maps: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     dma_fds: list[int] = field(default_factory=list)
     irq_fds: list[tuple[int, int, int, int]] = field(default_factory=list)
+    irq_masks: list[tuple[int, int, bool, bool]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the fds; ``fds()`` lists those in the order ``from_dict`` expects."""
+        return {"client_caps": self.client_caps, "dma_maps": [list(r) for r in self.dma_maps],
+                "ndma_fds": len(self.dma_fds), "irq_fds": [list(r[:3]) for r in self.irq_fds],
+                "irq_masks": [list(r) for r in self.irq_masks]}
+
+    def fds(self) -> list[int]:
+        return self.dma_fds + [row[3] for row in self.irq_fds]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], fds: list[int]) -> "HandoverState":
+        """Inverse of to_dict with the fds received; ValueError (fds closed) if they do not match."""
+        try:
+            ndma, irqs = int(d["ndma_fds"]), d["irq_fds"]
+            if len(fds) != ndma + len(irqs):
+                raise ValueError(f"{len(fds)} fds for {ndma} DMA and {len(irqs)} irq fds")
+            return cls(dict(d["client_caps"]),
+                       [(int(a), int(b), int(c), int(e), int(f)) for a, b, c, e, f in d["dma_maps"]],
+                       fds[:ndma], [(int(i), int(s), int(a), fd) for (i, s, a), fd in zip(irqs, fds[ndma:])],
+                       [(int(i), int(s), bool(m), bool(p)) for i, s, m, p in d.get("irq_masks", [])])
+        except (KeyError, TypeError, ValueError) as e:
+            close_fds(fds)
+            raise ValueError(f"malformed session hand-over state: {e}") from e
 
     def close(self) -> None:
         close_fds(self.dma_fds + [row[3] for row in self.irq_fds])
@@ -110,6 +139,8 @@ class Session:
         self._client_fds = 1  # fds the client takes per message (spec default)
         self._maps: dict[int, _DmaMap] = {}  # iova -> map
         self._files: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [one open fd, maps using it]
+        # Migration v2: the backend's DeviceMigration, if it has one; its state lives there.
+        self.migration = getattr(backend, "mig_features", None) or MigrationFeatures(None)
         self._handlers: dict[type[m.Message], Callable[[Any], m.Message | None]] = {
             m.VersionRequest: self._version, m.DmaMapRequest: self._dma_map,
             m.DmaUnmapRequest: self._dma_unmap, m.DeviceInfoRequest: self._device_info,
@@ -163,6 +194,10 @@ class Session:
         self._files.clear()
         self.irqs.close()
         try:
+            self.migration.client_gone()
+        except Exception:
+            self.log.exception("stopping DMA logging failed")
+        try:
             self.backend.detach()
         except Exception:
             self.log.exception("backend detach failed")
@@ -174,7 +209,12 @@ class Session:
         state.dma_maps = [(iova, r.size, r.offset, r.flags, files.index(r.file) if r.file else -1)
                           for iova, r in self._maps.items()]
         state.irq_fds = [(i, sub, action, os.dup(fd)) for i, sub, action, fd in self.irqs.assignments()]
+        state.irq_masks = self.irqs.mask_state()
         return state
+
+    def dma_maps(self) -> list[tuple[int, int]]:
+        """(iova, size) of every DMA map, ascending."""
+        return sorted((iova, r.size) for iova, r in self._maps.items())
 
     def restore(self, state: HandoverState) -> None:
         """Take over a negotiated connection's maps and interrupt fds; consumes ``state``'s fds."""
@@ -185,6 +225,7 @@ class Session:
                 self._dma_map(m.DmaMapRequest(iova, size, flags, offset, fd))
             for index, sub, action, fd in state.irq_fds:
                 self.irqs.set_irqs(p.IRQ_SET_DATA_EVENTFD | action, index, sub, 1, [os.dup(fd)])
+            self.irqs.restore_masks(state.irq_masks)
         finally:
             state.close()
 
@@ -245,10 +286,14 @@ class Session:
         if msg.major != 0:
             raise MessageError(f"client protocol version {msg.major}.{msg.minor}; this server speaks 0.0")
         self._accept_version(msg.capabilities)
-        caps: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size,
-                                "pgsizes": p.PGSIZE, "max_dma_maps": self.max_dma_maps}
-        if msg.capabilities.get("write_multiple") is True:
-            caps["write_multiple"] = True
+        ours: dict[str, Any] = {"max_msg_fds": self.max_msg_fds, "max_data_xfer_size": self.max_data_xfer_size,
+                                "pgsizes": p.PGSIZE, "max_dma_maps": self.max_dma_maps, "write_multiple": True}
+        # The reply's capabilities are a subset of the proposal's (protocol 0.9.2, VERSION).
+        caps = {k: v for k, v in ours.items() if k in msg.capabilities}
+        if msg.capabilities.get("write_multiple") is not True:
+            caps.pop("write_multiple", None)
+        if self.migration.device is not None and isinstance(msg.capabilities.get("migration"), dict):
+            caps["migration"] = {"pgsize": p.PGSIZE}  # the device migrates (DEVICE_FEATURE 16)
         return m.VersionReply(0, 0, caps)
 
     def _accept_version(self, caps: dict[str, Any]) -> None:
@@ -349,8 +394,8 @@ class Session:
                 self._unmap(iova)
         elif self.memory.remove(msg.iova, msg.size):
             self._unmap_range(msg.iova, msg.iova + msg.size)
-        else:
-            self.log.info("DMA_UNMAP of unmapped 0x%x+0x%x ignored", msg.iova, msg.size)
+        else:  # it must match a previous map (protocol 0.9.2, DMA_UNMAP)
+            raise MessageError(f"DMA_UNMAP of 0x{msg.iova:x}+0x{msg.size:x}: no such map", errno.ENOENT)
         return m.DmaUnmapReply(msg.iova, msg.size, msg.flags, msg.argsz)
 
     def _device_info(self, msg: m.DeviceInfoRequest) -> m.Message:
@@ -398,11 +443,21 @@ class Session:
         return m.RegionWriteMultiReply(len(msg.writes))
 
     def _reset(self, msg: m.DeviceResetRequest) -> m.Message:
+        self.migration.reset()
         self.backend.reset()
         return m.DeviceResetReply()
 
     def _device_feature(self, msg: m.DeviceFeatureRequest) -> m.Message:
-        raise MessageError(f"device feature {msg.flags & p.DEVICE_FEATURE_MASK} is not supported", errno.ENOTTY)
+        self.log.info("DEVICE_FEATURE %d: feature %d, flags 0x%x, argsz %d", msg.msg_id,
+                      msg.flags & p.DEVICE_FEATURE_MASK, msg.flags >> 16, msg.argsz)
+        argsz, flags, data = self.migration.feature(msg.argsz, msg.flags, msg.data)
+        return m.DeviceFeatureReply(flags, data, argsz)
 
     def _mig_data(self, msg: m.Message) -> m.Message:
-        raise MessageError("the device is not in a migration state")
+        if isinstance(msg, m.MigDataReadRequest):
+            if msg.size > self.max_data_xfer_size:
+                raise MessageError(f"MIG_DATA_READ of {msg.size} bytes")
+            return m.MigDataReadReply(self.migration.read(msg.size))
+        assert isinstance(msg, m.MigDataWriteRequest)
+        self.migration.write(msg.data)
+        return m.MigDataWriteReply()

@@ -101,7 +101,7 @@ def test_guest_without_done_marker_is_a_failure(boot_guest) -> None:
 
 def test_scenarios_print_copy_pasteable_command_lines(guest_env: GuestEnv, guest_workdir: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("single-disk", "mmc-and-migratable", "two-instances"):
+    for name in ("single-disk", "mmc-and-migratable", "two-instances", "live-migration"):
         ap = argparse.ArgumentParser()
         scenario.add_arguments(ap)
         args = ap.parse_args([str(REPO / "qemu-configs" / f"{name}.yaml"), "--workdir",

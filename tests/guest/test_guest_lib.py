@@ -182,3 +182,11 @@ def test_two_namespaces_scenario_resolves(tmp_path: Path) -> None:
     cfg = parse_config(sc.emulators[0].config, tmp_path)
     assert [ns.nsid for ns in cfg.namespaces] == [1, 2] and cfg.controllers[0].namespaces == (1, 2)
     assert (cfg.subsystem.capacity, cfg.subsystem.max_namespaces) == (1 << 30, 8)
+def test_the_live_migration_scenario_resolves(tmp_path: Path) -> None:
+    sc = load_scenario(REPO / "qemu-configs/live-migration.yaml", tmp_path / "l")
+    assert sc.migrate == ["a", "b", "a", "b"] and [e.name for e in sc.emulators] == ["a", "b"]
+    init = sc.guests[0].spec.init
+    assert "fio --name=lm" in init and "--verify=crc32c" in init and "STOPFIO1" in init
+    for e in sc.emulators:  # each MMC reaches namespace 1 (the MMH copies through it)
+        assert [c["namespaces"] for c in e.config["controllers"] if c["type"] == "mmc"] == [[1]]
+    assert sc.emulators[0].state_dir / "ns1.img" != sc.emulators[1].state_dir / "ns1.img"

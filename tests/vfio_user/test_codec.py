@@ -82,8 +82,8 @@ def pairs(fds: list[int]) -> list[tuple[m.Message, m.Message]]:
          m.RegionWriteMultiReply(2)),
         (m.DeviceResetRequest(), m.DeviceResetReply()),
         (m.DeviceFeatureRequest(p.DEVICE_FEATURE_GET | 1, b"", 16), m.DeviceFeatureReply(1, b"\x01" + bytes(7), 16)),
-        (m.MigDataReadRequest(4096), m.MigDataReadReply(b"state")),
-        (m.MigDataWriteRequest(b"state"), m.MigDataWriteReply()),
+        (m.MigDataReadRequest(4096, argsz=8 + 4096), m.MigDataReadReply(b"state", argsz=8 + 5)),
+        (m.MigDataWriteRequest(b"state", argsz=8 + 5), m.MigDataWriteReply()),
         (m.DmaReadRequest(0x1000, 8), m.DmaReadReply(0x1000, b"12345678")),
         (m.DmaWriteRequest(0x2000, b"abc"), m.DmaWriteReply(0x2000, 3)),
     ]

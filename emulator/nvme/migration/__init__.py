@@ -54,10 +54,20 @@ def _on_reset(ctrl: "Controller") -> None:
     ts.suspended_at = []
 
 
+def _host_gone(ctrl: "Controller") -> None:
+    """An MMC whose host goes away (its memory is detached: the vfio-user client
+    disconnected or died) gets a function reset, so the CDQs, logging and memory
+    tracking it ran stop and the controllers it suspended resume
+    (docs/live-migration.md, "When the MMH dies")."""
+    if ctrl.config.is_mmc and ctrl.memory is None and ctrl.ready:
+        ctrl.function_reset()
+
+
 def _install(ctrl: "Controller") -> None:
     ctrl.observers.on_write.append(udlog.on_write)
     ctrl.observers.on_reset.append(_on_reset)
     ctrl.observers.on_memory.append(memtrack.on_memory)
+    ctrl.observers.on_memory.append(_host_gone)
 
 
 CONTROLLER_HOOKS.append(_install)

@@ -118,21 +118,15 @@ def _nvme_part(state: ControllerState) -> bytes:
 
 
 def _vendor_part(target: "Controller", snap: ControllerState) -> bytes:
-    state = snap.to_dict()
-    for key in _LOCAL_KEYS:
-        state["vendor"].pop(key, None)
     # Clocks as of the suspend when suspended (the pieces of one state agree).
     now, wall = target_state(target).suspended_at or [time.monotonic(), time.time()]
-    ts = state["vendor"].pop("timestamp", None)  # [ms, monotonic origin] (features.py)
-    doc = {
-        "state": state,
-        "stats": dict(target.stats),
-        "intx_pending": target._intx_pending,
-        "uptime_ms": int((now - target.started) * 1000),
-        # Timestamp feature: the value then, and the wall clock to catch up with.
-        "timestamp_ms": None if ts is None else int(ts[0] + (now - ts[1]) * 1000),
-        "wall_clock": wall,
-    }
+    doc = target.export_state(now, snap)
+    for key in _LOCAL_KEYS:
+        doc["state"]["vendor"].pop(key, None)
+    ts = doc["state"]["vendor"].pop("timestamp", None)  # [ms, monotonic origin] (features.py)
+    # Timestamp feature: the value then, and the wall clock to catch up with.
+    doc["timestamp_ms"] = None if ts is None else int(ts[0] + (now - ts[1]) * 1000)
+    doc["wall_clock"] = wall
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 4)
     head = wire.VENDOR_STATE_HEADER.pack(wire.VENDOR_STATE_MAGIC, wire.VENDOR_STATE_FORMAT, 0,
@@ -271,10 +265,7 @@ def commit(target: "Controller", p: ParsedState) -> None:
             behind = max(0.0, time.time() - doc.get("wall_clock", time.time()))
             state.vendor["timestamp"] = [doc["timestamp_ms"], now - behind]
         forget(target)
-        target.restore(state)
-        target.stats.update(doc.get("stats", {}))
-        target._intx_pending = int(doc.get("intx_pending", 0))
-        target.started = now - doc.get("uptime_ms", 0) / 1000
+        target.import_state({**doc, "state": state})
         return
     forget(target)
     for cq in p.cqs:

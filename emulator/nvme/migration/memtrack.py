@@ -193,17 +193,84 @@ def note_write(target: "Controller", addr: int, length: int) -> None:
     end = addr + length
     for m in mmcs(target):
         t = mmc_state(m).tracks.get(target.cntlid)
-        if t is None:
-            continue
+        if t is not None:
+            _mark(t, addr, end)
+    t = _DMA_LOGS.get(target)
+    if t is not None:
+        _mark(t, addr, end)
+
+
+def _mark(t: MemTrackState, addr: int, end: int) -> None:
+    bits = np.frombuffer(t.dirty, dtype=np.uint8)
+    base = 0
+    for saddr, n in t.ranges:
+        rend = saddr + (n << t.gshift)
+        if addr < rend and end > saddr:
+            lo = (max(addr, saddr) - saddr) >> t.gshift
+            hi = ((min(end, rend) - saddr - 1) >> t.gshift) + 1
+            bits[base + lo:base + hi] = 1
+        base += n
+
+
+# ------------------------------------------------------------------ DMA logging front end
+# The vfio-user VMM's dirty page logging (VFIO DMA_LOGGING_START/STOP/REPORT)
+# is the same mechanism: one MemTrackState per controller, fed by the same
+# write observer; only the front end differs (IOVA ranges and bitmaps
+# instead of Track Send/Receive descriptors).
+_DMA_LOGS: "weakref.WeakKeyDictionary[Controller, MemTrackState]" = weakref.WeakKeyDictionary()
+
+
+def dma_log_start(target: "Controller", page_size: int, ranges: list[tuple[int, int]]) -> int:
+    """Log the target's DMA writes into ``ranges`` (IOVA, length in bytes); returns the page
+    size used: ``page_size`` clamped to the granularities Track Memory Changes supports
+    (MINMRTG..MAXMRTG), coarser (up to MAXMRTG) if the ranges would need more than
+    MAX_GRANULES; ValueError if even that is not enough."""
+    gshift = min(max(page_size.bit_length() - 1, wire.GRANULE_BASE_SHIFT + MINMRTG),
+                 wire.GRANULE_BASE_SHIFT + MAXMRTG)
+
+    def descriptors(g: int) -> list[list[int]]:
+        return [[iova >> g << g, ((iova + length - 1) >> g) - (iova >> g) + 1] for iova, length in ranges]
+    while sum(n for _, n in descriptors(gshift)) > MAX_GRANULES:
+        gshift += 1
+        if gshift > wire.GRANULE_BASE_SHIFT + MAXMRTG:
+            raise ValueError(f"{len(ranges)} ranges need more than {MAX_GRANULES} granules of the largest size")
+    rs = descriptors(gshift)
+    _DMA_LOGS[target] = MemTrackState(cntlid=target.cntlid, gshift=gshift, ranges=rs,
+                                      dirty=bytearray(sum(n for _, n in rs)))
+    _sync_observer(target)
+    return 1 << gshift
+
+
+def dma_log_stop(target: "Controller") -> None:
+    _DMA_LOGS.pop(target, None)
+    _sync_observer(target)
+
+
+def dma_log_report(target: "Controller", iova: int, length: int, page_size: int) -> bytes:
+    """Bitmap of the pages of [iova, iova+length) the target wrote since the last
+    report (bit n = page iova + n * page_size, u64 words, little-endian); the
+    granules reported are cleared."""
+    t = _DMA_LOGS.get(target)
+    npages = -(-length // page_size)
+    edges = np.zeros(npages + 1, dtype=np.int32)
+    if t is not None:
         bits = np.frombuffer(t.dirty, dtype=np.uint8)
+        g = 1 << t.gshift
         base = 0
         for saddr, n in t.ranges:
-            rend = saddr + (n << t.gshift)
-            if addr < rend and end > saddr:
-                lo = (max(addr, saddr) - saddr) >> t.gshift
-                hi = ((min(end, rend) - saddr - 1) >> t.gshift) + 1
-                bits[base + lo:base + hi] = 1
+            seg = bits[base:base + n]
+            idx = np.flatnonzero(seg)
+            if idx.size:
+                lo_addr = np.maximum(saddr + (idx.astype(np.int64) << t.gshift), iova)
+                hi_addr = np.minimum(saddr + (idx.astype(np.int64) << t.gshift) + g, iova + length)
+                keep = hi_addr > lo_addr
+                np.add.at(edges, (lo_addr[keep] - iova) // page_size, 1)
+                np.add.at(edges, (hi_addr[keep] - 1 - iova) // page_size + 1, -1)
+                seg[idx[keep]] = 0  # read-and-clear
             base += n
+    pages = np.cumsum(edges[:-1]) > 0
+    out = np.packbits(pages, bitorder="little").tobytes()
+    return out + bytes(-len(out) % 8)
 
 
 # One observer per controller (runtime only, like the memory map it sits on).
@@ -212,7 +279,7 @@ _OBSERVERS: "weakref.WeakKeyDictionary[Controller, Callable[[int, int], None]]" 
 
 
 def tracked(target: "Controller") -> bool:
-    return any(target.cntlid in mmc_state(m).tracks for m in mmcs(target))
+    return target in _DMA_LOGS or any(target.cntlid in mmc_state(m).tracks for m in mmcs(target))
 
 
 def _observer(target: "Controller") -> Callable[[int, int], None]:

@@ -108,6 +108,13 @@ class TargetState:
     # Clocks read at the suspend (monotonic, wall): a suspended controller's
     # state does not change, so successive Get Controller State pieces agree.
     suspended_at: list[float] = field(default_factory=list)
+    # The controller moved to another process (live migration hand-over): it
+    # stays suspended for good and refuses Resume.
+    released: bool = False
+    # Its host connection is paused for a hand-over: a wake (Resume, MMC reset) waits
+    # until the hand-over is undone (wake_pending) or becomes a release.
+    held: bool = False
+    wake_pending: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TargetState":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from emulator.nvme import offload
 from emulator.nvme.controller import Result
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 log = logging.getLogger("nvme.lm.send")
+
+# Called with the target after every successful Resume (the process hand-over
+# layer commits an adopted connection there).
+RESUMED: list[Callable[["Controller"], None]] = []
 
 
 @mmc_command(AdminOpcode.MIGRATION_SEND)
@@ -74,23 +78,56 @@ def resume(mmc: "Controller", cmd: Command) -> Result:
     target = migratable(mmc, cntlid)
     if not target.state.suspended:
         raise specific(CommandSpecific.CONTROLLER_NOT_SUSPENDED, f"controller {cntlid}")
+    if target_state(target).released:
+        # Its host connection went to another process (docs/live-migration.md).
+        raise generic(Generic.COMMAND_SEQUENCE_ERROR, f"controller {cntlid} was migrated away")
     if cntlid in mmc_state(mmc).sequences:
         # A Set Controller State sequence was opened and not verified/committed.
         raise generic(Generic.COMMAND_SEQUENCE_ERROR, "controller state not committed")
     udlog.on_resume(target)  # the 'first since resume' marker precedes what follows
     wake(target)
     log.info("MMC %d: controller %d resumed", mmc.cntlid, cntlid)
+    for hook in RESUMED:
+        hook(target)
     return 0, 0
 
 
 def wake(target: "Controller") -> None:
     """End the suspended state: fetch what the host queued meanwhile, re-signal CQs."""
+    ts = target_state(target)
+    if ts.released:
+        return  # migrated away: suspended for good
+    if ts.held:
+        ts.wake_pending = True  # its connection is being handed over: decided by hold(False)
+        return
     target.state.suspended = False
     ctrlstate.forget(target)
     ts = target_state(target)
     ts.suspended_by, ts.suspended_at = -1, []
     target.kick()
     target.rearm_interrupts()
+
+
+def hold(target: "Controller", on: bool) -> None:
+    """Hold a suspended controller while its host connection is paused for a hand-over:
+    a wake meanwhile waits; at the end of the hold (hand-over undone) it happens."""
+    ts = target_state(target)
+    ts.held = on
+    if not on and ts.wake_pending:
+        ts.wake_pending = False
+        wake(target)
+
+
+def release(target: "Controller") -> None:
+    """The controller's host connection moved to another process after a live
+    migration: its queues go (as at a Controller Level Reset, so a later Set
+    Controller State can bring it back as a destination), it stays suspended
+    and refuses Resume until a Set Controller State commits a new state."""
+    target.controller_level_reset()
+    target.state.suspended = True
+    ts = target_state(target)
+    ts.released, ts.held, ts.wake_pending = True, False, False
+    log.info("controller %d released after migration", target.cntlid)
 
 
 def set_controller_state(mmc: "Controller", cmd: Command) -> Result:
@@ -142,6 +179,7 @@ def set_controller_state(mmc: "Controller", cmd: Command) -> Result:
         raise
     sequences.pop(cntlid, None)
     ctrlstate.commit(target, parsed)  # verified: create the queues, set the pointers
+    target_state(target).released = False  # a destination again
     if not target.state.suspended:
         target.kick()
     log.info("MMC %d: controller state committed into controller %d (%d I/O SQs)",
