@@ -12,6 +12,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("emulator.mmh.cli", "live-migrate a guest's disk between two nvme-emu processes"),
     "demo": ("emulator.guest.demo", "boot a guest on the embedded default, write, verify, show nvme-cli"),
     "bench": ("emulator.host.loadgen", "drive a serve child over vfio-user, no guest: IOPS, CPU µs per I/O"),
+    "status": ("emulator.subsystem.monitor_cli", "a running emulator's controllers, clients, queues, capacity"),
+    "stats": ("emulator.subsystem.monitor_cli", "a running emulator's command counts, errors, latency"),
+    "rpc": ("emulator.subsystem.monitor_cli", "call one control-socket method, print its JSON result"),
 }
 
 

@@ -11,6 +11,10 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The project's own pytest plugin (also registered through the pytest11 entry point when
+# the package is installed; loading it twice under the same name is a no-op).
+pytest_plugins = ["pytester", "emulator.pytest_plugin"]
+
 # CI runs property tests with a fixed seed (reproducible); local runs explore.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):

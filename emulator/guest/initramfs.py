@@ -387,10 +387,12 @@ def run_archive(init_script: str, extra_files: Mapping[str, FileData] | None = N
 
 
 def build_initramfs(env: GuestEnv, init_script: str, out: Path,
-                    extra_files: Mapping[str, FileData] | None = None) -> Path:
+                    extra_files: Mapping[str, FileData] | None = None,
+                    base: Path | None = None) -> Path:
     """Write ``base + run`` archives to ``out``; ``init_script`` is the full /init text
-    (use :func:`wrap_init` to build one from a body)."""
-    base = base_initramfs(env)
+    (use :func:`wrap_init` to build one from a body).  ``base`` replaces the tool box's
+    base archive (a user's initramfs; it must hold ``/bin/busybox`` for a wrapped /init)."""
+    base = base or base_initramfs(env)
     small = run_archive(init_script, extra_files)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:

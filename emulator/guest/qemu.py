@@ -127,6 +127,8 @@ class GuestSpec:
     append: str = ""
     extra_args: list[str] = field(default_factory=list)
     incoming: str | None = None          # "-incoming URI" (migration destination)
+    kernel: Path | None = None           # instead of the tool box's kernel
+    initramfs: Path | None = None        # instead of the tool box's base archive (/init is appended)
     kernel_boot: bool = True             # False: the firmware boots from a disk (give it bootindex)
     firmware: str = "seabios"            # "seabios" (QEMU's default BIOS) or "ovmf" (UEFI)
 
@@ -180,7 +182,7 @@ def qemu_command(env: GuestEnv, spec: GuestSpec, initrd: Path | str,
     ]
     argv += firmware_args(env, spec, Path(initrd).parent)
     if spec.kernel_boot:
-        argv += ["-kernel", str(env.kernel), "-initrd", str(initrd),
+        argv += ["-kernel", str(spec.kernel or env.kernel), "-initrd", str(initrd),
                  "-append", (DEFAULT_APPEND + " " + spec.append).strip()]
     if qmp_socket is not None:
         _check_socket_path(qmp_socket, "QMP socket")
@@ -309,7 +311,7 @@ class Guest:
             nv.ensure_image()
         if self.spec.kernel_boot:
             init = self.spec.init if self.spec.raw_init else wrap_init(self.spec.init)
-            build_initramfs(self.env, init, self.initrd, self.spec.extra_files)
+            build_initramfs(self.env, init, self.initrd, self.spec.extra_files, base=self.spec.initramfs)
         if self.spec.firmware == "ovmf":
             shutil.copyfile(self.env.file("ovmf_vars"), self.workdir / "ovmf-vars.fd")
         (self.workdir / "qemu.cmd").write_text(format_command(self.command, self.env.qemu_env) + "\n")

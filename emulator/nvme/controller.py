@@ -13,12 +13,14 @@ import dataclasses
 import logging
 import struct
 import time
+from time import perf_counter_ns
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
+from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.sgl import sgl_segments
@@ -125,6 +127,9 @@ class Controller:
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
         subsystem.attachments.setdefault(config.cntlid, set(config.nsids))
+        self.cmd_stats = CommandStats()  # management socket `stats` (not resumable state)
+        self.xfer_bytes = 0  # PRP data bytes mapped by data_segments, for cmd_stats
+        self.cmd_t0 = self.cmd_x0 = 0  # when the executing command started, xfer_bytes then
         from emulator.nvme import commands  # noqa: F401  (registers the handlers)
         from emulator.nvme import dbbuf, features
         self._dbbuf = dbbuf
@@ -393,6 +398,8 @@ class Controller:
         return done, False
 
     def execute(self, cmd: Command) -> None:
+        self.cmd_t0 = t0 = perf_counter_ns()  # for cmd_stats (an offloaded command reads them)
+        self.cmd_x0 = x0 = self.xfer_bytes
         table = ADMIN_HANDLERS if cmd.sqid == 0 else IO_HANDLERS
         handler = table.get(cmd.opc)
         dw0 = dw1 = 0
@@ -412,6 +419,7 @@ class Controller:
         except Exception as e:  # a bug must not take the process down either
             status, dw0, dw1 = self.failure(cmd, e)
         self.complete(cmd.sqid, cmd.cid, status, dw0, dw1)
+        self.cmd_stats.record(cmd.sqid, cmd.opc, status, self.xfer_bytes - x0, perf_counter_ns() - t0)
 
     def failure(self, cmd: Command, e: BaseException) -> tuple[int, int, int]:
         """(status, DW0, DW1) of a command that raised ``e``, recorded in the error log."""
@@ -511,8 +519,10 @@ class Controller:
             if not self.stats.get("sgl_commands"):
                 log.info("ctrl %d: the host uses SGLs", self.cntlid)
             self.stats["sgl_commands"] = self.stats.get("sgl_commands", 0) + 1
-            return segs
-        return prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        else:
+            segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        self.xfer_bytes += length
+        return segs
 
     def data_to_host(self, cmd: Command, payload: bytes, length: int | None = None) -> None:
         """Copy ``payload`` (padded with zeros to ``length``) into the command's buffer.

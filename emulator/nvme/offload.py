@@ -17,6 +17,7 @@ tests) both parts run at once.
 from __future__ import annotations
 
 import weakref
+from time import perf_counter_ns
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -37,6 +38,7 @@ class _Job:
         self.resets = ctrl.resets
         self.future: Future[Any] | None = None
         self.finished = False
+        self.t0, self.nbytes = ctrl.cmd_t0, ctrl.xfer_bytes - ctrl.cmd_x0  # for cmd_stats
 
     def finish(self) -> None:
         """On the loop: complete the command (once)."""
@@ -57,6 +59,7 @@ class _Job:
         except Exception as e:  # noqa: BLE001 - mapped to the command's status
             status, dw0, dw1 = ctrl.failure(self.cmd, e)
         ctrl.complete(self.cmd.sqid, self.cmd.cid, status, dw0, dw1)
+        ctrl.cmd_stats.record(self.cmd.sqid, self.cmd.opc, status, self.nbytes, perf_counter_ns() - self.t0)
         ctrl.flush_interrupts()
 
 

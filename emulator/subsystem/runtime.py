@@ -82,6 +82,8 @@ class Runtime:
         self.control = ControlServer(config.control_path, loop)
         from emulator.subsystem.handover import Handover
         Handover(self).register(self.control)
+        from emulator.subsystem import monitor
+        monitor.register(self, self.control)
 
     def start(self) -> list[str]:
         """Listen on the control socket and every controller socket; returns the

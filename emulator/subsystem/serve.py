@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path,
                    help="state directory for the embedded default (namespaces, sockets)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text: one line per event naming the controller; json: one object per line")
     p.add_argument("--visible-writes", choices=MODES, default=DEFAULT_MODE,
                    help="device writes QEMU performs itself (vfio-user DMA_WRITE), so that TCG drops stale "
                         "translated code: off, boot (below 1 MiB, default) or all")
@@ -39,8 +41,8 @@ def _raise_fd_limit() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from emulator.subsystem.logfmt import setup_logging
+    setup_logging(str(args.log_level), getattr(args, "log_format", "text"))
     try:
         config = load_config(args.config) if args.config else default_config(args.state_dir)
     except ConfigError as e:

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections import deque
 from typing import Any
 
@@ -346,6 +347,18 @@ class VfioUserServer:
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        """(pid, uid, gid) of the connected client (SO_PEERCRED), or None."""
+        c = self._client
+        if c is None:
+            return None
+        try:
+            raw = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid, uid, gid = struct.unpack("3i", raw)
+        return pid, uid, gid
 
     @property
     def session(self) -> Session | None:

@@ -58,10 +58,10 @@ result raw_md5 "$(dd if=/dev/nvme0n1 bs=1M skip=512 count=16 2>/dev/null | md5su
 """
 
 
-def test_guest_disk_end_to_end(boot_guest, emulator):
-    emu = emulator(CONFIG, name="emu")
+def test_guest_disk_end_to_end(nvme_guest, nvme_emu):
+    emu = nvme_emu(CONFIG, name="emu")
     sock = emu.sockets[0]
-    first = boot_guest(FIRST_BOOT, vfio_user=[sock], timeout=400, name="boot1")
+    first = nvme_guest.boot(FIRST_BOOT, vfio_user=[sock], timeout=400, name="boot1")
     assert first.ok, first.summary()
     assert "EMUDISK0001" in first.outputs["nvme_list"]
     assert "nvme-emu guest disk" in first.outputs["id_ctrl"]
@@ -77,8 +77,8 @@ def test_guest_disk_end_to_end(boot_guest, emulator):
     emu.stop()
     assert "shutdown complete" in emu.log_path.read_text()
     # Emulator and guest restart: the data reads back identical.
-    emu2 = emulator(CONFIG, name="emu")
-    second = boot_guest(SECOND_BOOT, vfio_user=[emu2.sockets[0]], timeout=300, name="boot2")
+    emu2 = nvme_emu(CONFIG, name="emu")
+    second = nvme_guest.boot(SECOND_BOOT, vfio_user=[emu2.sockets[0]], timeout=300, name="boot2")
     assert second.ok, second.summary()
     assert second.results["manifest"] == first.results["manifest"]
     assert second.results["raw_md5"] == first.results["raw_md5"]

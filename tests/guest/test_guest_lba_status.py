@@ -53,9 +53,9 @@ def field(text: str, name: str) -> int:
     return int(value.strip(), 0)
 
 
-def test_guest_get_lba_status_reports_exactly_the_written_granules(boot_guest, emulator, guest_workdir):
-    emu = emulator(CONFIG, name="emu")
-    res = boot_guest(BODY, vfio_user=[emu.sockets[0]], timeout=300, name="guest")
+def test_guest_get_lba_status_reports_exactly_the_written_granules(nvme_guest, nvme_emu):
+    emu = nvme_emu(CONFIG, name="emu")
+    res = nvme_guest.boot(BODY, vfio_user=[emu.sockets[0]], timeout=300, name="guest")
     print(res.summary())
     print(res.outputs.get("all_text"))
     assert res.ok, res.summary()
@@ -75,7 +75,7 @@ def test_guest_get_lba_status_reports_exactly_the_written_granules(boot_guest, e
     assert field(res.outputs["nvm_id_ctrl"], "aocs") & 0x1  # RALBAS
     # the emulator's own bitmap agrees after the guest powered off and the emulator stopped
     assert emu.stop() == 0
-    ns = Namespace(NamespaceConfig(1, guest_workdir / "emu" / "ns1.img", 64 << 20, 512, 8))
+    ns = Namespace(NamespaceConfig(1, emu.state_dir / "ns1.img", 64 << 20, 512, 8))
     try:
         runs = ns.allocation.runs(0, ns.allocation.granules)[0] * 8
         assert [(int(a), int(b - a)) for a, b in runs] == WANT
