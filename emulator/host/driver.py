@@ -263,27 +263,58 @@ class NvmeHost:
             self.mem.write(list_pages[i], struct.pack(f"<{len(entries)}Q", *entries))
         return iova, list_pages[0], list_pages
 
+    def build_sgl(self, iova: int, length: int, pieces: int = 1,
+                  per_segment: int = 4) -> tuple[int, int, list[tuple[int, int]]]:
+        """SGL1 (as PRP1/PRP2 values) for a buffer at ``iova`` cut into ``pieces`` Data Block
+        descriptors (Base 2.1 §4.3.2): one piece sits in SGL1; more go into segments of
+        ``per_segment`` descriptors chained by Segment descriptors, the final one reached
+        by a Last Segment descriptor.  Returns the segment allocations to free."""
+        ident = lambda t: t << 4  # noqa: E731  (type 7:4, sub type 0: address)
+        step = -(-length // pieces)
+        blocks = [(iova + o, min(step, length - o)) for o in range(0, length, step)]
+        if len(blocks) == 1:
+            a, n = blocks[0]
+            return a, n | (ident(0) << 56), []
+        groups = [blocks[i:i + per_segment] for i in range(0, len(blocks), per_segment)]
+        allocs = [(self.mem.alloc(16 * (len(g) + 1)), 16 * (len(g) + 1)) for g in groups]
+        for i, g in enumerate(groups):
+            raw = b"".join(struct.pack("<QI3xB", a, n, ident(0)) for a, n in g)
+            if i + 1 < len(groups):
+                nxt_len = 16 * len(groups[i + 1]) + (16 if i + 2 < len(groups) else 0)
+                kind = 0x2 if i + 2 < len(groups) else 0x3
+                raw += struct.pack("<QI3xB", allocs[i + 1][0], nxt_len, ident(kind))
+            self.mem.write(allocs[i][0], raw)
+        first_len = 16 * len(groups[0]) + (16 if len(groups) > 1 else 0)
+        kind = 0x2 if len(groups) > 1 else 0x3
+        return allocs[0][0], first_len | (ident(kind) << 56), allocs
+
     def command(self, qid: int, opc: int, nsid: int = 0, data: bytes | None = None,
                 read_len: int = 0, cdw10: int = 0, cdw11: int = 0, cdw12: int = 0,
                 cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, prp1: int | None = None,
                 prp2: int | None = None, buf_offset: int = 0, check: bool = False,
-                timeout: float | None = None) -> Completion:
-        """Run one command synchronously, with an optional data buffer either way."""
+                timeout: float | None = None, sgl: int = 0) -> Completion:
+        """Run one command synchronously, with an optional data buffer either way.
+        ``sgl`` > 0 describes the buffer with an SGL of that many Data Blocks (PSDT 01b)."""
         length = len(data) if data is not None else read_len
         buf = None
         list_pages: list[int] = []
+        sgl_allocs: list[tuple[int, int]] = []
         p1, p2 = 0, 0
         if length:
             span = length + buf_offset
             buf = self.mem.alloc(span)
             if data is not None:
                 self.mem.write(buf + buf_offset, data)
-            p1, p2, list_pages = self.build_prps(buf + buf_offset, length)
+            if sgl:
+                p1, p2, sgl_allocs = self.build_sgl(buf + buf_offset, length, sgl)
+            else:
+                p1, p2, list_pages = self.build_prps(buf + buf_offset, length)
         if prp1 is not None:
             p1 = prp1
         if prp2 is not None:
             p2 = prp2
-        cid = self.submit(qid, opc, nsid, p1, p2, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15)
+        cid = self.submit(qid, opc, nsid, p1, p2, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15,
+                          flags=(1 << 6) if sgl else 0)
         c = self.wait(qid, cid, timeout)
         if buf is not None:
             if read_len:
@@ -291,6 +322,8 @@ class NvmeHost:
             self.mem.free(buf, length + buf_offset)
         for page in list_pages:
             self.mem.free(page, self.page_size)
+        for addr, size in sgl_allocs:
+            self.mem.free(addr, size)
         if check and not c.ok:
             raise NvmeCommandError(c)
         return c
@@ -368,6 +401,27 @@ class NvmeHost:
         data = b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges)
         return self.command(qid, IoOpcode.DATASET_MANAGEMENT, nsid=nsid, data=data,
                             cdw10=len(ranges) - 1, cdw11=0x4)
+
+    # ------------------------------------------------------------------ namespaces
+    def ns_create(self, nsze: int, flbas: int = 0, nmic: int = 1, ncap: int | None = None,
+                  csi: int = 0) -> Completion:
+        """Namespace Management, create (SEL 0h); DW0 of the completion is the NSID."""
+        data = bytearray(4096)
+        struct.pack_into("<QQ", data, 0, nsze, nsze if ncap is None else ncap)
+        data[26], data[30] = flbas, nmic
+        return self.admin(AdminOpcode.NS_MANAGEMENT, data=bytes(data), cdw10=0, cdw11=csi << 24)
+
+    def ns_delete(self, nsid: int) -> Completion:
+        return self.admin(AdminOpcode.NS_MANAGEMENT, nsid=nsid, cdw10=1)
+
+    def ns_attach(self, nsid: int, cntlids: list[int], detach: bool = False) -> Completion:
+        """Namespace Attachment: SEL 0h attach, 1h detach, with a Controller List."""
+        data = struct.pack(f"<H{len(cntlids)}H", len(cntlids), *cntlids).ljust(4096, b"\0")
+        return self.admin(AdminOpcode.NS_ATTACHMENT, nsid=nsid, data=data, cdw10=int(detach))
+
+    def format_nvm(self, nsid: int, lbaf: int = 0, ses: int = 0) -> Completion:
+        return self.admin(AdminOpcode.FORMAT_NVM, nsid=nsid,
+                          cdw10=(lbaf & 0xF) | (ses << 9) | ((lbaf >> 4) << 12))
 
     def close(self) -> None:
         self.t.close()

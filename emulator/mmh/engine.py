@@ -137,6 +137,8 @@ class Engine:
         self.formats: dict[int, int] = {}  # nsid -> LBA size
         self.nsze: dict[int, int] = {}  # nsid -> LBAs
         self._t_phase = 0.0
+        self._t_reported = 0.0
+        self._phase_reported = ""
         self._t_step = self._t_suspend = 0.0
 
     # -- public -----------------------------------------------------------------------
@@ -204,6 +206,27 @@ class Engine:
             self.progress.bytes_copied = self.copier.bytes_copied
         if self.on_progress is not None:
             self.on_progress(self.progress)
+        self._report_to_emulators()
+
+    # Each emulator's control socket learns the MMH's progress (migration.progress;
+    # `nvme-emu status` shows it): on a phase change, else at most every REPORT_EVERY_S.
+    REPORT_EVERY_S = 0.25
+
+    def _report_to_emulators(self) -> None:
+        now = time.monotonic()
+        p = self.progress
+        if p.phase == self._phase_reported and now - self._t_reported < self.REPORT_EVERY_S:
+            return
+        self._t_reported, self._phase_reported = now, p.phase
+        params = {"phase": p.phase, "round": p.round, "bytes_copied": p.bytes_copied,
+                  "bytes_left": p.bytes_left, "dirty_rate": p.dirty_rate, "eta_s": p.eta_s}
+        for end in (self.src, self.dst):
+            if end.control is None:
+                continue
+            try:
+                end.control.call("migration.progress", params)
+            except Exception as e:  # progress is informative: the migration goes on without it
+                log.warning("%s: migration.progress not accepted: %s", end.name, e)
 
     # -- 1. preparation -------------------------------------------------------------------
     def _prepare(self) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 CONTROLLER_TYPES = ("io", "mmc")  # migratable I/O controller | Migration Management Controller
+# The LBA formats every namespace supports (Identify Namespace LBAF0..NLBAF):
+# LBA data sizes in bytes, no metadata.  Format NVM switches between them.
+LBA_FORMATS = (512, 4096)
 GRANULE_BYTES = 4096  # default TLBAAG x LBA size (TP4165 recommends >= 4 KiB)
 
 
@@ -27,6 +30,8 @@ class SubsystemInfo:
     serial: str = "NVMEEMU0001"
     model: str = "nvme-emu"
     firmware: str = "0.1"
+    capacity: int = 0  # TNVMCAP bytes, 0: the namespaces' total size
+    max_namespaces: int = 0  # NN/MNAN, 0: the largest nsid
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class NamespaceConfig:
     # Tracked LBA Allocation Granularity in LBAs (NVM CS 1.2 Figure 118);
     # None: default_tlbaag(lba_size).
     tlbaag: Optional[int] = None
+    shared: bool = True  # NMIC bit 0: may be attached to two or more controllers
     shared_storage: bool = False  # vfio-user migration v2 streams no user data
 
     def __post_init__(self) -> None:
@@ -47,6 +53,11 @@ class NamespaceConfig:
     @property
     def nlbas(self) -> int:
         return self.size // self.lba_size
+
+    @property
+    def flbas(self) -> int:
+        """Index of the namespace's LBA format in LBA_FORMATS."""
+        return LBA_FORMATS.index(self.lba_size)
 
 
 @dataclass(frozen=True)

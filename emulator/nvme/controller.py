@@ -27,6 +27,7 @@ from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.config import ControllerConfig
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
+from emulator.nvme.sgl import sgl_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
     CSTS_CFS, CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
@@ -72,6 +73,7 @@ class Controller:
         self.started = time.monotonic()
         self.stats = {"data_units_read": 0, "data_units_written": 0,
                       "host_read_commands": 0, "host_write_commands": 0}
+        subsystem.attachments.setdefault(config.cntlid, set(config.namespaces))
         self.cmd_stats = CommandStats()  # management socket `stats` (not resumable state)
         self.xfer_bytes = 0  # PRP data bytes mapped by data_segments, for cmd_stats
         self.cmd_t0 = self.cmd_x0 = 0  # when the executing command started, xfer_bytes then
@@ -85,16 +87,21 @@ class Controller:
         if memory is not None:
             self.kick()
 
+    @property
+    def nsids(self) -> set[int]:
+        """NSIDs attached to this controller (Namespace Attachment changes them)."""
+        return self.subsystem.attached(self.cntlid)
+
     def namespace(self, nsid: int) -> "Namespace":
         """The attached namespace ``nsid`` or Invalid Namespace or Format."""
-        if nsid in self.config.namespaces:
+        if nsid in self.nsids:
             ns = self.subsystem.namespaces.get(nsid)
             if ns is not None:
                 return ns
         raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid} not attached")
 
     def attached_namespaces(self) -> list["Namespace"]:
-        return [self.subsystem.namespaces[n] for n in sorted(self.config.namespaces)
+        return [self.subsystem.namespaces[n] for n in sorted(self.nsids)
                 if n in self.subsystem.namespaces]
 
     @property
@@ -346,8 +353,9 @@ class Controller:
                 raise generic(Generic.INVALID_OPCODE, f"opcode {cmd.opc:#x}")
             if cmd.fuse:
                 raise generic(Generic.INVALID_FIELD, "fused operations not supported")
-            if cmd.psdt:
-                raise generic(Generic.INVALID_FIELD, "SGLs not supported (SGLS=0)")
+            if cmd.psdt and (cmd.sqid == 0 or cmd.psdt == 0x3):
+                # SGLs for I/O commands only (PCIe admin commands use PRPs, Base 2.1 §4.1.1)
+                raise generic(Generic.INVALID_FIELD, f"PSDT {cmd.psdt}")
             result = handler(self, cmd)
             if result is None:
                 return  # held (Asynchronous Event Request)
@@ -443,7 +451,7 @@ class Controller:
         return views
 
     def data_segments(self, cmd: Command, length: int) -> list[tuple[int, int]]:
-        """(address, length) segments of the command's PRP data buffer.
+        """(address, length) segments of the command's data buffer (PRPs or SGLs).
 
         A transfer longer than MDTS (Base 2.1, Identify Controller data structure, MDTS)
         is Invalid Field in Command, refused before anything is allocated."""
@@ -451,7 +459,13 @@ class Controller:
             raise generic(Generic.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
         if self.memory is None:
             raise generic(Generic.DATA_TRANSFER_ERROR, "no memory")
-        segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
+        if cmd.psdt:  # SGL (I/O commands only: execute() refuses PSDT on the admin queue)
+            segs = sgl_segments(self.memory, struct.pack("<QQ", cmd.prp1, cmd.prp2), length)
+            if not self.stats.get("sgl_commands"):
+                log.info("ctrl %d: the host uses SGLs", self.cntlid)
+            self.stats["sgl_commands"] = self.stats.get("sgl_commands", 0) + 1
+        else:
+            segs = prp_segments(self.memory, cmd.prp1, cmd.prp2, length, self.page_size)
         self.xfer_bytes += length
         return segs
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.nvme import (
-    admin_queues, aer, dbbuf, features, identify, io_cmds, lba_status, logpages, sanitize,
+    admin_queues, aer, dbbuf, features, format_nvm, identify, io_cmds, lba_status,
+    lba_status_log, logpages, ns_mgmt, nvm_cmds, sanitize,
 )
 from emulator.nvme.config import ControllerConfig
 from emulator.nvme.controller import Controller  # FIXME  # FIXME  # FIXME
@@ -46,6 +47,9 @@ def _admin(config: ControllerConfig) -> dict[int, Handler]:
         AdminOpcode.DOORBELL_BUFFER_CONFIG: dbbuf.doorbell_buffer_config,
         AdminOpcode.SANITIZE: sanitize.sanitize,
         AdminOpcode.GET_LBA_STATUS: lba_status.get_lba_status,  # TP4165 ATYPE 02h
+        AdminOpcode.NS_MANAGEMENT: ns_mgmt.namespace_management,
+        AdminOpcode.NS_ATTACHMENT: ns_mgmt.namespace_attachment,
+        AdminOpcode.FORMAT_NVM: format_nvm.format_nvm,
     }
     if config.is_mmc:  # TP4159: MMC only (Base 2.1 §8.1.12)
         table.update({
@@ -65,6 +69,10 @@ def _io(config: ControllerConfig) -> dict[int, Handler]:
         IoOpcode.READ: io_cmds.read,
         IoOpcode.WRITE_ZEROES: io_cmds.write_zeroes,
         IoOpcode.DATASET_MANAGEMENT: io_cmds.dataset_management,
+        IoOpcode.WRITE_UNCORRECTABLE: nvm_cmds.write_uncorrectable,
+        IoOpcode.COMPARE: nvm_cmds.compare,
+        IoOpcode.VERIFY: nvm_cmds.verify,
+        IoOpcode.COPY: nvm_cmds.copy,
     }
 
 
@@ -77,6 +85,12 @@ def _cns(config: ControllerConfig) -> dict[int, CnsBuilder]:
         CNS.CSI_NAMESPACE: identify.identify_nvm_namespace,
         CNS.CSI_CONTROLLER: identify.identify_nvm_controller,
         CNS.CSI_ACTIVE_NSID_LIST: identify.csi_active_nsid_list,
+        CNS.CS_INDEPENDENT_NAMESPACE: identify.identify_independent_namespace,
+        CNS.ALLOCATED_NSID_LIST: identify.allocated_nsid_list,
+        CNS.ALLOCATED_NAMESPACE: identify.identify_allocated_namespace,
+        CNS.NS_CONTROLLER_LIST: identify.attached_controller_list,
+        CNS.CONTROLLER_LIST: identify.subsystem_controller_list,
+        CNS.IO_COMMAND_SET: identify.io_command_set,
     }
     if config.is_mmc:
         table[CNS.SUPPORTED_CTRL_STATE_FORMATS] = identify_lm.supported_controller_state_formats
@@ -91,18 +105,20 @@ def command_tables(config: ControllerConfig) -> CommandTables:
         io=_io(config),
         cns=_cns(config),
         features={**features.BASE_FEATURES,
+                  lba_status_log.FID_LBA_STATUS_INFO_ATTRIBUTES: lba_status_log.LBA_STATUS_INFO_FEATURE,
                   FID.CONTROLLER_DATA_QUEUE: cdq.CDQ_FEATURE},  # 21h, Figure 426
         log_pages={
             LID.SUPPORTED_LOG_PAGES: logpages.supported_log_pages,
             LID.ERROR_INFORMATION: logpages.error_information,
             LID.SMART_HEALTH: logpages.smart_health,
             LID.FIRMWARE_SLOT: logpages.firmware_slot,
-            LID.CHANGED_NAMESPACES: logpages.changed_namespaces,
+            LID.CHANGED_NAMESPACES: ns_mgmt.changed_namespace_list,
+            LID.LBA_STATUS_INFORMATION: lba_status_log.lba_status_information,
             LID.COMMANDS_SUPPORTED_EFFECTS: logpages.commands_supported_effects,
             LID.FEATURE_IDENTIFIERS_SUPPORTED_EFFECTS: logpages.feature_identifiers_supported_effects,
             LID.SANITIZE_STATUS: sanitize.sanitize_status,
         },
-        identify_controller=(sanitize.identify_sanicap,)
+        identify_controller=(lba_status_log.identify_glss, sanitize.identify_sanicap)
         + ((identify_lm.identify_mmc_fields,) if mmc else ()),
         identify_nvm_controller=(lba_status.identify_ralbas, identify_lm.identify_lbamqf),
         identify_nvm_namespace=(lba_status.identify_tlbaag,),

@@ -23,8 +23,10 @@ CAP_NS_SPECIFIC, CAP_CHANGEABLE = 0x2, 0x4  # SEL 11b capabilities (saveable: no
 
 
 # Async Event Config bits we can generate (OAES in Identify Controller):
-# SMART critical warnings 7:0, Namespace Attribute notices bit 8.
-AEC_SUPPORTED = 0x1FF
+# SMART critical warnings 7:0, Namespace Attribute notices bit 8, LBA Status
+# Information notices bit 13 (Base 2.1 Figure 413).
+AEC_NS_ATTRIBUTE_NOTICES, AEC_LBA_STATUS_NOTICES = 1 << 8, 1 << 13
+AEC_SUPPORTED = 0xFF | AEC_NS_ATTRIBUTE_NOTICES | AEC_LBA_STATUS_NOTICES
 
 
 def reset_features(ctrl: "Controller") -> None:

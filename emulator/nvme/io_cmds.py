@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from emulator.nvme.offload import offload
 from emulator.nvme.tables import Result
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
-    BROADCAST_NSID, Command, Generic, generic, invalid_field,
+    BROADCAST_NSID, Command, Generic, MediaError, generic, invalid_field, media,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def _data_args(ctrl: "Controller", cmd: Command) -> tuple["Namespace", int, int,
 
 def read(ctrl: "Controller", cmd: Command) -> Result:
     ns, slba, nlb, length = _data_args(ctrl, cmd)
+    if ns.uncorrectable and ns.uncorrectable.overlaps(slba, nlb):  # Write Uncorrectable marks
+        raise media(MediaError.UNRECOVERED_READ_ERROR, f"LBA {slba}+{nlb} uncorrectable")
     ns.read_into(slba, ctrl.data_views(cmd, length, to_host=True))
     ctrl.stats["host_read_commands"] += 1
     ctrl.stats["data_units_read"] += length >> 9
@@ -100,6 +102,8 @@ def dataset_management(ctrl: "Controller", cmd: Command) -> Result:
     def then(_: None) -> Result:
         for slba, length in todo:
             ns.allocation.mark_deallocated(slba, length)
+            if ns.uncorrectable:
+                ns.uncorrectable.clear(slba, length)  # deallocated: no longer uncorrectable
             _notify_write(ctrl, ns, slba, length, True)
         return 0, 0
 

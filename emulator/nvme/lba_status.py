@@ -1,11 +1,13 @@
 """Get LBA Status (admin 86h, NVM CS 1.2 §4.2.1) with Action Type 02h
-"return tracked allocated LBAs" (TP4165), and the TP4165 Identify fields.
+"return tracked allocated LBAs" (TP4165), Action Types 10h/11h (potentially
+unrecoverable LBAs: the Write Uncorrectable marks), and the TP4165 Identify fields.
 
 * Identify Namespace, NVM (CNS 05h) bytes 295:292 TLBAAG: the namespace's
   Tracked LBA Allocation Granularity (NVM CS 1.2 Figure 118).
 * Identify Controller, NVM (CNS 06h) bytes 19:18 AOCS bit 0 RALBAS:
   Reporting Allocated LBA Supported (NVM CS 1.2 Figure 120).
-* OACS.GLSS (Identify Controller bit 9) stays 0.
+* OACS.GLSS (Identify Controller bit 9) is 1: 10h/11h are supported, with what
+  GLSS requires (emulator.nvme.lba_status_log: log 0Eh, Feature 15h).
 
 Settled from spec text (summaries of the TP left these open):
 
@@ -13,11 +15,11 @@ Settled from spec text (summaries of the TP left these open):
   supported (refer to the ... GLSS bit in ... OACS), then the controller
   shall" support the LBA Status Information alert, log page 0Eh, extended
   Get Log Page offsets and the LBA Status Information Attributes Feature.
-  GLSS is about 10h/11h only; RALBAS alone advertises 02h.  So RALBAS = 1,
-  GLSS = 0 is the consistent pair for a controller implementing only 02h.
+  GLSS is about 10h/11h only; RALBAS alone advertises 02h.
 * Other ATYPEs.  NVM CS 1.0 Figure 110 lists 10h and 11h, "All others
   Reserved"; a reserved or unsupported value in a defined field is Invalid
-  Field in Command (Base status 02h).  10h/11h without GLSS get the same.
+  Field in Command (Base status 02h).
+* 10h/11h descriptors carry STAS 0 (LBARS is defined for 02h only).
   (RALBAS is always 1 here, so "ATYPE 02h without RALBAS" cannot happen.)
 * CMPC.  NVM CS 1.0 Figure 111: "If there are no more LBA Status Descriptor
   Entries to transfer in the specified range, the controller shall return
@@ -110,12 +112,13 @@ def allocated_descriptors(amap: "AllocationMap", slba: int, end: int,
     return lo, counts, more
 
 
-def descriptor_list(dslba: np.ndarray, counts: np.ndarray, complete: bool) -> bytes:
+def descriptor_list(dslba: np.ndarray, counts: np.ndarray, complete: bool,
+                    stas: int = LBARS_ALLOCATED) -> bytes:
     """The LBA Status Descriptor List (NVM CS 1.2 §4.2.1): header, then 16-byte entries."""
     entries = np.zeros(len(dslba), dtype=DESCRIPTOR_DTYPE)
     entries["dslba"] = dslba
     entries["nlb"] = counts - 1  # 0's based
-    entries["stas"] = LBARS_ALLOCATED
+    entries["stas"] = stas
     header = LBA_STATUS_HEADER.pack(len(dslba), CMPC_COMPLETE if complete else CMPC_INCOMPLETE)
     return header + entries.tobytes()
 
@@ -126,15 +129,25 @@ def get_lba_status(ctrl: "Controller", cmd: Command) -> Result:
     mndw = cmd.cdw12  # MNDW, 0's based dwords
     rl = cmd.cdw13 & 0xFFFF  # RL, 0 = to the end of the namespace
     atype = (cmd.cdw13 >> 24) & 0xFF  # ATYPE
-    if atype != ATYPE_ALLOCATED:
+    if atype not in (ATYPE_ALLOCATED, ATYPE_SCAN_UNRECOVERABLE, ATYPE_TRACKED_UNRECOVERABLE):
         raise invalid_field(f"Get LBA Status ATYPE {atype:#x} not supported")
     if slba >= ns.nsze:
         raise generic(Generic.LBA_OUT_OF_RANGE, f"SLBA {slba} >= NSZE {ns.nsze}")
     end = ns.nsze if rl == 0 else min(slba + rl, ns.nsze)
     length = min((mndw + 1) * 4, ctrl.max_transfer)
     capacity = max(0, (length - LBA_STATUS_HEADER.size) // LBA_STATUS_DESCRIPTOR.size)
-    dslba, counts, more = allocated_descriptors(ns.allocation, slba, end, capacity)
-    payload = descriptor_list(dslba, counts, complete=not more)
+    if atype == ATYPE_ALLOCATED:
+        dslba, counts, more = allocated_descriptors(ns.allocation, slba, end, capacity)
+        payload = descriptor_list(dslba, counts, complete=not more)
+    else:
+        # 10h and 11h: the Write Uncorrectable marks are the only potentially
+        # unrecoverable LBAs, all tracked, so a scan finds the same ones.
+        runs = [(s, min(e - s, MAX_DESCRIPTOR_NLB)) for s, e in ns.uncorrectable.ranges(slba, end)]
+        more = len(runs) > capacity
+        runs = runs[:capacity]
+        payload = descriptor_list(np.array([r[0] for r in runs], dtype=np.int64),
+                                  np.array([r[1] for r in runs], dtype=np.int64),
+                                  complete=not more, stas=0)
     ctrl.data_to_host(cmd, payload[:length])
     return 0, 0
 

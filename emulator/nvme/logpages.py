@@ -6,17 +6,19 @@ import time
 from typing import TYPE_CHECKING
 
 from emulator.nvme import aer
+from emulator.nvme.tables import Result
 from emulator.nvme.identify import FIRMWARE_REVISION
 from emulator.nvme.spec import (
-    FID, LID, Command, CommandSpecific, IoOpcode, invalid_field, specific,
+    FID, LID, AdminOpcode, Command, CommandSpecific, IoOpcode, invalid_field, specific,
 )
-from emulator.nvme.tables import Result
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
 # Which asynchronous event type a log page read (RAE=0) re-arms.
-LOG_EVENT_TYPE = {LID.ERROR_INFORMATION: aer.AET_ERROR, LID.SMART_HEALTH: aer.AET_SMART}
+LOG_EVENT_TYPE = {LID.ERROR_INFORMATION: aer.AET_ERROR, LID.SMART_HEALTH: aer.AET_SMART,
+                  LID.CHANGED_NAMESPACES: aer.AET_NOTICE,
+                  LID.LBA_STATUS_INFORMATION: aer.AET_NOTICE}
 
 
 def get_log_page(ctrl: "Controller", cmd: Command) -> Result:
@@ -79,13 +81,15 @@ def firmware_slot(ctrl: "Controller", cmd: Command) -> bytes:
     return bytes(b)
 
 
-def changed_namespaces(ctrl: "Controller", cmd: Command) -> bytes:
-    return bytes(4096)
-
-
-# Commands Supported and Effects (Fig. 211): CSUPP bit 0, LBCC bit 1, NCC bit 2
+# Commands Supported and Effects (Fig. 211): CSUPP bit 0, LBCC bit 1, NCC bit 2,
+# NIC bit 3, CCC bit 4; CSE (bits 18:16) 001b: no other command to any namespace meanwhile
 CSUPP, LBCC, NCC, NIC, CCC = 0x1, 0x2, 0x4, 0x8, 0x10
-IO_EFFECTS = {IoOpcode.WRITE: LBCC, IoOpcode.WRITE_ZEROES: LBCC, IoOpcode.DATASET_MANAGEMENT: LBCC}
+CSE_ONE_NS, CSE_ALL = 1 << 16, 2 << 16
+IO_EFFECTS = {IoOpcode.WRITE: LBCC, IoOpcode.WRITE_ZEROES: LBCC, IoOpcode.DATASET_MANAGEMENT: LBCC,
+              IoOpcode.WRITE_UNCORRECTABLE: LBCC, IoOpcode.COPY: LBCC}
+ADMIN_EFFECTS = {AdminOpcode.NS_MANAGEMENT: NIC | NCC, AdminOpcode.NS_ATTACHMENT: NIC,
+                 AdminOpcode.FORMAT_NVM: LBCC | NCC | NIC | CSE_ONE_NS,
+                 AdminOpcode.SANITIZE: LBCC | CSE_ALL}
 
 
 def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
@@ -93,7 +97,7 @@ def commands_supported_effects(ctrl: "Controller", cmd: Command) -> bytes:
     iocs = [0] * 256
     for opc in ctrl.tables.admin:
         if ctrl.admin_available(opc):
-            acs[opc] = CSUPP
+            acs[opc] = CSUPP | ADMIN_EFFECTS.get(opc, 0)
     for opc in ctrl.tables.io:
         iocs[opc] = CSUPP | IO_EFFECTS.get(opc, 0)
     return struct.pack("<256I256I", *acs, *iocs) + bytes(2048)

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,6 +20,7 @@ from emulator.nvme import offload
 from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.config import NamespaceConfig
 from emulator.nvme.spec import Generic, generic
+from emulator.nvme.uncorrectable import UncorrectableMarks
 
 # A file system out of space (or quota): the namespace's thin provisioning ran
 # out: Capacity Exceeded (Base 2.1 Generic Command Status Values, SC 81h), never Internal Error.
@@ -79,9 +81,6 @@ class Namespace:
     def __init__(self, config: NamespaceConfig, subsystem_nqn: str = "") -> None:
         self.config = config
         self.nsid = config.nsid
-        self.lba_size = config.lba_size
-        self.lba_shift = config.lba_size.bit_length() - 1
-        self.nsze = config.size // config.lba_size
         self.path = Path(config.file)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = open_backing_file(self.path, config.size)
@@ -93,13 +92,38 @@ class Namespace:
         self.uuid[6] = (self.uuid[6] & 0x0F) | 0x80  # RFC 9562 version 8 (custom)
         self.uuid[8] = (self.uuid[8] & 0x3F) | 0x80
         try:
-            self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
-                                                 config.lba_size)
+            self._open_format(config)
         except OSError as e:
             os.close(self.fd)
             if e.errno == errno.ELOOP:
                 raise ValueError(f"{self.path}.alloc is a symbolic link; refusing to follow it") from None
             raise
+
+    def _open_format(self, config: NamespaceConfig) -> None:
+        self.config = config
+        self.lba_size = config.lba_size
+        self.lba_shift = config.lba_size.bit_length() - 1
+        self.nsze = config.size // config.lba_size
+        self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
+                                             config.lba_size)
+        self.uncorrectable = UncorrectableMarks(UncorrectableMarks.sidecar(self.path), self.nsze)
+
+    def reformat(self, lba_size: int) -> None:
+        """Format NVM (Base 2.1 §5.1.10): every LBA deallocated (reads as zeroes),
+        marks cleared, and the namespace re-opened in the LBA format ``lba_size``.
+        The tracked granule keeps its size in bytes, so TLBAAG follows the new LBA size."""
+        granule = self.config.tlbaag * self.config.lba_size
+        self.erase()
+        offload.wait_idle()  # no worker thread may still use the old bitmap
+        self.allocation.close()
+        Path(str(self.path) + ".alloc").unlink(missing_ok=True)
+        self._open_format(replace(self.config, lba_size=lba_size,
+                                  tlbaag=max(1, granule // lba_size)))
+
+    def erase(self) -> None:
+        """Deallocate every LBA (Format user data erase, Sanitize Block Erase) and make it durable."""
+        self.deallocate(0, self.nsze)
+        self.flush()
 
     # -- data path -----------------------------------------------------------
     def in_range(self, slba: int, nlb: int) -> bool:
@@ -114,6 +138,8 @@ class Namespace:
         with file_errors("write"):
             self._transfer(slba, views, read=False)
         self.allocation.mark_allocated(slba, nlb)
+        if self.uncorrectable:
+            self.uncorrectable.clear(slba, nlb)  # a write heals a Write Uncorrectable mark
 
     def _transfer(self, slba: int, views: list[memoryview], read: bool) -> None:
         """preadv/pwritev straight between the file and the DMA views."""
@@ -157,10 +183,14 @@ class Namespace:
             with file_errors("write zeroes"):
                 fileops.zero_range(self.fd, offset, length)
             self.allocation.mark_allocated(slba, nlb)
+            if self.uncorrectable:
+                self.uncorrectable.clear(slba, nlb)
 
     def deallocate(self, slba: int, nlb: int) -> None:
         self.punch(slba, nlb)
         self.allocation.mark_deallocated(slba, nlb)
+        if self.uncorrectable:
+            self.uncorrectable.clear(slba, nlb)
 
     def punch(self, slba: int, nlb: int) -> None:
         """The file part of a deallocation (no bitmap update): safe on a worker thread."""
@@ -196,6 +226,17 @@ class Namespace:
                 os.close(self.fd)
                 self.fd = -1
                 self.allocation.close()
+
+    def destroy(self) -> None:
+        """Namespace Management delete: close, then remove the backing file and its sidecars."""
+        self.close()
+        self.remove_stale(self.path)
+
+    @staticmethod
+    def remove_stale(path: Path) -> None:
+        """Files a deleted or crashed namespace left at ``path``: a new one starts empty."""
+        for p in (Path(path), Path(str(path) + ".alloc"), UncorrectableMarks.sidecar(Path(path))):
+            p.unlink(missing_ok=True)
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:

@@ -120,6 +120,19 @@ class Generic(IntEnum):
     NS_NOT_READY = 0x82
 
 
+class MediaError(IntEnum):
+    """Media and Data Integrity Errors (SCT 2h, Base 2.1 Figure 104)."""
+    COMPARE_FAILURE = 0x85
+    UNRECOVERED_READ_ERROR = 0x81
+
+
+class NvmCommandSpecific(IntEnum):
+    """NVM Command Set specific statuses (SCT 1h, NVM CS 1.2 Figure 43)."""
+    COMMAND_SIZE_LIMIT_EXCEEDED = 0x83
+    INCOMPATIBLE_NAMESPACE_OR_FORMAT = 0x85
+    OVERLAPPING_IO_RANGE = 0x87
+
+
 class CommandSpecific(IntEnum):
     COMPLETION_QUEUE_INVALID = 0x00
     INVALID_QUEUE_IDENTIFIER = 0x01
@@ -134,6 +147,13 @@ class CommandSpecific(IntEnum):
     FEATURE_NOT_SAVEABLE = 0x0D
     FEATURE_NOT_CHANGEABLE = 0x0E
     FEATURE_NOT_NS_SPECIFIC = 0x0F
+    OVERLAPPING_RANGE = 0x14
+    NS_INSUFFICIENT_CAPACITY = 0x15
+    NS_IDENTIFIER_UNAVAILABLE = 0x16
+    NS_ALREADY_ATTACHED = 0x18
+    NS_IS_PRIVATE = 0x19
+    NS_NOT_ATTACHED = 0x1A
+    CONTROLLER_LIST_INVALID = 0x1C
     # TP4159 (Base 2.1 Figure 103)
     INVALID_CONTROLLER_IDENTIFIER = 0x1F
     INVALID_CONTROLLER_DATA_QUEUE = 0x37
@@ -169,6 +189,10 @@ def generic(sc: Generic, msg: str = "", dnr: bool = True) -> NvmeError:
 
 def specific(sc: CommandSpecific, msg: str = "", dw0: int = 0, dw1: int = 0) -> NvmeError:
     return NvmeError(SCT.COMMAND_SPECIFIC, sc, dw0=dw0, dw1=dw1, msg=msg or sc.name)
+
+
+def media(sc: MediaError, msg: str = "") -> NvmeError:
+    return NvmeError(SCT.MEDIA, sc, msg=msg or sc.name)
 
 
 def invalid_field(msg: str = "") -> NvmeError:
@@ -247,6 +271,7 @@ class LID(IntEnum):
     FIRMWARE_SLOT = 0x03
     CHANGED_NAMESPACES = 0x04
     COMMANDS_SUPPORTED_EFFECTS = 0x05
+    LBA_STATUS_INFORMATION = 0x0E
     FEATURE_IDENTIFIERS_SUPPORTED_EFFECTS = 0x12
     SANITIZE_STATUS = 0x81
 
@@ -261,6 +286,11 @@ class CNS(IntEnum):
     CSI_CONTROLLER = 0x06
     CSI_ACTIVE_NSID_LIST = 0x07
     CS_INDEPENDENT_NAMESPACE = 0x08
+    ALLOCATED_NSID_LIST = 0x10
+    ALLOCATED_NAMESPACE = 0x11
+    NS_CONTROLLER_LIST = 0x12
+    CONTROLLER_LIST = 0x13
+    IO_COMMAND_SET = 0x1C
     SUPPORTED_CTRL_STATE_FORMATS = 0x20  # TP4159 (Base 2.1 prints "21h": typo)
 
 

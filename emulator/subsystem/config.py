@@ -4,7 +4,9 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
 
     state_dir: ./state        # relative to the YAML file's directory
     control_socket: control.sock  # JSON-RPC control socket, relative to state_dir (mode 0600)
-    subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1"}
+    subsystem: {nqn: ..., serial: ..., model: ..., firmware: "0.1",
+                capacity: 4GiB,       # TNVMCAP; default: the namespaces' total size
+                max_namespaces: 16}   # NN and MNAN; default: the largest nsid
     namespaces:
       - nsid: 1               # 1..1024, unique
         file: ns1.img         # relative to state_dir (no escaping it with ..) or absolute;
@@ -112,7 +114,10 @@ class SubsystemConfig:
             "state_dir": str(self.state_dir),
             "control_socket": str(self.control_path),
             "subsystem": {"nqn": self.subsystem.nqn, "serial": self.subsystem.serial,
-                          "model": self.subsystem.model, "firmware": self.subsystem.firmware},
+                          "model": self.subsystem.model, "firmware": self.subsystem.firmware,
+                          **({"capacity": self.subsystem.capacity} if self.subsystem.capacity else {}),
+                          **({"max_namespaces": self.subsystem.max_namespaces}
+                             if self.subsystem.max_namespaces else {})},
             "namespaces": [{"nsid": ns.nsid, "file": str(ns.file), "size": ns.size,
                             "lba_size": ns.lba_size, "tlbaag": ns.tlbaag, "shared_storage": ns.shared_storage}
                            for ns in self.namespaces],
@@ -192,6 +197,14 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
         _unique(ctrl.cntlid, [c.cntlid for c in controllers], f"controllers[{i}].cntlid")
         _unique(ctrl.socket, [c.socket for c in controllers], f"controllers[{i}].socket")
         controllers.append(ctrl)
+    total = sum(ns.size for ns in namespaces)
+    if subsystem.capacity and subsystem.capacity < total:
+        raise ConfigError("subsystem.capacity", f"{subsystem.capacity} is less than the namespaces' "
+                          f"total size {total}")
+    top_nsid = max((ns.nsid for ns in namespaces), default=0)
+    if subsystem.max_namespaces and subsystem.max_namespaces < top_nsid:
+        raise ConfigError("subsystem.max_namespaces", f"{subsystem.max_namespaces} is less than "
+                          f"nsid {top_nsid}")
     control = _path(top.get("control_socket", "control.sock"), "control_socket", state_dir)
     if len(os.fsencode(control)) > UNIX_PATH_MAX:
         raise ConfigError("control_socket", f"{control} is too long for a unix socket")
@@ -202,7 +215,7 @@ def parse_config(data: Any, base_dir: str | os.PathLike[str]) -> SubsystemConfig
 # -- sections ---------------------------------------------------------------------
 def _subsystem(value: Any, path: str) -> SubsystemInfo:
     m = _mapping(value, path)
-    _check_keys(m, path, ("nqn", "serial", "model", "firmware"))
+    _check_keys(m, path, ("nqn", "serial", "model", "firmware", "capacity", "max_namespaces"))
     nqn = _str(m.get("nqn", default(SubsystemInfo, "nqn")), f"{path}.nqn")
     if len(nqn.encode()) > NQN_MAX:
         raise ConfigError(f"{path}.nqn", f"longer than {NQN_MAX} bytes")
@@ -214,6 +227,9 @@ def _subsystem(value: Any, path: str) -> SubsystemInfo:
         model=_ascii(m.get("model", default(SubsystemInfo, "model")), f"{path}.model", MODEL_MAX),
         firmware=_ascii(m.get("firmware", default(SubsystemInfo, "firmware")), f"{path}.firmware",
                         FIRMWARE_MAX),
+        capacity=parse_size(m.get("capacity", default(SubsystemInfo, "capacity")), f"{path}.capacity"),
+        max_namespaces=_int(m.get("max_namespaces", default(SubsystemInfo, "max_namespaces")),
+                            f"{path}.max_namespaces", 0, NSID_MAX),
     )
 
 
@@ -243,7 +259,7 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
     shared = m.get("shared_storage", default(NamespaceConfig, "shared_storage"))
     if not isinstance(shared, bool):
         raise ConfigError(f"{path}.shared_storage", f"must be true or false, not {shared!r}")
-    return NamespaceConfig(nsid, file, size, lba_size, tlbaag, shared)
+    return NamespaceConfig(nsid, file, size, lba_size, tlbaag, shared_storage=shared)
 
 
 def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) -> ControllerConfig:

@@ -20,6 +20,7 @@ from emulator.nvme.dispatch import new_controller
 from emulator.nvme.namespace import Namespace
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
+from emulator.subsystem import nsstore
 from emulator.subsystem.config import SubsystemConfig
 from emulator.subsystem.devmig import NvmeDeviceMigration
 from emulator.subsystem.subsystem import Subsystem
@@ -37,12 +38,21 @@ class Runtime:
         self.config = config
         self.loop = loop
         info = config.subsystem
-        self.subsystem = Subsystem(**dataclasses.asdict(info), vendor_id=NVME_EMU_VENDOR_ID)
+        self.subsystem = Subsystem(**dataclasses.asdict(info), vendor_id=NVME_EMU_VENDOR_ID,
+                                   state_dir=config.state_dir)
         self.functions: dict[int, NvmePciFunction] = {}
         self.servers: dict[int, VfioUserServer] = {}
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        for nsc in config.namespaces:
-            self.subsystem.namespaces[nsc.nsid] = Namespace(nsc, info.nqn)
+        saved = nsstore.load(config.state_dir)
+        if saved is None:
+            ns_configs = list(config.namespaces)
+            attachments = {cc.cntlid: list(cc.namespaces) for cc in config.controllers}
+        else:
+            ns_configs, attachments = saved
+            log.info("namespaces from %s (Namespace Management state)",
+                     nsstore.registry_path(config.state_dir))
+        for nc in ns_configs:
+            self.subsystem.namespaces[nc.nsid] = Namespace(nc, info.nqn)
         for cc in config.controllers:
             fn = NvmePciFunction(msix_vectors=cc.msix_vectors)
             ctrl = new_controller(cc, self.subsystem, irq=fn, scheduler=loop)
@@ -57,6 +67,10 @@ class Runtime:
             self.servers[cc.cntlid] = VfioUserServer(str(cc.socket), fn, loop,
                                                      logging.getLogger(f"nvme-emu.ctrl{cc.cntlid}"),
                                                      visible_writes=visible_writes)
+        for cntlid, nsids in attachments.items():
+            if cntlid in self.subsystem.controllers:
+                self.subsystem.attachments[cntlid] = {n for n in nsids if n in self.subsystem.namespaces}
+        self.subsystem.on_change = nsstore.save
         self.log = log
         self.control = ControlServer(config.control_path, loop)
         from emulator.subsystem.handover import Handover

@@ -31,9 +31,10 @@ def test_identify_namespaces(emu):
     assert struct.unpack_from("<3I", ids) == (1, 3, 0)
     ns1 = h.identify(cns=0, nsid=1)
     assert struct.unpack_from("<Q", ns1)[0] == (64 << 20) // 512
-    assert (struct.unpack_from("<I", ns1, 128)[0] >> 16) & 0xFF == 9
+    lbads = lambda ns: (struct.unpack_from("<I", ns, 128 + 4 * (ns[26] & 0xF))[0] >> 16) & 0xFF  # noqa: E731
+    assert ns1[25] == 1 and ns1[26] == 0 and lbads(ns1) == 9  # NLBAF: 512 B and 4 KiB formats
     ns3 = h.identify(cns=0, nsid=3)
-    assert (struct.unpack_from("<I", ns3, 128)[0] >> 16) & 0xFF == 12
+    assert ns3[26] == 1 and lbads(ns3) == 12
     inactive = h.identify(cns=0, nsid=2)
     assert inactive == bytes(4096)
     desc = h.identify(cns=3, nsid=1)

@@ -51,12 +51,12 @@ def test_prp_outside_mapped_memory(emu):
     assert h.read(1, 0, 1).ok
 
 
-def test_sgl_and_fused_refused(emu):
+def test_bad_sgl_and_fused_refused(emu):
     h = emu().host()
     buf = h.mem.alloc(4096)
-    cid = h.submit(1, IoOpcode.READ, 1, buf, 0, flags=0x40)  # PSDT=01b
+    cid = h.submit(1, IoOpcode.READ, 1, buf, 0, flags=0x40)  # PSDT=01b, a 0-byte Data Block
     c = h.wait(1, cid)
-    assert c.sc == Generic.INVALID_FIELD
+    assert c.sc == 0x0F  # Data SGL Length Invalid (tests/controller/test_sgl.py has the rest)
     cid = h.submit(1, IoOpcode.READ, 1, buf, 0, flags=0x1)  # FUSE
     assert h.wait(1, cid).sc == Generic.INVALID_FIELD
 

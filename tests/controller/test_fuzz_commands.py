@@ -50,8 +50,8 @@ prp = st.one_of(st.integers(0x1_0000_0000, 0x1_0000_0000 + (8 << 20)), st.intege
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["io", "mmc"]), qid=st.sampled_from([0, 0, 1, 2]),
        opc=st.one_of(st.integers(0, 0xFF), st.sampled_from(
-           [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18, 0x3D, 0x3E, 0x41,
-            0x42, 0x45, 0x7C, 0x84, 0x86])),
+           [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x15, 0x18, 0x19,
+            0x3D, 0x3E, 0x41, 0x42, 0x45, 0x7C, 0x80, 0x84, 0x86])),
        nsid=st.sampled_from([0, 1, 2, 0xFFFFFFFF]) | u32, prp1=prp, prp2=prp,
        cdw=st.lists(u32, min_size=6, max_size=6))
 def test_random_commands_always_complete(kind, qid, opc, nsid, prp1, prp2, cdw):
@@ -62,6 +62,8 @@ def test_random_commands_always_complete(kind, qid, opc, nsid, prp1, prp2, cdw):
         cdw[0] = (cdw[0] & ~0xFFFF) | 7
     if opc == 0x0C and qid == 0:
         opc = 0x18  # held AERs would fill the admin queue; they are tested elsewhere
+    if opc in (0x0D, 0x15) and qid == 0:
+        cdw[0] &= ~0xF  # create / attach only: deleting or detaching namespace 1 would end the run
     if opc in (0x41, 0x84) and qid == 0:
         cdw[0] &= ~0xFF  # no real suspend/sanitize storms: keep SEL/SANACT at 0 (exercise parsing)
     if ctrl.state.suspended:

@@ -43,7 +43,7 @@ def test_identify_reports_tlbaag_and_ralbas(h):
     nvm_ctrl = h.identify(cns=0x06, csi=0)
     assert struct.unpack_from("<H", nvm_ctrl, 18)[0] & 0x1  # AOCS.RALBAS, Fig. 120
     idc = h.identify(cns=0x01)
-    assert not struct.unpack_from("<H", idc, 256)[0] & 0x200  # OACS.GLSS: 10h/11h not offered
+    assert struct.unpack_from("<H", idc, 256)[0] & 0x200  # OACS.GLSS: 10h/11h offered (issue 11)
     effects = h.get_log_page(LID.COMMANDS_SUPPORTED_EFFECTS, 4096)
     assert effects.ok
     assert struct.unpack_from("<I", effects.data, 4 * AdminOpcode.GET_LBA_STATUS)[0] & 0x1  # CSUPP
@@ -150,7 +150,7 @@ def test_mndw_smaller_than_the_header(h):
 
 
 # -- errors ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("atype", [0x00, 0x01, 0x03, 0x10, 0x11, 0xFF])
+@pytest.mark.parametrize("atype", [0x00, 0x01, 0x03, 0x12, 0xFF])
 def test_other_action_types_are_invalid_field(h, atype):
     c = get_lba_status(h, 1, atype=atype)
     assert (c.sct, c.sc, c.dnr) == (0, Generic.INVALID_FIELD, True)

@@ -127,3 +127,29 @@ def test_deallocation_during_precopy_is_deallocated_on_the_destination(emu: Any)
     lbas = {lba for s, n in allocated for lba in range(s, s + n)}
     assert 4 * 8 not in lbas and 20 * 8 in lbas and 3 * 8 in lbas, allocated
     assert g.read(1, 4 * 8, 8).data == bytes(4096)
+
+
+def test_emulators_see_the_mmh_progress(emu: Any) -> None:
+    """The MMH reports its phase to both emulators' control sockets (issue 13:
+    the live migration's progress while one runs); `migration` shows it."""
+    from emulator.control import ControlClient
+    a, b = emu(config()), emu(config())
+    g = a.host(1, io_queues=1, qsize=32)
+    g.write(1, 0, b"\x5a" * 4096)
+    seen: dict[str, list[dict[str, Any]]] = {}
+
+    def check(engine: Engine) -> None:  # both controllers suspended, before the switch
+        for name, e in (("source", a), ("destination", b)):
+            c = ControlClient(str(e.config.control_path))
+            try:
+                seen[name] = c.call("migration")["reported"]
+            finally:
+                c.close()
+    engine = Engine(Endpoint("source", str(a.config.control_path), 1),
+                    Endpoint("destination", str(b.config.control_path), 1), before_switch=check)
+    report = engine.run()
+    assert report.ok, report.error
+    for name in ("source", "destination"):
+        assert len(seen[name]) == 1, seen
+        assert seen[name][0]["phase"] not in ("", "connect"), seen
+        assert seen[name][0]["bytes_copied"] >= 4096, seen

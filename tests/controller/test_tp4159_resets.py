@@ -69,9 +69,9 @@ def test_sanitize_is_refused_while_a_controller_is_suspended(lm: Lm) -> None:
 
 def test_sanitize_arguments(lm: Lm) -> None:
     h = lm.g
-    for sanact in (0, 3, 4, 5, 7):  # reserved, Overwrite, Crypto Erase, Exit Media Verification
+    for sanact in (0, 4, 5, 7):  # reserved, Crypto Erase, Exit Media Verification, reserved
         invalid_field(h.admin(AdminOpcode.SANITIZE, cdw10=sanact))
     invalid_field(h.admin(AdminOpcode.SANITIZE, cdw10=SANITIZE_BLOCK_ERASE | (1 << 9)))  # NDAS
     assert h.admin(AdminOpcode.SANITIZE, cdw10=0x1).ok  # Exit Failure Mode
     sanicap = struct.unpack_from("<I", h.identify(cns=1), 328)[0]
-    assert sanicap & 0x7 == 0x2 and sanicap >> 29 & 1  # BES, NDI
+    assert sanicap & 0x7 == 0x6 and sanicap >> 29 & 1  # BES, OWS, NDI

@@ -176,6 +176,12 @@ def test_the_three_scenarios_resolve(tmp_path: Path) -> None:
     assert (two.emulators[1].state_dir / ns_file).resolve() == (two.emulators[0].state_dir / "ns1.img").resolve()
 
 
+def test_two_namespaces_scenario_resolves(tmp_path: Path) -> None:
+    from emulator.subsystem.config import parse_config
+    sc = load_scenario(REPO / "qemu-configs/two-namespaces.yaml", tmp_path / "n")
+    cfg = parse_config(sc.emulators[0].config, tmp_path)
+    assert [ns.nsid for ns in cfg.namespaces] == [1, 2] and cfg.controllers[0].namespaces == (1, 2)
+    assert (cfg.subsystem.capacity, cfg.subsystem.max_namespaces) == (1 << 30, 8)
 def test_the_live_migration_scenario_resolves(tmp_path: Path) -> None:
     sc = load_scenario(REPO / "qemu-configs/live-migration.yaml", tmp_path / "l")
     assert sc.migrate == ["a", "b", "a", "b"] and [e.name for e in sc.emulators] == ["a", "b"]

@@ -255,6 +255,9 @@ DELETE = object()
     ("subsystem.firmware", 0.1, "subsystem.firmware: expected a string, got a number (0.1) (quote it)"),
     ("subsystem.firmware", "123456789", "subsystem.firmware: must be 1..8 printable ASCII characters"),
     ("subsystem.vendor", "x", "subsystem.vendor: unknown key"),
+    ("subsystem.capacity", "512KiB", "subsystem.capacity: 524288 is less than the namespaces' total size"),
+    ("subsystem.capacity", "lots", "subsystem.capacity: 'lots' is not a size"),
+    ("subsystem.max_namespaces", 1025, "subsystem.max_namespaces: must be in 0..1024, not 1025"),
     ("subsystem", ["x"], "subsystem: expected a mapping, got a list"),
     ("state_dir", 3, "state_dir: expected a string, got an integer (3) (quote it)"),
     ("statedir", "x", "statedir: unknown key (did you mean state_dir?)"),
@@ -300,3 +303,14 @@ def test_error_is_value_error_with_parts() -> None:
     err = exc.value
     assert isinstance(err, ConfigError)
     assert (err.path, err.reason) == ("controllers[0].mdts", "must be in 1..10, not 0")
+
+
+def test_capacity_and_max_namespaces() -> None:
+    data = base()
+    data["subsystem"] = {"capacity": "1GiB", "max_namespaces": 8}
+    data["namespaces"].append({"nsid": 5, "size": "1MiB"})
+    cfg = parse_config(data, Path("/cfg"))
+    assert (cfg.subsystem.capacity, cfg.subsystem.max_namespaces) == (1 << 30, 8)
+    assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict())), Path("/x")) == cfg
+    data["subsystem"]["max_namespaces"] = 4
+    assert error_of(data).startswith("subsystem.max_namespaces: 4 is less than nsid 5")
