@@ -113,12 +113,22 @@ class Namespace:
         marks cleared, and the namespace re-opened in the LBA format ``lba_size``.
         The tracked granule keeps its size in bytes, so TLBAAG follows the new LBA size."""
         granule = self.config.tlbaag * self.config.lba_size
+        before = self.config
         self.erase()
         offload.wait_idle()  # no worker thread may still use the old bitmap
         self.allocation.close()
         Path(str(self.path) + ".alloc").unlink(missing_ok=True)
-        self._open_format(replace(self.config, lba_size=lba_size,
-                                  tlbaag=max(1, granule // lba_size)))
+        try:
+            with file_errors("format"):  # a full file system: Capacity Exceeded
+                self._open_format(replace(self.config, lba_size=lba_size,
+                                          tlbaag=max(1, granule // lba_size)))
+        except BaseException:
+            # The new format's bitmap could not be set up: the namespace stays usable
+            # in its old format (the bitmap it just freed has room again), erased as
+            # the command's user data erase left it.
+            Path(str(self.path) + ".alloc").unlink(missing_ok=True)
+            self._open_format(before)
+            raise
 
     def erase(self) -> None:
         """Deallocate every LBA (Format user data erase, Sanitize Block Erase) and make it durable."""

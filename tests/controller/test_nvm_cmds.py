@@ -239,3 +239,29 @@ def test_sanitize_overwrite_arguments(e):
     assert err(h.admin(0x84, cdw10=0x3 | (1 << 9), cdw11=1)) == (0, Generic.INVALID_FIELD)  # NDAS: NDI
     assert err(h.admin(0x84, cdw10=0x4)) == (0, Generic.INVALID_FIELD)  # Crypto Erase: not in SANICAP
     assert struct.unpack_from("<I", h.identify(cns=1), 328)[0] & 0x4  # SANICAP.OWS
+
+
+def test_format_with_no_room_for_the_new_bitmap(e, monkeypatch):
+    """A full file system while Format NVM sets up the new format's allocation
+    bitmap: Capacity Exceeded (never Internal Error), and the namespace stays
+    usable in its old format, erased as the command asked (found by the soak)."""
+    import errno
+    from emulator.nvme import namespace as nsmod
+    h = e.host()
+    assert h.write(1, 0, b"\x11" * 4096).ok
+    real = nsmod.AllocationMap.open
+    calls = []
+
+    def full_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(nsmod.AllocationMap, "open", staticmethod(full_once))
+    c = h.format_nvm(1, lbaf=1, ses=1)
+    assert err(c) == (0, Generic.CAPACITY_EXCEEDED)
+    monkeypatch.setattr(nsmod.AllocationMap, "open", real)
+    assert h.identify(cns=0, nsid=1)[26] == 0  # still 512-byte LBAs
+    assert h.read(1, 0, 8).data == bytes(4096)  # the user data erase happened
+    assert h.write(1, 8, b"\x22" * 4096).ok and h.read(1, 8, 8).data == b"\x22" * 4096
+    assert h.format_nvm(1, lbaf=1, ses=0).ok  # and a later Format works
