@@ -209,10 +209,13 @@ class Engine:
         self._report_to_emulators()
 
     # Each emulator's control socket learns the MMH's progress (migration.progress;
-    # `nvme-emu status` shows it): on a phase change, else at most every REPORT_EVERY_S.
+    # `nvme-emu status` shows it): on a phase change, else at most every REPORT_EVERY_S,
+    # and never between Suspend and Resume.
     REPORT_EVERY_S = 0.25
 
     def _report_to_emulators(self) -> None:
+        if self.stage in ("suspended", "paused", "adopted"):
+            return  # the guest waits: no control round trips inside the downtime
         now = time.monotonic()
         p = self.progress
         if p.phase == self._phase_reported and now - self._t_reported < self.REPORT_EVERY_S:
