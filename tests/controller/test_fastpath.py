@@ -1,0 +1,265 @@
+"""The I/O fast path (emulator/nvme/fastpath.py): the same cases on the C and the Python
+implementation, through the host driver over vfio-user, and the same results as the normal
+path (``off``) where both can be compared."""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Iterator
+
+import pytest
+
+from cbind import build, ioq
+from emulator.host.driver import DOORBELL_BASE
+from emulator.host.memory import HostMemory
+from emulator.nvme import fastpath
+from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode
+from lba_status_helpers import scan
+from test_dma_remap import split_ram, take_cqes_without_doorbell
+
+CFG = {
+    "namespaces": [{"nsid": 1, "size": "16MiB", "lba_size": 512},
+                   {"nsid": 2, "size": "16MiB", "lba_size": 4096}],
+    "controllers": [{"cntlid": 1, "type": "io", "mdts": 10}],
+}
+
+
+@pytest.fixture(params=["c", "python"])
+def path(request: Any) -> Iterator[str]:
+    if request.param == "c" and ioq.LIB is None:
+        pytest.skip(f"C fast path not built ({build.why.get('ioq')}); a C compiler and cffi build it")
+    old = fastpath.set_path(request.param)
+    yield request.param
+    fastpath.set_path(old)
+
+
+def sealed_host(emu: Any, config: dict | None = None, qsize: int = 64, **kw: Any) -> Any:
+    """A host whose memory is sealed like QEMU's memfd backend: the fast path's case."""
+    e = emu(config or CFG, **kw)
+    return e, e.host(qsize=qsize, memory=HostMemory(32 << 20, sealed=True))
+
+
+def served(e: Any) -> dict[str, int]:
+    return e.call(lambda: dict(e.subsystem.controllers[1].fast.completed))
+
+
+def test_read_write_roundtrip_and_prp_shapes(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    for offset in (0, 4, 512, 4092):
+        for length in (512, 4096, 8192, 12288, 65536 + 512, 128 << 10):
+            data = os.urandom(length)
+            slba = (offset * 7 + length) % 20000
+            assert h.write(1, slba, data, buf_offset=offset).ok
+            c = h.read(1, slba, length // 512, buf_offset=(offset + 8) % 4096)
+            assert c.ok and c.data == data
+    big = os.urandom(4 << 20)  # MDTS: 1024 pages, a chained PRP list
+    assert h.write(1, 0, big, buf_offset=512).ok
+    assert h.read(1, 0, len(big) // 512).data == big
+    data = os.urandom(3 * 4096)
+    assert h.write(2, 5, data, lba_size=4096).ok and h.read(2, 5, 3, lba_size=4096).data == data
+    assert served(e)[path] >= 2 * 4 * 6 + 4
+
+
+def test_errors_get_the_normal_paths_statuses(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    nsze = (16 << 20) // 512
+    assert h.read(1, nsze - 1, 2).sc == Generic.LBA_OUT_OF_RANGE
+    assert h.write(1, nsze, b"x" * 512).sc == Generic.LBA_OUT_OF_RANGE
+    too_big = h.read(1, 0, (4 << 20) // 512 + 1)
+    assert (too_big.sct, too_big.sc) == (0, Generic.INVALID_FIELD)
+    assert h.read(3, 0, 1).sc == Generic.INVALID_NAMESPACE
+    outside = h.read(1, 0, 1, prp1=0x10_0000_0000)
+    assert (outside.sct, outside.sc) == (0, Generic.DATA_TRANSFER_ERROR)
+    outside_list = h.command(1, IoOpcode.READ, nsid=1, read_len=0, prp1=h.mem.alloc(4096),
+                             prp2=0x10_0000_0000, cdw12=63)  # 32 KiB: PRP2 is a list outside memory
+    assert (outside_list.sct, outside_list.sc) == (0, Generic.DATA_TRANSFER_ERROR)
+    bad_prp = h.command(1, IoOpcode.READ, nsid=1, prp1=h.mem.alloc(4096) + 2, cdw12=0)
+    assert bad_prp.sc == Generic.PRP_OFFSET_INVALID
+    errors = h.get_log_page(0x01, 64 * 5).data  # Error Information: newest first
+    assert struct.unpack_from("<QHH", errors, 0)[0] >= 6
+    assert h.read(1, 0, 1).ok  # and the next one is fast again
+    assert served(e)[path] >= 1
+
+
+def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    mem = h.mem
+    data = os.urandom(4096)
+    buf = mem.alloc(4096)
+    mem.write(buf, data)
+    q = h.queues[1]
+    # Build the batch by hand so that a single doorbell releases all of it.
+    from emulator.nvme.spec import pack_sqe
+    cmds = [
+        pack_sqe(IoOpcode.WRITE, cid=1, nsid=1, prp1=buf, cdw10=100, cdw12=7),
+        pack_sqe(IoOpcode.VERIFY, cid=2, nsid=1, cdw10=100, cdw12=7),  # (a Flush completes off the loop)
+        pack_sqe(IoOpcode.READ, cid=3, nsid=1, prp1=mem.alloc(4096), cdw10=100, cdw12=7),
+        pack_sqe(IoOpcode.WRITE_ZEROES, cid=4, nsid=1, cdw10=104, cdw12=1),
+        pack_sqe(IoOpcode.READ, cid=5, nsid=1, prp1=0x10_0000_0000, cdw10=100, cdw12=0),
+        pack_sqe(IoOpcode.WRITE, cid=6, nsid=1, prp1=buf, cdw10=200, cdw12=7 | (1 << 30)),  # FUA
+        pack_sqe(IoOpcode.READ, cid=7, nsid=1, prp1=mem.alloc(4096), cdw10=104, cdw12=7),
+        pack_sqe(IoOpcode.WRITE, cid=8, nsid=1, prp1=buf, cdw10=300, cdw12=7),
+    ]
+    for raw in cmds:
+        mem.write(q.sq_iova + q.sq_tail * 64, raw)
+        q.sq_tail = (q.sq_tail + 1) % q.size
+    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
+    got: list[Any] = []
+    import time
+    deadline = time.monotonic() + 10
+    while len(got) < len(cmds) and time.monotonic() < deadline:
+        got += take_cqes_without_doorbell(h, 1)
+    assert [c.cid for c in got] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [c.sqhd for c in got] == [(i + 1) % q.size for i in range(len(cmds))]
+    assert [c.sc for c in got] == [0, 0, 0, 0, Generic.DATA_TRANSFER_ERROR, 0, 0, 0]
+    h.t.mmio_write(DOORBELL_BASE + 3 * 4, 4, q.cq_head)
+    assert h.read(1, 100, 8).data == data[:2048] + bytes(1024) + data[3072:]  # Write Zeroes 104-105
+    assert h.read(1, 300, 8).data == data
+    assert served(e)[path] >= 4
+
+
+def test_cq_full_with_held_completions(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu, qsize=4)  # the CQ holds 3 entries
+    q, mem = h.queues[1], h.mem
+    data = os.urandom(512)
+    assert h.write(1, 7, data).ok
+    first = [h.submit(1, IoOpcode.READ, nsid=1, prp1=mem.alloc(4096), cdw10=7) for _ in range(3)]
+    got: list[Any] = []
+    while len(got) < 3:
+        got += take_cqes_without_doorbell(h, 1)
+    assert [c.cid for c in got] == first
+    bufs = [mem.alloc(4096) for _ in range(3)]
+    waiting = [h.submit(1, IoOpcode.READ, nsid=1, prp1=b, cdw10=7) for b in bufs]  # CQ full
+    h.t.mmio_write(DOORBELL_BASE + (2 * 1 + 1) * 4, 4, q.cq_head)  # free the slots
+    for cid, b in zip(waiting, bufs):
+        assert h.wait(1, cid).ok
+        assert mem.read(b, 512) == data
+    assert served(e)[path] >= 3
+
+
+def test_unmapped_queue_memory_waits_for_the_map(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu, qsize=16)
+    data = os.urandom(8192)
+    assert h.write(1, 100, data).ok
+    split_ram(h, h.queues[1].cq_iova - h.mem.iova)  # SQ and CQ in different pieces now
+    assert h.read(1, 100, 16).data == data
+    q, mem = h.queues[1], h.mem
+    bufs = [mem.alloc(4096) for _ in range(3)]
+    h.t.client.dma_unmap(mem.iova, mem.size)
+    cids = [h.submit(1, IoOpcode.READ, nsid=1, prp1=b, cdw10=100, cdw12=7) for b in bufs]
+    h.t.client.dma_map(mem.iova, mem.size, fd=mem.fd, offset=0, flags=0x3)
+    for cid, b in zip(cids, bufs):
+        assert h.wait(1, cid).ok
+        assert mem.read(b, 4096) == data[:4096]
+    assert h.t.mmio_read(0x1C, 4) & 0x2 == 0
+    assert served(e)[path] >= 3
+
+
+def _workload(h: Any) -> None:
+    for i in range(40):
+        n = 1 + (i * 7) % 24
+        assert h.write(1, (i * 997) % 30000, os.urandom(n * 512)).ok
+        assert h.write(2, (i * 131) % 4000, os.urandom(4096), lba_size=4096).ok
+    assert h.deallocate(1, [(0, 64)]).ok
+    for i in range(10):
+        assert h.read(1, i * 100, 8).ok
+
+
+def _observed(e: Any, h: Any) -> tuple[Any, ...]:
+    def grab() -> tuple[Any, ...]:
+        sub = e.subsystem
+        c = sub.controllers[1]
+        bits = tuple(bytes(sub.namespaces[n].allocation.bits) for n in (1, 2))
+        stats = {k: v for k, v in c.stats.items()}
+        ops = {o: list(v) for o, v in c.cmd_stats.io.ops.items()}
+        return bits, stats, ops, sum(c.cmd_stats.io.latency), c.xfer_bytes
+    got = e.call(grab)
+    lba = [scan(h, nsid) for nsid in (1, 2)]
+    return got + (lba,)
+
+
+def test_allocation_bitmap_stats_and_lba_status_equal_to_the_normal_path(emu: Any, path: str) -> None:
+    results = []
+    for p in (path, "off"):
+        fastpath.set_path(p)
+        e, h = sealed_host(emu)
+        _workload(h)
+        results.append(_observed(e, h))
+        if p != "off":
+            assert served(e)[p] > 0
+        else:
+            assert not any(served(e).values())
+        # the sidecar holds what memory holds (write-through)
+        def sidecar_equal() -> bool:
+            sub = e.subsystem
+            for n in (1, 2):
+                amap = sub.namespaces[n].allocation
+                raw = os.pread(amap.sidecar_fd, amap.bits.nbytes, 24)
+                if raw != bytes(amap.bits):
+                    return False
+            return True
+        assert e.call(sidecar_equal)
+        e.stop()
+    fastpath.set_path(path)
+    assert results[0] == results[1]
+
+
+def test_fallback_cases_are_served_by_the_normal_path(emu: Any, path: str) -> None:
+    # unsealed memory: the guarded copies
+    e = emu(CFG)
+    h = e.host(memory=HostMemory(32 << 20, sealed=False))
+    data = os.urandom(4096)
+    assert h.write(1, 8, data).ok and h.read(1, 8, 8).data == data
+    assert not any(served(e).values())
+    # every write visible as a DMA_WRITE message
+    e = emu(CFG, visible_writes="all")
+    h = e.host(memory=HostMemory(32 << 20, sealed=True), serve_dma=True)
+    assert h.write(1, 8, data).ok and h.read(1, 8, 8).data == data
+    assert not any(served(e).values())
+    # visible writes "boot" (the default): host memory above 1 MiB is written directly
+    e, h = sealed_host(emu)
+    assert h.write(1, 8, data).ok and h.read(1, 8, 8).data == data
+    assert served(e)[path] == 2
+
+
+def test_write_uncorrectable_marks_are_honoured(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    data = os.urandom(4096)
+    assert h.write(1, 0, data).ok
+    assert h.command(1, IoOpcode.WRITE_UNCORRECTABLE, nsid=1, cdw10=2, cdw12=0).ok
+    assert h.read(1, 0, 8).sct == 2  # Unrecovered Read Error
+    assert h.write(1, 0, data).ok  # heals the mark
+    assert h.read(1, 0, 8).data == data
+    assert h.read(1, 0, 8).ok
+
+
+def test_user_data_logging_falls_back(emu: Any, path: str) -> None:
+    from emulator.host.lm import MigrationHost
+    cfg = {"namespaces": [{"nsid": 1, "size": "16MiB"}],
+           "controllers": [{"cntlid": 1, "type": "io", "namespaces": [1]},
+                           {"cntlid": 2, "type": "mmc"}]}
+    e = emu(cfg)
+    g = e.host(1, memory=HostMemory(32 << 20, sealed=True))
+    m = MigrationHost(e.host(2))
+    q = m.udmq(1)
+    assert g.write(1, 0, os.urandom(512)).ok  # not logging: fast
+    before = served(e)[path]
+    assert before >= 1
+    assert m.log_start(q.cdqid).ok
+    assert g.write(1, 100, os.urandom(16 * 512)).ok
+    assert m.log_stop(q.cdqid).ok
+    got = m.drain(q)
+    assert [(x.nsid, x.slba, x.nlb) for x in got[1:-1]] == [(1, 100, 16)]
+    assert served(e)[path] == before
+
+
+def test_admin_commands_and_resets_between_fast_batches(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    data = os.urandom(4096)
+    assert h.write(1, 0, data).ok
+    assert h.admin(AdminOpcode.IDENTIFY, cdw10=1, read_len=4096).ok
+    h.delete_io_queue_pair(1)
+    h.create_io_queue_pair(1, qsize=8)
+    for i in range(20):  # wraps the 8-entry queues
+        assert h.read(1, 0, 8).data == data
+    assert served(e)[path] >= 20
