@@ -56,7 +56,8 @@ Per command (the command and all after it go to the normal path):
   * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
     fused commands; PSDT other than PRPs (SGLs);
   * a namespace not attached, or with Write Uncorrectable marks (a read must
-    fail, a write heals them);
+    fail, a write heals them), or whose data methods (read_into, write_from,
+    _transfer) are replaced on the instance or the class, or a subclass;
   * an LBA range past NSZE, a transfer past MDTS;
   * a PRP the normal path refuses (offsets, chains), or a data buffer, PRP
     list or part of it outside the direct regions: not mapped, mapped
@@ -80,12 +81,12 @@ from cbind.prp import merge_entries
 from emulator.nvme import allocation, io_cmds
 from emulator.nvme.cmdstats import LAT_BUCKETS
 from emulator.nvme.migration import cdq, udlog
+from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import CQE, SQE, IoOpcode
 
 if TYPE_CHECKING:
     from emulator.memory import MappedMemory
     from emulator.nvme.controller import Controller
-    from emulator.nvme.namespace import Namespace
     from emulator.nvme.state import CQState, SQState
 
 log = logging.getLogger("nvme.fastpath")
@@ -119,6 +120,23 @@ def set_path(path: str) -> str:
         raise ValueError(f"fast path {path!r} (one of {', '.join(PATHS)})")
     old, PATH = PATH, ("python" if path == "c" and ioq.LIB is None else path)
     return old
+
+
+# The data methods of Namespace the normal path goes through: replaced on the class or on
+# an instance (tests inject faults that way), or a subclass, and the fast path stays away.
+_NS_METHODS = ("read_into", "write_from", "_transfer")
+_NS_ORIGINAL = tuple(getattr(Namespace, m) for m in _NS_METHODS)
+
+
+def _plain(ns: Namespace) -> bool:
+    """A namespace the fast path may serve: no Write Uncorrectable marks, open, its data
+    methods the ones of this source."""
+    if type(ns) is not Namespace or ns.uncorrectable or ns.fd < 0:
+        return False
+    d = vars(ns)
+    if "read_into" in d or "write_from" in d or "_transfer" in d:
+        return False
+    return (Namespace.read_into, Namespace.write_from, Namespace._transfer) == _NS_ORIGINAL
 
 
 def _logging_active(ctrl: "Controller") -> bool:
@@ -249,9 +267,7 @@ class FastPath:
         if nsid not in ctrl.subsystem.attached(ctrl.cntlid):
             return None
         ns = ctrl.subsystem.namespaces.get(nsid)
-        if ns is None or ns.uncorrectable or ns.fd < 0:
-            return None
-        return ns
+        return ns if ns is not None and _plain(ns) else None
 
     def _bitmap(self, amap: Any) -> tuple[memoryview, memoryview]:
         got = self._bitmaps.get(id(amap))
@@ -451,7 +467,7 @@ class FastPath:
         eligible = []
         for nsid in ctrl.subsystem.attached(ctrl.cntlid):
             ns = nss.get(nsid)
-            if ns is not None and not ns.uncorrectable and ns.fd >= 0:
+            if ns is not None and _plain(ns):
                 amap = ns.allocation
                 eligible.append((nsid, ns, amap, ns.fd, ns.lba_shift, ns.nsze, amap.sidecar_fd))
         key = tuple(eligible)
