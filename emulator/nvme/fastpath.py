@@ -253,6 +253,8 @@ class FastPath:
             else:
                 path = "python"
                 n = self._run_py(sq, cq, lim, regions, min_write, rings[1], rings[2])
+            if n and not self.completed[path]:
+                log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
             self.completed[path] += n
             return n
         except Exception:  # a bug here must not stop the controller: the normal path goes on
