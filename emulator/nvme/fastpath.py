@@ -310,7 +310,7 @@ class FastPath:
                 sqv: memoryview, cqv: memoryview) -> int:
         ctrl = self.ctrl
         unpack_sqe = SQE.unpack_from
-        pack_cqe = CQE.pack_into
+        pack_cqe = CQE.pack
         preadv, pwritev = os.preadv, os.pwritev
         views_of = regions.views
         r = ctrl.state.regs
@@ -378,7 +378,11 @@ class FastPath:
                     writes += 1
                     wbytes += length
                 nhead = head + 1 if head + 1 < qsize else 0
-                pack_cqe(cqv, ctail << 4, 0, 0, nhead, sqid, cid, phase)
+                # One 16-byte copy, as queues.cq_post does: never struct.pack_into on the
+                # ring (it zeroes the entry first, and a host polling for phase 0 would
+                # take the zeroed entry for a completion).
+                o = ctail << 4
+                cqv[o:o + 16] = pack_cqe(0, 0, nhead, sqid, cid, phase)
                 head = nhead
                 ctail += 1
                 if ctail == csize:
