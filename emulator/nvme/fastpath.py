@@ -209,6 +209,7 @@ class FastPath:
         self._ns_c: Any = None
         self._ns_maps: list[Any] = []
         self._batch: Any = ioq.FFI.new("struct ioq_batch *") if ioq.LIB is not None else None
+        self._static: tuple[Any, ...] = ()  # what the batch's rarely changing fields were set from
         self._failed = False
         self.completed = {"c": 0, "python": 0}  # commands completed, by implementation
 
@@ -496,13 +497,19 @@ class FastPath:
         ctrl = self.ctrl
         b = self._batch
         nst = self._ns_table()
-        b.regions, b.nregions = regions.ctable, regions.n
-        b.ns, b.nns = nst, len(self._ns_maps)
-        b.sq_base, b.sq_size, b.sqid, b.sq_head, b.sq_tail = sq.base, sq.size, sq.qid, sq.head, sq.tail
-        b.cq_base, b.cq_size, b.cq_head, b.cq_tail, b.cq_phase = cq.base, cq.size, cq.head, cq.tail, cq.phase
         r = ctrl.state.regs
-        b.page_size = 1 << (12 + ((r.cc >> 7) & 0xF))
-        b.max_transfer, b.min_write, b.limit = ctrl.max_transfer, min_write, lim
+        static = (regions, nst, sq.qid, sq.base, sq.size, cq.base, cq.size, r.cc, ctrl.config.mdts,
+                  min_write)
+        if static != self._static:  # the fields that rarely change: set only then
+            b.regions, b.nregions = regions.ctable, regions.n
+            b.ns, b.nns = nst, len(self._ns_maps)
+            b.sq_base, b.sq_size, b.sqid = sq.base, sq.size, sq.qid
+            b.cq_base, b.cq_size = cq.base, cq.size
+            b.page_size = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
+            b.max_transfer, b.min_write = ctrl.max_transfer, min_write
+            self._static = static
+        b.sq_head, b.sq_tail, b.cq_head, b.cq_tail, b.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
+        b.limit = lim
         done: int = ioq.LIB.ioq_run(b)
         if done:
             sq.head, cq.tail, cq.phase = b.sq_head, b.cq_tail, b.cq_phase
