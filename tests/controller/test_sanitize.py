@@ -92,3 +92,33 @@ def test_global_data_erased(emu):
     assert status(h)[4] is False and status(other)[4] is False
     assert h.admin(SANITIZE, cdw10=OVERWRITE | (1 << 4), cdw11=PATTERN).ok
     assert status(other)[1:] == (san.SSTAT_COMPLETED, 1, OVERWRITE | (1 << 4), True)
+
+
+def test_controller_reset_during_a_sanitize_keeps_the_bookkeeping(emu, monkeypatch):
+    """A Controller Level Reset while the file work runs drops the completion (its queue is
+    gone) but not the rest: the bitmaps and the Sanitize Status log follow the files."""
+    import time
+
+    from emulator.nvme import namespace as ns_mod
+    e = emu(CFG)
+    h, other = e.host(1), e.host(2)
+    assert other.write(3, 0, b"\x5a" * 4096).ok
+    assert struct.unpack_from("<Q", other.identify(cns=0, nsid=3), 16)[0] == 8  # NUSE
+    started, go = threading.Event(), threading.Event()
+    real = ns_mod.Namespace.punch
+
+    def slow_punch(self, slba, nlb):  # on the worker thread
+        started.set()
+        assert go.wait(STEP)
+        real(self, slba, nlb)
+
+    monkeypatch.setattr(ns_mod.Namespace, "punch", slow_punch)
+    h.submit(0, SANITIZE, cdw10=BLOCK_ERASE)
+    assert started.wait(STEP)
+    h.disable()  # CC.EN 1 -> 0: Controller Level Reset of controller 1
+    go.set()
+    deadline = time.monotonic() + STEP
+    while status(other)[1] != san.SSTAT_COMPLETED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status(other)[1:] == (san.SSTAT_COMPLETED, 0, BLOCK_ERASE, True)
+    assert struct.unpack_from("<Q", other.identify(cns=0, nsid=3), 16)[0] == 0  # deallocated
