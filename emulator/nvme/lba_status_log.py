@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 FID_LBA_STATUS_INFO_ATTRIBUTES = 0x15  # LSIRI 15:0, LSIPI 31:16 (NVM CS 1.2 Figure 99)
 LSIPI = 1  # 100 ms units: the host may poll log 0Eh every 100 ms
 LSIRI_MASK = 0xFFFF  # the host sets LSIRI only
+_DEFAULT = (LSIPI << 16) | LSIPI  # LSIRI defaults to LSIPI
 INTERVAL_UNIT = 0.1  # seconds
 AEI_LBA_STATUS_ALERT = 0x05  # Notice: LBA Status Information Alert (NVM CS 1.2 Figure 89)
 RAE = 1 << 15  # Get Log Page CDW10 Retain Asynchronous Event
@@ -140,5 +141,4 @@ def _attributes_set(ctrl: "Controller", cmd: Command) -> Result:
     return value, 0
 
 
-_DEFAULT = (LSIPI << 16) | LSIPI  # LSIRI defaults to LSIPI
 LBA_STATUS_INFO_FEATURE = FeatureSpec(default=_DEFAULT, writable=LSIRI_MASK, set=_attributes_set)
