@@ -41,8 +41,10 @@ Controller and memory, for the whole call:
     (host-memory dirty tracking, TP4159 Track Send SEL 1h, memtrack.py),
     visible writes in mode ``all``, or DMA_WRITE messages still pending
     (emulator/vfio_user/dmawrite.py keeps the device's write order);
-  * an ``on_write`` observer other than TP4159 user-data change logging, or
-    that logging active for this controller (udlog.py: a UDMQ logging);
+  * an ``on_write`` observer other than TP4159 user-data change logging and
+    the Sanitize Status GDE bit, or one of these active for this controller
+    (udlog.py: a UDMQ logging; sanitize.py: GDE set, which a write clears);
+    vfio-user migration's dirty logging (devmig.py) is such an other one;
   * Read/Write handlers of the I/O table replaced;
   * the CQ missing, or holding completions (``CQState.held``: a full CQ
     whose entries wait for the host), or full (the normal path refreshes
@@ -78,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 from cbind import ioq
 from cbind.prp import merge_entries
-from emulator.nvme import allocation, io_cmds
+from emulator.nvme import allocation, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
 from emulator.nvme.migration import cdq, udlog
 from emulator.nvme.namespace import Namespace
@@ -139,13 +141,29 @@ def _plain(ns: Namespace) -> bool:
     return (Namespace.read_into, Namespace.write_from, Namespace._transfer) == _NS_ORIGINAL
 
 
+def _udlog_active(ctrl: "Controller") -> bool:
+    """udlog.on_write logs this controller's writes: a UDMQ for it is logging."""
+    found = cdq.udmq_of(ctrl)
+    return found is not None and found[1].logging
+
+
+def _gde_set(ctrl: "Controller") -> bool:
+    """sanitize.on_write acts on this controller's writes: its Sanitize Status has GDE set."""
+    record = ctrl.state.vendor.get(sanitize.VENDOR_KEY)
+    return record is not None and bool(record[0] & sanitize.SSTAT_GDE)
+
+
+# The on_write observers the fast path knows, and when each one would do something for a
+# plain Write; any other observer (vfio-user migration dirty logging, ...) sends every
+# command to the normal path.
+_OBSERVERS = {udlog.on_write: _udlog_active, sanitize.on_write: _gde_set}
+
+
 def _logging_active(ctrl: "Controller") -> bool:
     """True when an on_write observer must see this controller's writes."""
     for hook in ctrl.observers.on_write:
-        if hook is not udlog.on_write:
-            return True
-        found = cdq.udmq_of(ctrl)
-        if found is not None and found[1].logging:
+        active = _OBSERVERS.get(hook)
+        if active is None or active(ctrl):
             return True
     return False
 

@@ -285,6 +285,8 @@ MIRRORED = {
     "emulator.nvme.controller:Controller.data_segments": "ab16193fed02",
     "emulator.nvme.prp:prp_segments": "201bb9a86717",
     "emulator.nvme.queues:cq_post": "45f2612599c8",
+    "emulator.nvme.sanitize:on_write": "dbcc03526529",
+    "emulator.nvme.migration.udlog:on_write": "999ae6865588",
     "emulator.memory.mapped:MappedMemory._pieces": "1d5a32979da2",
 }
 
@@ -304,3 +306,17 @@ def test_the_mirrored_normal_path_code_is_unchanged() -> None:
     changed = {n: _source_hash(n) for n, h in MIRRORED.items() if _source_hash(n) != h}
     assert not changed, ("the fast path repeats what these do; check emulator/nvme/fastpath.py "
                          f"and cbind/ioq.c against them, then update MIRRORED: {changed}")
+
+
+def test_a_write_after_a_sanitize_clears_gde(emu: Any, path: str) -> None:
+    """Sanitize Status GDE set: the Write that clears it goes to the normal path; later ones are fast."""
+    e, h = sealed_host(emu)
+    assert h.admin(0x84, cdw10=0x2).ok  # Sanitize, Block Erase
+    sstat = lambda: struct.unpack_from("<HH", h.get_log_page(0x81, 512).data)[1]  # noqa: E731
+    assert sstat() & (1 << 8)
+    before = served(e)[path]
+    assert h.write(1, 0, os.urandom(4096)).ok
+    assert not sstat() & (1 << 8)
+    assert served(e)[path] == before
+    assert h.write(1, 8, os.urandom(4096)).ok
+    assert served(e)[path] == before + 1
