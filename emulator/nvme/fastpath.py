@@ -73,7 +73,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import struct
 import sys
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -13,7 +14,7 @@ from cbind import build, ioq
 from emulator.host.driver import DOORBELL_BASE
 from emulator.host.memory import HostMemory
 from emulator.nvme import fastpath
-from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode
+from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode, pack_sqe
 from lba_status_helpers import scan
 from test_dma_remap import split_ram, take_cqes_without_doorbell
 
@@ -91,7 +92,6 @@ def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) 
     mem.write(buf, data)
     q = h.queues[1]
     # Build the batch by hand so that a single doorbell releases all of it.
-    from emulator.nvme.spec import pack_sqe
     cmds = [
         pack_sqe(IoOpcode.WRITE, cid=1, nsid=1, prp1=buf, cdw10=100, cdw12=7),
         pack_sqe(IoOpcode.VERIFY, cid=2, nsid=1, cdw10=100, cdw12=7),  # (a Flush completes off the loop)
@@ -107,7 +107,6 @@ def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) 
         q.sq_tail = (q.sq_tail + 1) % q.size
     h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
     got: list[Any] = []
-    import time
     deadline = time.monotonic() + 10
     while len(got) < len(cmds) and time.monotonic() < deadline:
         got += take_cqes_without_doorbell(h, 1)
@@ -320,3 +319,20 @@ def test_a_write_after_a_sanitize_clears_gde(emu: Any, path: str) -> None:
     assert served(e)[path] == before
     assert h.write(1, 8, os.urandom(4096)).ok
     assert served(e)[path] == before + 1
+
+
+def test_memory_write_observers_see_every_write_so_the_fast_path_steps_aside(emu: Any, path: str) -> None:
+    """Host memory dirty tracking (TP4159 Track Send SEL 1h) watches device writes through
+    the memory's observers: while one is registered, Reads go to the normal path."""
+    e, h = sealed_host(emu)
+    data = os.urandom(4096)
+    assert h.write(1, 0, data).ok
+    seen: list[tuple[int, int]] = []
+    watch = lambda addr, n: seen.append((addr, n))  # noqa: E731
+    ctrl = e.subsystem.controllers[1]
+    e.call(lambda: ctrl.memory.observers.append(watch))
+    before = served(e)[path]
+    assert h.read(1, 0, 8).data == data
+    assert any(n == 4096 for _, n in seen) and served(e)[path] == before
+    e.call(lambda: ctrl.memory.observers.remove(watch))
+    assert h.read(1, 0, 8).data == data and served(e)[path] == before + 1
