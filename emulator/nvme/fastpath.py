@@ -54,6 +54,11 @@ Controller and memory, for the whole call:
     address (visible writes ``boot``: the first MiB).
   (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
 
+The cached views of the mapped regions are dropped whenever the controller's
+memory changes (the on_memory hook: attach, detach, DMA map) or its region
+list does (MappedMemory.generation), so they never keep an unmapped region or a
+gone client's memfd mapped.
+
 Per command (the command and all after it go to the normal path):
   * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
     fused commands; PSDT other than PRPs (SGLs);
@@ -229,6 +234,14 @@ class FastPath:
         self._static: tuple[Any, ...] = ()  # what the batch's rarely changing fields were set from
         self._failed = False
         self.completed = {"c": 0, "python": 0}  # commands completed, by implementation
+        ctrl.observers.on_memory.append(self._memory_changed)
+
+    def _memory_changed(self, ctrl: "Controller") -> None:
+        """A client attached, detached or mapped memory: drop the cached views of the old
+        regions, so that the mappings the memory closed are not kept alive by them."""
+        self.regions = None
+        self._rings.clear()
+        self._static = ()
 
     # ------------------------------------------------------------------ entry
     def run(self, sq: "SQState", limit: int | None) -> int:
@@ -236,6 +249,15 @@ class FastPath:
         path = PATH
         if path == "off":
             return 0
+        try:
+            return self._run(sq, limit, path)
+        except Exception:  # a bug here must not stop the controller: the normal path goes on
+            if not self._failed:
+                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
+            self._failed = True
+            return 0
+
+    def _run(self, sq: "SQState", limit: int | None, path: str) -> int:
         ctrl = self.ctrl
         memory = ctrl.memory
         direct = getattr(memory, "direct", None)
@@ -265,21 +287,15 @@ class FastPath:
                 return 0
             rings = self._rings[sq.qid] = (key, sqv, cqv)
         lim = _UNLIMITED if limit is None else limit
-        try:
-            if path == "c" and regions.ctable is not None:
-                n = self._run_c(sq, cq, lim, regions, min_write)
-            else:
-                path = "python"
-                n = self._run_py(sq, cq, lim, regions, min_write, rings[1], rings[2])
-            if n and not self.completed[path]:
-                log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
-            self.completed[path] += n
-            return n
-        except Exception:  # a bug here must not stop the controller: the normal path goes on
-            if not self._failed:
-                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", ctrl.cntlid)
-            self._failed = True
-            return 0
+        if path == "c" and regions.ctable is not None:
+            n = self._run_c(sq, cq, lim, regions, min_write)
+        else:
+            path = "python"
+            n = self._run_py(sq, cq, lim, regions, min_write, rings[1], rings[2])
+        if n and not self.completed[path]:
+            log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
+        self.completed[path] += n
+        return n
 
     # ------------------------------------------------------------------ shared
     def _namespace(self, nsid: int) -> "Namespace | None":

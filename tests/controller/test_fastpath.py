@@ -336,3 +336,24 @@ def test_memory_write_observers_see_every_write_so_the_fast_path_steps_aside(emu
     assert any(n == 4096 for _, n in seen) and served(e)[path] == before
     e.call(lambda: ctrl.memory.observers.remove(watch))
     assert h.read(1, 0, 8).data == data and served(e)[path] == before + 1
+
+
+def test_no_mapping_of_guest_memory_outlives_the_client(emu: Any, path: str) -> None:
+    """The fast path caches views of the mapped regions; when the client goes, they go
+    too, so the guest's memfd is not kept mapped (and allocated) by the emulator."""
+    name = f"fp-{path}-{os.getpid()}"
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if f"memfd:{name}" in line)
+    e = emu(CFG)
+    h = e.host(memory=HostMemory(8 << 20, sealed=True, name=name))
+    assert h.read(1, 0, 8).ok and served(e)[path] == 1
+    assert mappings() >= 2  # ours (the host's) and the emulator's
+    h.close()  # disconnects: the controller's memory goes
+    if h in e.hosts:
+        e.hosts.remove(h)
+    deadline = time.monotonic() + 10
+    while mappings() > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mappings() == 1
