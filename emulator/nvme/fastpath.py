@@ -54,10 +54,12 @@ Controller and memory, for the whole call:
     address (visible writes ``boot``: the first MiB).
   (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
 
-The cached views of the mapped regions are dropped whenever the controller's
-memory changes (the on_memory hook: attach, detach, DMA map) or its region
-list does (MappedMemory.generation), so they never keep an unmapped region or a
-gone client's memfd mapped.
+The region table is rebuilt whenever the controller's memory changes (the
+on_memory hook: attach, detach, DMA map) or its region list does
+(MappedMemory.generation).  It holds the regions' own views, which
+MappedMemory releases when it unmaps them; the views of rings and data
+buffers cut from them live for one call only, so the fast path never keeps an
+unmapped region or a gone client's memfd mapped.
 
 Per command (the command and all after it go to the normal path):
   * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
@@ -225,7 +227,6 @@ class FastPath:
     def __init__(self, ctrl: "Controller") -> None:
         self.ctrl = ctrl
         self.regions: _Regions | None = None
-        self._rings: dict[int, tuple[Any, ...]] = {}  # sqid -> (key, sq view, cq view)
         self._bitmaps: dict[int, tuple[Any, memoryview, memoryview]] = {}  # id(map) -> (map, words, bytes)
         self._ns_key: tuple[Any, ...] | None = None
         self._ns_c: Any = None
@@ -240,7 +241,6 @@ class FastPath:
         """A client attached, detached or mapped memory: drop the cached views of the old
         regions, so that the mappings the memory closed are not kept alive by them."""
         self.regions = None
-        self._rings.clear()
         self._static = ()
 
     # ------------------------------------------------------------------ entry
@@ -268,7 +268,6 @@ class FastPath:
         regions = self.regions
         if regions is None or regions.memory is not mm or regions.generation != mm.generation:
             regions = self.regions = _Regions(mm)
-            self._rings.clear()
         io = ctrl.tables.io
         if io.get(READ) is not io_cmds.read or io.get(WRITE) is not io_cmds.write:
             return 0
@@ -277,21 +276,18 @@ class FastPath:
         cq = ctrl.cqs.get(sq.cqid)
         if cq is None or cq.held:
             return 0
-        rings = self._rings.get(sq.qid)
-        key = (sq.base, sq.size, cq.qid, cq.base, cq.size, min_write)
-        if rings is None or rings[0] != key:
+        lim = _UNLIMITED if limit is None else limit
+        if path == "c" and regions.ctable is not None:
+            n = self._run_c(sq, cq, lim, regions, min_write)  # checks the rings itself
+        else:
+            # Views made per call, never kept: a kept view would keep the region's mapping
+            # alive after a DMA unmap (MappedMemory cannot close an mmap that has exports).
             sqv = regions.ring(sq.base, sq.size * 64, False)
             cqv = regions.ring(cq.base, cq.size * 16, True)
             if sqv is None or cqv is None or cq.base < min_write:
-                self._rings.pop(sq.qid, None)
                 return 0
-            rings = self._rings[sq.qid] = (key, sqv, cqv)
-        lim = _UNLIMITED if limit is None else limit
-        if path == "c" and regions.ctable is not None:
-            n = self._run_c(sq, cq, lim, regions, min_write)
-        else:
             path = "python"
-            n = self._run_py(sq, cq, lim, regions, min_write, rings[1], rings[2])
+            n = self._run_py(sq, cq, lim, regions, min_write, sqv, cqv)
         if n and not self.completed[path]:
             log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
         self.completed[path] += n

@@ -357,3 +357,18 @@ def test_no_mapping_of_guest_memory_outlives_the_client(emu: Any, path: str) -> 
     while mappings() > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert mappings() == 1
+
+
+def test_no_mapping_outlives_a_dma_unmap(emu: Any, path: str) -> None:
+    name = f"fpu-{path}-{os.getpid()}"
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if f"memfd:{name}" in line)
+    e = emu(CFG)
+    h = e.host(memory=HostMemory(8 << 20, sealed=True, name=name))
+    assert h.read(1, 0, 8).ok and served(e)[path] == 1
+    h.t.client.dma_unmap(h.mem.iova, h.mem.size)
+    assert mappings() == 1  # the reply came after the unmap: only the host's own mapping is left
+    h.t.client.dma_map(h.mem.iova, h.mem.size, fd=h.mem.fd, offset=0, flags=0x3)
+    assert h.read(1, 0, 8).ok and served(e)[path] == 2
