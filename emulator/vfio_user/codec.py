@@ -91,9 +91,12 @@ class Connection:
         self._accepts = {cmd: cls for cmd, cls in REQUEST_TYPES.items()
                          if (cmd in SERVER_REQUESTS) == (role is Role.CLIENT)}
         self._sends = frozenset(REQUEST_TYPES.keys() - self._accepts.keys())
-        self._buf = bytearray()
-        self._base = 0  # stream offset of _buf[0]
-        self._size = 0  # msg_size of the message at _buf[0] once its header is in, else 0
+        # Received bytes not yet handed out start at _buf[_pos]: a chunk as recvmsg returned
+        # it (bytes, no copy) or, while a message is incomplete, a bytearray collecting it.
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._rx = 0  # stream bytes received so far
+        self._size = 0  # msg_size of the message at _buf[_pos] once its header is in, else 0
         # (stream offset of the last byte of the chunk they came with, fds, control data truncated)
         self._fds: deque[tuple[int, list[int], bool]] = deque()
         self._eof = False
@@ -104,7 +107,8 @@ class Connection:
 
     # -- receiving ----------------------------------------------------------------
     def receive_data(self, data: bytes, fds: Iterable[int] = (), fds_truncated: bool = False) -> None:
-        """Feed what one recvmsg returned; ``data == b""`` is the end of the stream."""
+        """Feed what one recvmsg returned (any number of messages, or part of one);
+        ``data == b""`` is the end of the stream."""
         fds = list(fds)
         if self._error is not None or self._eof:
             close_fds(fds)
@@ -113,29 +117,84 @@ class Connection:
             self._eof = True
             close_fds(fds)
             return
+        if type(data) is not bytes:  # held without a copy below: must not change under us
+            data = bytes(data)
+        self._rx += len(data)
         if fds or fds_truncated:
-            self._fds.append((self._base + len(self._buf) + len(data) - 1, fds, fds_truncated))
-        self._buf += data
+            self._fds.append((self._rx - 1, fds, fds_truncated))
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):  # nothing left over: hold the chunk itself
+            self._buf, self._pos = data, 0
+        else:  # a partial message waits: append (a bytearray from here on)
+            if type(buf) is not bytearray:
+                buf = bytearray(memoryview(buf)[pos:])
+            elif pos:
+                del buf[:pos]
+            buf += data
+            self._buf, self._pos = buf, 0
         if not self._size:
             self._parse_header()
 
     def next_read_size(self) -> int:
-        """Bytes to ask recvmsg for: what remains of the current header or body (0: none now)."""
+        """Bytes to ask recvmsg for to complete the current header or body (0: none now).
+
+        Reading exactly that keeps every fd with its message; a reader may
+        ask for more (several messages in one read): the codec attributes fds
+        by stream position either way."""
         if self._error is not None or self._eof:
             return 0
+        have = len(self._buf) - self._pos
         if not self._size:
-            return p.HEADER_SIZE - len(self._buf)
-        return max(0, self._size - len(self._buf))
+            return p.HEADER_SIZE - have
+        return max(0, self._size - have)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out in a message."""
+        return len(self._buf) - self._pos
 
     @property
     def at_message_boundary(self) -> bool:
         """Nothing of a message is buffered (a connection may be handed over now)."""
-        return not self._buf and not self._fds and self._error is None
+        return self._pos >= len(self._buf) and not self._fds and self._error is None
+
+    def export_input(self) -> tuple[bytes, list[tuple[int, bool, list[int]]]]:
+        """What was received and not handed out yet, for a new owner of the stream:
+        (bytes, [(index of the last byte of the read that brought them, control data
+        truncated, dups of the fds)]).  This connection keeps its own copy."""
+        if self._error is not None:
+            raise self._error
+        start = self._rx - (len(self._buf) - self._pos)
+        entries: list[tuple[int, bool, list[int]]] = []
+        try:
+            for last, fds, cut in self._fds:
+                entries.append((last - start, cut, []))
+                for fd in fds:
+                    entries[-1][2].append(os.dup(fd))
+        except OSError:
+            close_fds(fd for _, _, dups in entries for fd in dups)
+            raise
+        return bytes(memoryview(self._buf)[self._pos:]), entries
+
+    def import_input(self, data: bytes, entries: Iterable[tuple[int, bool, list[int]]]) -> None:
+        """Take over :meth:`export_input`'s result (consumes its fds), as if it had been received
+        here.  ValueError (fds closed) for an entry outside ``data`` or out of order."""
+        entries = list(entries)
+        pos = 0
+        for i, (last, cut, fds) in enumerate(entries):
+            if not pos <= last < len(data):
+                close_fds(fd for _, _, rest in entries[i:] for fd in rest)
+                raise ValueError(f"buffered fds at byte {last} of {len(data)}")
+            self.receive_data(data[pos:last + 1], fds, cut)
+            pos = last + 1
+        if pos < len(data):
+            self.receive_data(data[pos:])
 
     def _parse_header(self) -> None:
-        if len(self._buf) < p.HEADER_SIZE:
+        pos = self._pos
+        if len(self._buf) - pos < p.HEADER_SIZE:
             return
-        msg_id, command, size, flags, _ = p.HEADER.unpack_from(self._buf)
+        msg_id, command, size, flags, _ = p.HEADER.unpack_from(self._buf, pos)
         kind = flags & p.FLAGS_TYPE_MASK
         if size < p.HEADER_SIZE or size > self.max_msg_size or kind not in (p.TYPE_COMMAND, p.TYPE_REPLY):
             self._fail(f"bad header (msg_id {msg_id}, command {command}, msg_size {size}, flags 0x{flags:x})")
@@ -147,7 +206,7 @@ class Connection:
         self._discard()
 
     def _discard(self) -> None:
-        self._buf.clear()
+        self._buf, self._pos = b"", 0
         self._size = 0
         while self._fds:
             close_fds(self._fds.popleft()[1])
@@ -155,29 +214,30 @@ class Connection:
     def next_event(self) -> Event:
         if self._error is not None:
             raise self._error
-        size, buf = self._size, self._buf
-        if not size or len(buf) < size:
+        size, buf, pos = self._size, self._buf, self._pos
+        if not size or len(buf) - pos < size:
             if self._eof:
                 self._discard()  # a partial message and its fds
                 return CLOSED
             return NEED_DATA
-        msg_id, command, _, flags, err = p.HEADER.unpack_from(buf)
-        if len(buf) == size:
-            raw = bytes(buf)
-            buf.clear()
+        msg_id, command, _, flags, err = p.HEADER.unpack_from(buf, pos)
+        end = pos + size
+        if type(buf) is bytes:
+            payload = memoryview(buf)[pos + p.HEADER_SIZE:end]  # no copy: bytes never change
         else:
-            raw = bytes(buf[:size])
-            del buf[:size]
-        self._base += size
+            payload = memoryview(bytes(memoryview(buf)[pos + p.HEADER_SIZE:end]))
+        self._pos = end
         fds: list[int] = []
         truncated = False
-        while self._fds and self._fds[0][0] < self._base:
-            _, more, cut = self._fds.popleft()
-            fds += more
-            truncated |= cut
+        if self._fds:
+            stop = self._rx - (len(buf) - end)  # stream offset just past this message
+            while self._fds and self._fds[0][0] < stop:
+                _, more, cut = self._fds.popleft()
+                fds += more
+                truncated |= cut
         self._size = 0
-        self._parse_header()
-        payload = memoryview(raw)[p.HEADER_SIZE:]
+        if len(buf) - end >= p.HEADER_SIZE:
+            self._parse_header()
         if flags & p.FLAGS_TYPE_MASK == p.TYPE_REPLY:
             return self._reply(msg_id, command, flags, err, payload, fds, truncated)
         return self._request(msg_id, command, flags, payload, fds, truncated)
