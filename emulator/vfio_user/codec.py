@@ -2,21 +2,23 @@
 
 Modelled on h11: the :class:`Connection` never touches a socket.  The
 transport feeds it what ``recvmsg`` returned (:meth:`receive_data`, an empty
-``data`` meaning end of stream) and asks :meth:`next_read_size` how much to
-read next -- never more than what remains of the current message, because
+``data`` meaning end of stream): any number of messages, or part of one.
 Linux hands out SCM_RIGHTS fds with the first byte of the sender's
-``sendmsg``: reading exactly the 16 header bytes, then exactly the body,
-keeps every fd with its message.  (If data of several messages does arrive in
-one chunk, the chunk's fds go to the message holding its last byte, which is
-where the kernel stops a read that picked up fds.)
+``sendmsg`` and ends a read right after the data that brought them, so the
+fds of a chunk go to the message holding its last byte (a reader that asks
+for exactly :meth:`next_read_size` bytes, header then body, gets the same
+attribution).
 
 :meth:`next_event` returns a request or reply message, an
 :class:`InvalidMessage` (the message was skipped, the stream is still in
 sync; answer it with an error reply if ``needs_reply``), ``NEED_DATA``, or
-``CLOSED``.  A header that cannot be trusted (msg_size < 16 or above the
+``CLOSED``; with ``posted_writes=True`` a server's posted REGION_WRITE of
+1-8 bytes (a doorbell) comes out as a plain :data:`PostedWrite` tuple, with
+no message object.  A header that cannot be trusted (msg_size < 16 or above the
 limit, unknown type bits) raises :class:`FatalProtocolError`, now and on every
 later call: drop the peer.  fds of anything that is not handed out inside a
-message are closed here.
+message are closed here.  :meth:`export_input` and :meth:`import_input` move
+what was received and not handed out yet to another connection (a hand-over).
 
 :meth:`send` turns a message into ``(bytes, fds)``, assigning request ids
 and enforcing the reply rules: only requests that asked for a reply get one,
@@ -70,7 +72,18 @@ class InvalidMessage:
         return not (self.is_reply or self.no_reply)
 
 
-Event = Message | InvalidMessage | _Sentinel
+# A posted (NO_REPLY) REGION_WRITE of 1-8 bytes, the hot message (a doorbell), as
+# (region, offset, data): decoded without a message object when the connection was
+# made with ``posted_writes=True``.
+PostedWrite = tuple[int, int, bytes]
+
+Event = Message | InvalidMessage | _Sentinel | PostedWrite
+
+_REGION_WRITE = int(p.Command.REGION_WRITE)
+_POSTED = p.TYPE_COMMAND | p.FLAG_NO_REPLY
+_REGION_ACCESS = p.REGION_ACCESS
+_SMALL_WRITE_HEAD = p.HEADER_SIZE + p.REGION_ACCESS.size
+_SMALL_WRITE = _SMALL_WRITE_HEAD + 8
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -84,8 +97,11 @@ def close_fds(fds: Iterable[int]) -> None:
 class Connection:
     """One end of a vfio-user stream, as ``role``."""
 
-    def __init__(self, role: Role, *, max_fds: int = p.MAX_MSG_FDS, max_msg_size: int = p.MAX_MSG_SIZE) -> None:
+    def __init__(self, role: Role, *, max_fds: int = p.MAX_MSG_FDS, max_msg_size: int = p.MAX_MSG_SIZE,
+                 posted_writes: bool = False) -> None:
         self.role = role
+        # a server's posted REGION_WRITEs of 1-8 bytes come out as PostedWrite tuples
+        self._posted = posted_writes and role is Role.SERVER
         self.max_fds = max_fds
         self.max_msg_size = max_msg_size
         self._accepts = {cmd: cls for cmd, cls in REQUEST_TYPES.items()
@@ -222,6 +238,15 @@ class Connection:
             return NEED_DATA
         msg_id, command, _, flags, err = p.HEADER.unpack_from(buf, pos)
         end = pos + size
+        if command == _REGION_WRITE and flags == _POSTED and size <= _SMALL_WRITE and self._posted \
+                and not self._fds:
+            offset, region, count = _REGION_ACCESS.unpack_from(buf, pos + p.HEADER_SIZE)
+            if count and count == size - _SMALL_WRITE_HEAD:  # else the general path rejects it
+                self._pos, self._size = end, 0
+                if len(buf) - end >= p.HEADER_SIZE:
+                    self._parse_header()
+                data = buf[end - count:end]
+                return region, offset, data if type(data) is bytes else bytes(data)
         if type(buf) is bytes:
             payload = memoryview(buf)[pos + p.HEADER_SIZE:end]  # no copy: bytes never change
         else:

@@ -290,8 +290,22 @@ class Session:
                          ev.errno, "" if ev.needs_reply else ", not answered")
         return m.ErrorReply(ev.command, ev.errno, msg_id=ev.msg_id) if ev.needs_reply else None
 
+    def posted_write(self, region: int, offset: int, data: bytes) -> None:
+        """A posted REGION_WRITE of 1-8 bytes (the codec's PostedWrite): straight to the
+        backend, as :meth:`handle` would, never answered (not even on error)."""
+        if not self.negotiated:
+            self.log.warning("REGION_WRITE before VERSION ignored")
+            return
+        try:
+            self.backend.region_write(region, offset, data)
+        except Exception as e:
+            self._log_failure(e, f"posted REGION_WRITE of region {region} at 0x{offset:x}")
+
     def _errno(self, e: Exception, msg: m.Message) -> int:
-        what = f"{p.command_name(msg.COMMAND)} {msg.msg_id}"
+        return self._log_failure(e, f"{p.command_name(msg.COMMAND)} {msg.msg_id}")
+
+    def _log_failure(self, e: Exception, what: str) -> int:
+        """Log a failed request; its errno."""
         if isinstance(e, MessageError):
             self.log.warning("%s failed: %s (errno %d)", what, e.reason, e.errno)
             return e.errno
