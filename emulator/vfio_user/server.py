@@ -268,10 +268,11 @@ class VfioUserServer:
                 except (BlockingIOError, InterruptedError):
                     return
                 conn.receive_data(data, fds, truncated)
-                if not self._process(c) or len(data) < size:
-                    # A short read found the socket empty (or stopped after a message's
-                    # fds): the loop calls again when more arrives.
+                if not self._process(c):
                     return
+                # Read on (until EAGAIN) even after a short read: a message that arrived
+                # while these were handled (the second of a doorbell pair) costs a
+                # recvmsg here, and a whole loop wakeup otherwise.
         except Exception as e:  # fatal protocol error, socket error, or a bug: drop this client only
             self._drop(c, e)
 
@@ -504,6 +505,11 @@ class VfioUserServer:
             c.reading = True
             self.loop.add_reader(c.fd, self._on_readable)
             self.loop.call_soon(self._resume)  # messages may already wait, read or not
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the client's socket and not handled yet (part of a message)."""
+        return self._client.conn.buffered if self._client is not None else 0
 
     @property
     def paused(self) -> bool:
