@@ -35,7 +35,7 @@ from typing import Iterable
 
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.messages import REPLY_TYPES, REQUEST_TYPES, SERVER_REQUESTS, ErrorReply, Message
-from emulator.vfio_user.protocol import FatalProtocolError, LocalProtocolError, MessageError
+from emulator.vfio_user.protocol import Buffer, FatalProtocolError, LocalProtocolError, MessageError
 
 
 class Role(enum.Enum):
@@ -322,6 +322,12 @@ class Connection:
     # -- sending -----------------------------------------------------------------------
     def send(self, msg: Message) -> tuple[bytes, list[int]]:
         """Encode ``msg``; a request without an id (-1) gets the next one."""
+        parts, _, fds = self.send_parts(msg)
+        return b"".join(parts), fds
+
+    def send_parts(self, msg: Message) -> tuple[list[Buffer], int, list[int]]:
+        """:meth:`send` without joining: (header and payload buffers, their total size, fds),
+        for a ``sendmsg`` with iovecs (no copy of a large payload)."""
         fds = msg.attached_fds()
         command = msg.COMMAND
         errno_ = 0
@@ -352,7 +358,7 @@ class Connection:
         size = p.HEADER_SIZE + sum(len(part) for part in parts)
         if size > self.max_msg_size:
             raise LocalProtocolError(f"{type(msg).__name__} of {size} bytes is over the message size limit")
-        return b"".join((p.HEADER.pack(msg.msg_id, command, size, flags, errno_), *parts)), fds
+        return [p.HEADER.pack(msg.msg_id, command, size, flags, errno_), *parts], size, fds
 
     def close(self) -> None:
         """Drop buffered data and close the fds that came with it."""

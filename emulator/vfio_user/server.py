@@ -41,7 +41,7 @@ from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessa
 from emulator.vfio_user.dmawrite import Mode
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
-from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
+from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk, send_parts
 
 
 MAX_WAITING = 4  # connections waiting for the attached client to leave
@@ -332,16 +332,16 @@ class VfioUserServer:
             self._drop(c, e)
 
     def _send(self, c: _Client, msg: Message) -> None:
-        data, fds = c.conn.send(msg)
+        parts, size, fds = c.conn.send_parts(msg)  # header and payload as iovecs: no copy
         if c.out:
-            c.out.append((memoryview(data), fds))
+            c.out.append((memoryview(b"".join(parts)), fds))
             return
         try:
-            sent = send_chunk(c.sock, data, fds)
+            sent = send_parts(c.sock, parts, fds)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        if sent < len(data):
-            c.out.append((memoryview(data)[sent:], [] if sent else fds))
+        if sent < size:  # (copied once, here, to keep what the socket did not take)
+            c.out.append((memoryview(b"".join(parts))[sent:], [] if sent else fds))
             self.loop.remove_reader(c.fd)
             self.loop.add_writer(c.fd, self._on_writable)
 
