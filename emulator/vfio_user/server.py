@@ -4,8 +4,8 @@ The socket layer reads up to ``READ_SIZE`` bytes per non-blocking
 ``recvmsg`` (several queued messages, e.g. the doorbell writes a guest rang
 in a row, in one system call); the codec keeps every fd with its message by
 stream position (Linux ends a read right after the data that brought fds).
-It drains everything available per wakeup (up to a budget, so that device
-timers on the same loop still run), hands each message to the
+It drains everything available per wakeup (up to a budget of messages, so that
+device timers on the same loop still run), hands each message to the
 :class:`~emulator.vfio_user.session.Session` strictly in arrival order and
 sends the replies.  A hand-over moves what was read and not handled yet
 (part of a message, and its fds) with the connection.  Output that does not fit the socket is queued and reading
@@ -79,7 +79,7 @@ class VfioUserServer:
         self.log = log or logging.getLogger(__name__)
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
-        self._budget = budget  # socket reads per wakeup
+        self._budget = budget  # messages handled per wakeup
         self.visible_writes = visible_writes  # device writes sent as DMA_WRITE (dmawrite.py)
         self._ancsize = ancillary_size(max_msg_fds)
         self._listener: socket.socket | None = None
@@ -253,13 +253,21 @@ class VfioUserServer:
 
     # -- the receive path ------------------------------------------------------------------
     def _on_readable(self) -> None:
+        """Handle what is buffered, then read and handle until the socket is empty, at most
+        ``budget`` messages per call (the rest after the loop's other work)."""
         c = self._client
-        if c is None:
+        if c is None or not c.reading:
             return
         conn = c.conn
         sock, ancsize = c.sock, self._ancsize
+        left = self._budget
         try:
-            for _ in range(self._budget):
+            while True:
+                left = self._process(c, left)
+                if left <= 0:
+                    if not left:  # budget spent: more may be buffered, come back soon
+                        self.loop.call_soon(self._on_readable)
+                    return
                 size = conn.next_read_size()
                 if size < READ_SIZE:
                     size = READ_SIZE
@@ -268,29 +276,30 @@ class VfioUserServer:
                 except (BlockingIOError, InterruptedError):
                     return
                 conn.receive_data(data, fds, truncated)
-                if not self._process(c):
-                    return
                 # Read on (until EAGAIN) even after a short read: a message that arrived
                 # while these were handled (the second of a doorbell pair) costs a
                 # recvmsg here, and a whole loop wakeup otherwise.
         except Exception as e:  # fatal protocol error, socket error, or a bug: drop this client only
             self._drop(c, e)
 
-    def _process(self, c: _Client) -> bool:
-        """Handle every whole message buffered; False once the client is gone, paused for
-        a hand-over or has output waiting (read no further now)."""
+    def _process(self, c: _Client, left: int) -> int:
+        """Handle up to ``left`` whole messages buffered; the budget left (0: spent), or -1
+        once the client is gone, paused for a hand-over or has output waiting."""
         conn, session = c.conn, c.session
         posted_write = session.posted_write
-        while c.reading:
+        while left > 0:
+            if not c.reading:
+                return -1
             ev = conn.next_event()
+            left -= 1
             if type(ev) is tuple:  # a posted write of 1-8 bytes, e.g. a doorbell: the hot path
                 posted_write(*ev)
                 continue
             if ev is NEED_DATA:
-                return not c.out and c.reading
+                return -1 if c.out else left + 1
             if ev is CLOSED:
                 self._drop(c, None)
-                return False
+                return -1
             if type(ev) is InvalidMessage:
                 reply = session.invalid(ev)
             else:
@@ -298,21 +307,8 @@ class VfioUserServer:
             if reply is not None:
                 self._send(c, reply)
             if self._client is not c:
-                return False
-        return False
-
-    def _resume(self) -> None:
-        """Reading starts again: messages buffered before, then the socket."""
-        c = self._client
-        if c is None or not c.reading:
-            return
-        try:
-            if not self._process(c):
-                return
-        except Exception as e:  # noqa: BLE001 - as in _on_readable
-            self._drop(c, e)
-            return
-        self._on_readable()
+                return -1
+        return 0
 
     # -- the send path ---------------------------------------------------------------------
     def _schedule_requests(self) -> None:
@@ -366,6 +362,7 @@ class VfioUserServer:
             return
         self.loop.remove_writer(c.fd)
         self.loop.add_reader(c.fd, self._on_readable)
+        self.loop.call_soon(self._on_readable)  # messages read before the pause may be buffered
 
     # -- disconnect, close, hand-over ------------------------------------------------------
     def _release(self, c: _Client) -> None:
@@ -504,7 +501,7 @@ class VfioUserServer:
         if not c.reading:
             c.reading = True
             self.loop.add_reader(c.fd, self._on_readable)
-            self.loop.call_soon(self._resume)  # messages may already wait, read or not
+            self.loop.call_soon(self._on_readable)  # messages may already wait, read or not
 
     @property
     def buffered(self) -> int:
