@@ -8,8 +8,8 @@ It drains everything available per wakeup (up to a budget of messages, so that
 device timers on the same loop still run), hands each message to the
 :class:`~emulator.vfio_user.session.Session` strictly in arrival order and
 sends the replies.  A hand-over moves what was read and not handled yet
-(part of a message, and its fds) with the connection.  Output that does not fit the socket is queued and reading
-pauses until it drains.  Any fatal protocol error, socket error or internal
+(part of a message, and its fds) with the connection.  Output that does not
+fit the socket is queued and reading pauses until it drains.  Any fatal protocol error, socket error or internal
 error drops that client only; the server then accepts the next one.  Device
 state lives in the backend and survives clients.
 
