@@ -15,29 +15,13 @@ from typing import Iterator
 
 import pytest
 
+from conftest import is_open
 from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.codec import NEED_DATA, Connection, Event, InvalidMessage, Role
 from emulator.vfio_user.protocol import FatalProtocolError
 
 TRIGGER = p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def efds() -> Iterator[list[int]]:
-    fds = [os.eventfd(0) for _ in range(4)]
-    yield fds
-    for fd in fds:
-        if is_open(fd):
-            os.close(fd)
 
 
 def kernel_reads(sends: list[tuple[bytes, list[int]]], sizes: Iterator[int]) -> list[tuple[bytes, list[int]]]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import socket
 from typing import Any
 
 import pytest
 
-from conftest import VENDOR_DEVICE, FakeBackend, assert_serves_fresh_client, connect
+from conftest import VENDOR_DEVICE, FakeBackend, assert_serves_fresh_client, connect, fired, guest_ram
 from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user import server as server_module
@@ -20,19 +19,6 @@ from emulator.vfio_user.testing import ServerThread
 
 CONFIG = p.PCI_CONFIG_REGION_INDEX
 TRIGGER_FD = p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER
-
-
-def fired(fd: int) -> int:
-    try:
-        return int.from_bytes(os.read(fd, 8), "little")
-    except BlockingIOError:
-        return 0
-
-
-def guest_ram(size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, size)
-    return fd, mmap.mmap(fd, size)
 
 
 def doorbell(i: int) -> m.RegionWriteRequest:
