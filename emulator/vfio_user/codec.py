@@ -325,6 +325,17 @@ class Connection:
         parts, _, fds = self.send_parts(msg)
         return b"".join(parts), fds
 
+    def posted_write(self, region: int, offset: int, data: bytes) -> bytes:
+        """A client's posted REGION_WRITE of 1-8 bytes, encoded without a message object
+        (the same bytes :meth:`send` makes of ``RegionWriteRequest(..., no_reply=True)``)."""
+        count = len(data)
+        if self.role is not Role.CLIENT or not 0 < count <= 8:
+            raise LocalProtocolError(f"not a client's posted write of 1-8 bytes ({count} bytes)")
+        msg_id = self._next_id
+        self._next_id = (msg_id + 1) & 0xFFFF
+        return (p.HEADER.pack(msg_id, _REGION_WRITE, _SMALL_WRITE_HEAD + count, _POSTED, 0)
+                + _REGION_ACCESS.pack(offset, region, count) + data)
+
     def send_parts(self, msg: Message) -> tuple[list[Buffer], int, list[int]]:
         """:meth:`send` without joining: (header and payload buffers, their total size, fds),
         for a ``sendmsg`` with iovecs (no copy of a large payload)."""

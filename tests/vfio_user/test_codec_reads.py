@@ -19,7 +19,7 @@ from conftest import is_open
 from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.codec import NEED_DATA, Connection, Event, InvalidMessage, Role
-from emulator.vfio_user.protocol import FatalProtocolError
+from emulator.vfio_user.protocol import FatalProtocolError, LocalProtocolError
 
 TRIGGER = p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER
 
@@ -185,4 +185,37 @@ def test_import_input_refuses_fds_outside_the_data(efds: list[int]) -> None:
     conn = Connection(Role.SERVER)
     with pytest.raises(ValueError):
         conn.import_input(b"\0" * 8, [(8, False, [efds[0]])])
+    assert not is_open(efds[0])
+
+
+def test_a_clients_posted_write_encodes_like_the_message() -> None:
+    fast, general = Connection(Role.CLIENT), Connection(Role.CLIENT)
+    for i, data in enumerate((b"\x01", b"\x01\x02", b"\x01\x02\x03\x04", bytes(range(8)))):
+        raw = fast.posted_write(0, 0x1000 + 8 * i, data)
+        assert raw == general.send(m.RegionWriteRequest(0, 0x1000 + 8 * i, data, no_reply=True))[0]
+        server = Connection(Role.SERVER, posted_writes=True)
+        assert events(server, [(raw, [])]) == [(0, 0x1000 + 8 * i, data)]
+    with pytest.raises(LocalProtocolError):
+        fast.posted_write(0, 0, bytes(9))
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.SERVER).posted_write(0, 0, b"\x01")
+
+
+def test_posted_writes_that_do_not_fit_the_fast_path_take_the_general_one(efds: list[int]) -> None:
+    """Zero bytes, more than 8, a count that disagrees with msg_size, fds on it, a replied write."""
+    client = Connection(Role.CLIENT)
+    head = p.HEADER.pack
+    empty = client.send(m.RegionWriteRequest(0, 0x1000, b"", no_reply=True))[0]
+    nine = client.send(m.RegionWriteRequest(0, 0x1000, bytes(9), no_reply=True))[0]
+    liar = head(50, p.Command.REGION_WRITE, 36, p.FLAG_NO_REPLY, 0) + p.REGION_ACCESS.pack(0x1000, 0, 8) + bytes(4)
+    replied = m.RegionWriteRequest(0, 0x1000, b"\x01\x00\x00\x00")
+    asked = client.send(replied)[0]
+    with_fd = client.send(m.RegionWriteRequest(0, 0x1004, b"\x02\x00\x00\x00", no_reply=True))[0]
+    server = Connection(Role.SERVER, posted_writes=True)
+    got = events(server, [(empty + nine + liar + asked, []), (with_fd, [efds[0]])])
+    assert isinstance(got[0], m.RegionWriteRequest) and got[0].data == b"" and got[0].no_reply
+    assert isinstance(got[1], m.RegionWriteRequest) and len(got[1].data) == 9
+    assert isinstance(got[2], InvalidMessage) and not got[2].needs_reply
+    assert got[3] == replied
+    assert isinstance(got[4], InvalidMessage) and not got[4].needs_reply  # fds on a write: refused
     assert not is_open(efds[0])
