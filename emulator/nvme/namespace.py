@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from cbind import fileops
 from emulator.memory import DmaError
-from emulator.nvme import offload
+from emulator.nvme import offload, persist
 from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.config import NamespaceConfig
 from emulator.nvme.spec import Generic, generic
@@ -245,8 +245,9 @@ class Namespace:
     @staticmethod
     def remove_stale(path: Path) -> None:
         """Files a deleted or crashed namespace left at ``path``: a new one starts empty."""
-        for p in (Path(path), Path(str(path) + ".alloc"), UncorrectableMarks.sidecar(Path(path))):
+        for p in (Path(path), Path(str(path) + ".alloc")):
             p.unlink(missing_ok=True)
+        persist.remove(UncorrectableMarks.sidecar(Path(path)))
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:
