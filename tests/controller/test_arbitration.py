@@ -82,6 +82,51 @@ def test_one_doorbell_is_split_and_sqs_take_turns(monkeypatch) -> None:  # type:
         assert len(h.reap(qid)) == 200
 
 
+def test_a_pass_is_bounded_by_bytes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Large transfers: a pass stops once TURN_BYTES have moved (eight 1 MiB reads per burst
+    would be 8 MiB), and an SQ of small commands still gets its turn between them."""
+    monkeypatch.setattr(ctrl_mod, "TURN_SECONDS", 3600.0)  # only the budgets cut a pass here
+    sub = Subsystem()
+    sub.namespaces[1] = Namespace(NamespaceConfig(1, Path(tempfile.mkdtemp()) / "ns.img", 64 << 20), sub.nqn)
+    ctrl = new_controller(ControllerConfig(1, namespaces=(1,), mdts=8), sub)
+    sub.controllers[1] = ctrl
+    h = NvmeHost(DirectTransport(ctrl, HostMemory(8 << 20)))
+    h.init(io_queues=2, qsize=256)
+    sched = ManualScheduler()
+    ctrl.scheduler = sched
+    sizes: list[tuple[int, int]] = []
+    execute = ctrl.execute
+
+    def spy(cmd):  # type: ignore[no-untyped-def]
+        x0 = ctrl.xfer_bytes
+        execute(cmd)
+        sizes.append((cmd.sqid, ctrl.xfer_bytes - x0))
+    ctrl.execute = spy  # type: ignore[method-assign]
+    mib = 1 << 20
+    buf = h.mem.alloc(mib)
+    p1, p2, _ = h.build_prps(buf, mib)
+    for _ in range(40):
+        h.submit(1, 0x02, 1, p1, p2, cdw12=mib // 512 - 1, ring=False)  # Read, 1 MiB
+        h.submit(2, 0x02, 1, buf, 0, cdw12=7, ring=False)  # Read, 4 KiB
+    h.ring_sq(1)
+    h.ring_sq(2)
+    passes = [list(sizes)]
+    while sched.soon:
+        before = len(sizes)
+        sched.run_one_turn()
+        passes.append(sizes[before:])
+    assert len(sizes) == 80
+    for p in passes:
+        big = [n for q, n in p if q == 1]
+        assert sum(n for _, n in p) <= ctrl_mod.TURN_BYTES + mib, p  # at most one command over
+        assert len(big) <= ctrl_mod.TURN_BYTES // mib, p
+    # SQ 2's small reads are not held back behind SQ 1's: the SQs take turns, pass by pass
+    served = [{q for q, _ in p} for p in passes]
+    last_small = max(i for i, qs in enumerate(served) if 2 in qs)
+    assert all(2 in served[i] or 2 in served[i + 1] for i in range(1, last_small)), served
+    assert len(h.reap(1)) == 40 and len(h.reap(2)) == 40
+
+
 def test_long_file_operations_run_off_the_loop(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A large deallocation, a Sanitize and a Flush do their blocking system calls on a worker
     thread; the command completes afterwards with the right status and effect."""
@@ -114,6 +159,45 @@ def test_long_file_operations_run_off_the_loop(emu, monkeypatch) -> None:  # typ
     assert kinds == {"punch", "fdatasync"}
     assert all(t != loop_thread for k, t in threads if k == "punch")
     assert any(t != loop_thread for k, t in threads if k == "fdatasync")
+
+
+def test_format_and_large_copy_run_off_the_loop(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Format NVM punches and syncs the namespace, and a Copy of a megabyte or more moves its
+    bytes, on a worker thread; the commands complete afterwards with their effect."""
+    import struct
+    import threading
+
+    from emulator.nvme import copy as copy_mod
+    from emulator.nvme import namespace as ns_mod
+    from emulator.nvme.spec import IoOpcode
+    threads: list[tuple[str, int]] = []
+    punch, copy_bytes = ns_mod.Namespace.punch, copy_mod.copy_bytes
+
+    def spy_punch(self, slba: int, nlb: int) -> None:  # type: ignore[no-untyped-def]
+        threads.append(("punch", threading.get_ident()))
+        punch(self, slba, nlb)
+
+    def spy_copy(*args: int) -> None:
+        threads.append(("copy", threading.get_ident()))
+        copy_bytes(*args)
+
+    e = emu({"namespaces": [{"nsid": 1, "size": "64MiB"}], "controllers": [{"cntlid": 1}]})
+    h = e.host()
+    loop_thread = e.call(threading.get_ident)
+    data = bytes(range(256)) * 8192  # 2 MiB
+    for k in range(0, len(data), 128 << 10):
+        assert h.write(1, k // 512, data[k:k + (128 << 10)]).ok
+    monkeypatch.setattr(ns_mod.Namespace, "punch", spy_punch)
+    monkeypatch.setattr(copy_mod, "copy_bytes", spy_copy)
+    ranges = struct.pack("<I4xQH", 0, 0, 2048 - 1) + bytes(14) + struct.pack("<I4xQH", 0, 2048, 2048 - 1) + bytes(14)
+    c = h.command(1, IoOpcode.COPY, nsid=1, data=ranges, cdw10=8192, cdw12=1)  # 2 ranges of 1 MiB
+    assert c.ok
+    assert h.read(1, 8192 + 100, 8).data == data[100 * 512:108 * 512]
+    assert [k for k, _ in threads] == ["copy", "copy"] and all(t != loop_thread for _, t in threads)
+    threads.clear()
+    assert h.format_nvm(1, lbaf=0, ses=1).ok
+    assert any(k == "punch" and t != loop_thread for k, t in threads)
+    assert h.read(1, 8192, 8).data == bytes(4096)  # erased
 
 
 def test_suspend_completes_offloaded_commands_first(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
