@@ -20,7 +20,7 @@ from emulator.reliability.target import Target
 def target() -> Iterator[Target]:
     t = Target().start()
     yield t
-    t.stop()
+    t.cleanup()
 
 
 # 2082: a lying header (one byte more than sent) followed by a DEVICE_RESET; the fuzzer used to
