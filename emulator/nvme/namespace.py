@@ -213,15 +213,13 @@ class Namespace:
     def flush_begin(self) -> Callable[[], None]:
         """The event-loop part of a flush; returns the blocking part (fdatasync of the
         data and the bitmap), safe on a worker thread."""
-        with file_errors("flush"):
-            fds = [self.fd, self.allocation.begin_save()]
+        fds = self.flush_files()
+        return lambda: sync_files(fds)
 
-        def sync() -> None:
-            with file_errors("flush"):
-                for fd in fds:
-                    if fd >= 0:
-                        os.fdatasync(fd)
-        return sync
+    def flush_files(self) -> list[int]:
+        """The event-loop part of a flush: the fds that :func:`sync_files` must sync."""
+        with file_errors("flush"):
+            return [fd for fd in (self.fd, self.allocation.begin_save()) if fd >= 0]
 
     def nuse(self) -> int:
         """Namespace Utilization in LBAs (allocated blocks)."""
@@ -248,6 +246,13 @@ class Namespace:
         for p in (Path(path), Path(str(path) + ".alloc")):
             p.unlink(missing_ok=True)
         persist.remove(UncorrectableMarks.sidecar(Path(path)))
+
+
+def sync_files(fds: list[int]) -> None:
+    """fdatasync each fd (the blocking part of a flush; safe on a worker thread)."""
+    with file_errors("flush"):
+        for fd in fds:
+            os.fdatasync(fd)
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:

@@ -41,16 +41,23 @@ class ManualScheduler:
         return len(due)
 
 
-def test_one_doorbell_is_split_and_sqs_take_turns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(ctrl_mod, "TURN_SECONDS", 3600.0)  # only the command budget cuts a pass here
+def _direct(sched: Any, ns_size: int = 1 << 20, io_queues: int = 2, **ctrl_kw: Any) -> tuple[Any, NvmeHost]:
+    """A controller on one namespace driven directly (no loop), ``sched`` as its scheduler
+    once the host has set up its queues: from then on it defers what does not fit a pass."""
     sub = Subsystem()
-    sub.namespaces[1] = Namespace(NamespaceConfig(1, Path(tempfile.mkdtemp()) / "ns.img", 1 << 20), sub.nqn)
-    ctrl = new_controller(ControllerConfig(1, namespaces=(1,)), sub)
+    sub.namespaces[1] = Namespace(NamespaceConfig(1, Path(tempfile.mkdtemp()) / "ns.img", ns_size), sub.nqn)
+    ctrl = new_controller(ControllerConfig(1, namespaces=(1,), **ctrl_kw), sub)
     sub.controllers[1] = ctrl
     h = NvmeHost(DirectTransport(ctrl, HostMemory(8 << 20)))
-    h.init(io_queues=2, qsize=256)
+    h.init(io_queues=io_queues, qsize=256)
+    ctrl.scheduler = sched
+    return ctrl, h
+
+
+def test_one_doorbell_is_split_and_sqs_take_turns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ctrl_mod, "TURN_SECONDS", 3600.0)  # only the command budget cuts a pass here
     sched = ManualScheduler()
-    ctrl.scheduler = sched  # from now on the controller defers what does not fit a pass
+    ctrl, h = _direct(sched)
     order: list[int] = []
     execute = ctrl.execute
     ctrl.execute = lambda cmd: (order.append(cmd.sqid), execute(cmd))[1]  # type: ignore[method-assign]
@@ -86,14 +93,8 @@ def test_a_pass_is_bounded_by_bytes(monkeypatch) -> None:  # type: ignore[no-unt
     """Large transfers: a pass stops once TURN_BYTES have moved (eight 1 MiB reads per burst
     would be 8 MiB), and an SQ of small commands still gets its turn between them."""
     monkeypatch.setattr(ctrl_mod, "TURN_SECONDS", 3600.0)  # only the budgets cut a pass here
-    sub = Subsystem()
-    sub.namespaces[1] = Namespace(NamespaceConfig(1, Path(tempfile.mkdtemp()) / "ns.img", 64 << 20), sub.nqn)
-    ctrl = new_controller(ControllerConfig(1, namespaces=(1,), mdts=8), sub)
-    sub.controllers[1] = ctrl
-    h = NvmeHost(DirectTransport(ctrl, HostMemory(8 << 20)))
-    h.init(io_queues=2, qsize=256)
     sched = ManualScheduler()
-    ctrl.scheduler = sched
+    ctrl, h = _direct(sched, 64 << 20, mdts=8)
     sizes: list[tuple[int, int]] = []
     execute = ctrl.execute
 
@@ -198,6 +199,45 @@ def test_format_and_large_copy_run_off_the_loop(emu, monkeypatch) -> None:  # ty
     assert h.format_nvm(1, lbaf=0, ses=1).ok
     assert any(k == "punch" and t != loop_thread for k, t in threads)
     assert h.read(1, 8192, 8).data == bytes(4096)  # erased
+
+
+def test_flushes_queued_together_share_one_sync(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A doorbell releasing 100 Flushes while the worker threads are busy: the Flushes join
+    one job (each arrived before it started, so one fdatasync covers them all) and all
+    complete successfully."""
+    import threading
+
+    from emulator.nvme import io_cmds, offload
+
+    class ThreadSafeScheduler(ManualScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+
+        def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+            with self.lock:
+                self.soon.append((fn, args))
+
+    sched = ThreadSafeScheduler()
+    ctrl, h = _direct(sched, io_queues=1)
+    syncs: list[list[int]] = []
+    real = io_cmds.sync_files
+    monkeypatch.setattr(io_cmds, "sync_files", lambda fds: (syncs.append(fds), real(fds))[1])
+    gate = threading.Event()
+    busy = [offload._pool.submit(gate.wait, 10) for _ in range(2)]  # both workers occupied
+    cids = [h.submit(1, 0x00, nsid=1, ring=False) for _ in range(100)]
+    h.ring_sq(1)
+    while sched.run_one_turn():
+        pass
+    gate.set()
+    for b in busy:
+        b.result()
+    offload.wait_idle()
+    while sched.run_one_turn():
+        pass
+    done = {c.cid: c for c in h.reap(1)}
+    assert sorted(done) == sorted(cids) and all(c.ok for c in done.values())
+    assert len(syncs) == 1, syncs
 
 
 def test_suspend_completes_offloaded_commands_first(emu, monkeypatch) -> None:  # type: ignore[no-untyped-def]
