@@ -332,9 +332,10 @@ def command_fuzz(path: str, seed: int, count: int, other: str | None = None) -> 
                     opc = 0x18  # held AERs would fill the admin queue
                 if opc in (0x41, 0x84):
                     cdw[0] &= ~0xFF  # no suspend / sanitize storms (parsing only)
-                if opc in (0x0D, 0x15) and cdw[0] & 0xF == 1 and nsid in (1, 2, 0xFFFFFFFF):
-                    nsid = rng.randrange(3, 0xFFFFFFFF)  # never delete or detach the namespaces the
-                    #                                     soak's kill and disk-full cycles rely on
+                if (opc == 0x15 or opc == 0x0D and cdw[0] & 0xF == 1) and nsid in (1, 2, 0xFFFFFFFF):
+                    nsid = rng.randrange(3, 0xFFFFFFFF)  # never delete, detach or attach the namespaces
+                    # the soak's kill and disk-full cycles rely on (namespace 2 attached to this
+                    # controller would take the fuzzed writes and Formats the soak's model knows nothing of)
             stats.inputs += 1
             try:
                 c = h.command(qid, opc, nsid=nsid, prp1=prp1, prp2=prp2, cdw10=cdw[0], cdw11=cdw[1],
