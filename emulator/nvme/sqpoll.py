@@ -42,6 +42,8 @@ SQs, through its own bounded arbiter passes (emulator/nvme/arbitration.py).
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
     from emulator.nvme.state import SQState
 
+log = logging.getLogger("nvme.sqpoll")
+_EXPERIMENT = os.environ.get("NVME_EMU_SQPOLL_EXPERIMENT", "")
 POLL = 0xFFFFFFFF  # the SQ EventIdx while polling: the host rings only at a wrap of its tail
 
 
@@ -63,12 +67,14 @@ class SqPoller:
         self.idle_ns = ctrl.config.sq_poll_idle_us * 1000
         self.clock: Callable[[], int] = time.monotonic_ns  # tests replace it
         self.polled: dict[int, int] = {}  # SQ id -> clock of the last new command seen
+        self.seen: dict[int, int] = {}  # polled SQ id -> its tail then
         self.armed: dict[int, int] = {}  # SQ id -> the tail its EventIdx was armed at
         self._handle: Any = None  # the scheduled turn, or None
         self._gen = 0  # a turn scheduled before stop() does nothing (a scheduler may not cancel)
         # Counters (not state): turns run, commands found by polling (no doorbell
         # message), re-arms, re-arms that found a racing submission.
         self.turns = self.found = self.rearms = self.races = 0
+        self.announced = False
 
     @property
     def active(self) -> bool:
@@ -79,8 +85,10 @@ class SqPoller:
         """``sq`` was processed after a doorbell or a kick: poll it if it brought new
         commands since its EventIdx was armed, else (re-)arm its EventIdx."""
         qid = sq.qid
-        if qid in self.polled:
-            return  # EventIdx is POLL already; the next turn looks again
+        if qid in self.polled:  # EventIdx is POLL already; the next turn looks again
+            if self.seen.get(qid) != sq.tail:  # commands came by doorbell (a wrap) or a kick
+                self.polled[qid], self.seen[qid] = self.clock(), sq.tail
+            return
         if self.armed.get(qid) == sq.tail and not self._arm(sq):
             return  # nothing new: armed again, as without polling
         if qid in self.ctrl.sqs:
@@ -96,7 +104,11 @@ class SqPoller:
         if cfg is None:
             return
         self.armed.pop(sq.qid, None)
-        self.polled[sq.qid] = self.clock()
+        self.polled[sq.qid], self.seen[sq.qid] = self.clock(), sq.tail
+        if not self.announced:  # once per controller: polling is in use
+            self.announced = True
+            log.info("ctrl %d: polling shadow SQ tails while busy (idle spell %d us)",
+                     self.ctrl.cntlid, self.idle_ns // 1000)
         dbbuf.set_sq_event_idx(self.ctrl, sq, POLL)
         self._schedule()
 
@@ -118,6 +130,7 @@ class SqPoller:
         """Forget every SQ (reset, shadow doorbells off); the EventIdx values stay as they are."""
         self.polled.clear()
         self.armed.clear()
+        self.seen.clear()
         self._gen += 1
         cancel = getattr(self._handle, "cancel", None)
         if cancel is not None:
@@ -138,6 +151,7 @@ class SqPoller:
             self.polled.clear()
             return
         now = self.clock()
+        got = False
         for qid, last in list(self.polled.items()):
             sq = ctrl.sqs.get(qid)
             if sq is None:
@@ -147,15 +161,25 @@ class SqPoller:
             if tail is not None and tail != sq.tail:
                 self.found += (tail - sq.tail) % sq.size
                 sq.tail = tail
-                self.polled[qid] = now
+                self.polled[qid], self.seen[qid] = now, tail
+                got = True
                 ctrl.process_sq(sq)
             elif now - last >= self.idle_ns:
                 self.rearms += 1
                 del self.polled[qid]
-                if self._arm(sq) and qid in ctrl.sqs:
-                    self._start(sq)  # a submission raced with the re-arm: still busy
-        ctrl.flush_interrupts()
-        if self.polled and ctrl.can_fetch():
+                if self._arm(sq):
+                    got = True
+                    if qid in ctrl.sqs:
+                        self._start(sq)  # a submission raced with the re-arm: still busy
+        if got:
+            ctrl.flush_interrupts()  # one interrupt per CQ for what this turn completed
+        if not ctrl.can_fetch():
+            self.polled.clear()  # as above: the wake that ends it goes through kick
+        elif self.polled:
+            if not got and _EXPERIMENT == "yield":
+                os.sched_yield()
+            elif not got and _EXPERIMENT == "sleep":
+                time.sleep(20e-6)
             self._schedule()
 
 
