@@ -145,7 +145,7 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
         with Guest(env, spec, wd / "guest") as g:
             g.start()
-            cpu = JobCpu(g.result.results, {"emu": emu.pid}).start()
+            cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
             try:
                 res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
             finally:
