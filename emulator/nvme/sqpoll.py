@@ -16,7 +16,8 @@ So, per I/O SQ of a controller whose ``sq_poll_idle_us`` is not 0:
   poller reads its shadow tail once per event-loop turn and runs what it
   finds.  With EventIdx 0xFFFF the test above is false for every ``old <=
   new``: the host rings only when its tail wraps (``new < old``), once per
-  lap of the queue (as SPDK's vfio-user target in poll mode does).
+  lap of the queue (as SPDK's vfio-user target in poll mode does).  A turn
+  that finds nothing naps briefly (``NAP_SECONDS``) before the next one.
 * **Idle spell.**  When ``sq_poll_idle_us`` passes without a new command on
   the SQ, the poller re-arms it: EventIdx := the processed tail, a full
   barrier, then the shadow tail is read again.  A submission that raced with
@@ -43,7 +44,6 @@ SQs, through its own bounded arbiter passes (emulator/nvme/arbitration.py).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
@@ -55,8 +55,14 @@ if TYPE_CHECKING:
     from emulator.nvme.state import SQState
 
 log = logging.getLogger("nvme.sqpoll")
-_EXPERIMENT = os.environ.get("NVME_EMU_SQPOLL_EXPERIMENT", "")
 POLL = 0xFFFFFFFF  # the SQ EventIdx while polling: the host rings only at a wrap of its tail
+# A turn that found nothing sleeps this long (plus the kernel's timer slack, 50 us by
+# default) before the loop's next iteration.  Spinning instead (asyncio cannot wait on
+# its sockets for less than 1 ms) made the emulator a CPU hog that, on a loaded machine,
+# waited behind other work for its time slice and lost more than polling gained
+# (docs/performance.md); a nap keeps it a sleeper that the scheduler wakes promptly.
+# Socket messages wait at most one nap per polling controller.
+NAP_SECONDS = 20e-6
 
 
 class SqPoller:
@@ -176,10 +182,8 @@ class SqPoller:
         if not ctrl.can_fetch():
             self.polled.clear()  # as above: the wake that ends it goes through kick
         elif self.polled:
-            if not got and _EXPERIMENT == "yield":
-                os.sched_yield()
-            elif not got and _EXPERIMENT == "sleep":
-                time.sleep(20e-6)
+            if not got:
+                time.sleep(NAP_SECONDS)  # nothing new: give the core away briefly (see NAP_SECONDS)
             self._schedule()
 
 
