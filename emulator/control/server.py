@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Union
 
 from emulator.control import wire
 from emulator.vfio_user.codec import close_fds
+from emulator.vfio_user.listener import accept_or_back_off
 from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_all
 
 
@@ -123,16 +124,11 @@ class ControlServer:
 
     def _on_accept(self) -> None:
         assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # e.g. EMFILE: back off instead of spinning on a readable listener
-            self.log.error("control accept failed: %s", e)
-            fd = self._listener.fileno()
-            self.loop.remove_reader(fd)
-            self.loop.call_later(0.1, lambda: self._listener is not None
-                                 and self.loop.add_reader(fd, self._on_accept))
+        fd = self._listener.fileno()
+        sock = accept_or_back_off(
+            self._listener, self.loop, self.log, "control accept",
+            lambda: self._listener is not None and self.loop.add_reader(fd, self._on_accept))
+        if sock is None:
             return
         sock.setblocking(False)
         self._count += 1

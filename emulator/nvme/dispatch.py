@@ -122,7 +122,7 @@ def command_tables(config: ControllerConfig) -> CommandTables:
         + ((identify_lm.identify_mmc_fields,) if mmc else ()),
         identify_nvm_controller=(lba_status.identify_ralbas, identify_lm.identify_lbamqf),
         identify_nvm_namespace=(lba_status.identify_tlbaag,),
-        on_write=(udlog.on_write,),
+        on_write=(udlog.on_write, sanitize.on_write),
         on_reset=(lifecycle.on_reset, sqpoll.on_reset),
         on_memory=(memtrack.on_memory, lifecycle.host_gone),
         # Doorbell Buffer Config depends on the subsystem (an MMC next to it) and the

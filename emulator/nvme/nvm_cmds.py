@@ -25,16 +25,13 @@ from typing import TYPE_CHECKING
 
 from emulator.nvme import copy as copier
 from emulator.nvme.tables import Result
-from emulator.nvme.features import AEC_LBA_STATUS_NOTICES
 from emulator.nvme.identify import COPY_MSRC, COPY_MSSRL
-from emulator.nvme.ns_mgmt import post_notice
+from emulator.nvme.lba_status_log import lba_status_changed
 from emulator.nvme.io_cmds import _data_args, _notify_write, _rw_args
 from emulator.nvme.spec import (
-    LID, Command, Generic, MediaError, NvmCommandSpecific, NvmeError, SCT, generic,
+    Command, Generic, MediaError, NvmCommandSpecific, NvmeError, SCT, generic,
     invalid_field, media,
 )
-
-AEI_LBA_STATUS_ALERT = 0x05  # Notice: LBA Status Information Alert (Base 2.1 Figure 150)
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -57,8 +54,7 @@ def write_uncorrectable(ctrl: "Controller", cmd: Command) -> Result:
     _notify_write(ctrl, ns, slba, nlb, False)
     sub = ctrl.subsystem
     for cntlid in sub.attached_controllers(ns.nsid):  # log 0Eh changed for each of them
-        post_notice(sub.controllers[cntlid], AEC_LBA_STATUS_NOTICES, AEI_LBA_STATUS_ALERT,
-                    LID.LBA_STATUS_INFORMATION)
+        lba_status_changed(sub.controllers[cntlid])
     return 0, 0
 
 

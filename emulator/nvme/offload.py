@@ -8,7 +8,8 @@ blocking part (``work``, file-only system calls: no controller state, no guest
 memory) to a small worker pool; ``then`` runs on the loop with the result
 (bitmap updates, notifications) and the command completes with the usual
 status mapping.  A Controller Level Reset while the work runs drops the
-completion (the queues it belonged to are gone).  :func:`drain` waits for a
+completion (the queues it belonged to are gone), but ``then`` still runs: the
+files have changed and the bookkeeping must follow them.  :func:`drain` waits for a
 controller's offloaded commands and completes them at once: TP4159 Suspend
 needs every fetched command complete before the controller is suspended.
 Without a thread-safe scheduler (a controller without a loop, as in direct
@@ -16,6 +17,7 @@ tests) both parts run at once.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from time import perf_counter_ns
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from emulator.nvme.tables import Result
 
 T = TypeVar("T")
+log = logging.getLogger("nvme.offload")
 
 _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvme-offload")
 _inflight: "weakref.WeakKeyDictionary[Controller, set[_Job]]" = weakref.WeakKeyDictionary()
@@ -48,17 +51,23 @@ class _Job:
         self.finished = True
         ctrl = self.ctrl
         _inflight.get(ctrl, set()).discard(self)
-        if ctrl.resets != self.resets:
-            return  # the controller was reset meanwhile: no queue to complete on
         assert self.future is not None
+        reset = ctrl.resets != self.resets
         dw0 = dw1 = 0
         try:
+            # Even after a reset: the files changed, so the bookkeeping (bitmaps, logs) follows.
             result = self.then(self.future.result())
             if result is not None:
                 dw0, dw1 = result
             status = 0
         except Exception as e:  # noqa: BLE001 - mapped to the command's status
+            if reset:
+                log.error("ctrl %d: offloaded opcode %#x failed after a reset", ctrl.cntlid,
+                          self.cmd.opc, exc_info=e)
+                return
             status, dw0, dw1 = ctrl.failure(self.cmd, e)
+        if reset:
+            return  # the controller was reset meanwhile: no queue to complete on
         ctrl.complete(self.cmd.sqid, self.cmd.cid, status, dw0, dw1)
         ctrl.cmd_stats.record(self.cmd.sqid, self.cmd.opc, status, self.nbytes, perf_counter_ns() - self.t0)
         ctrl.flush_interrupts()

@@ -42,7 +42,7 @@ from emulator.vfio_user.server import VfioUserServer
 from emulator.vfio_user.session import HandoverState
 
 if TYPE_CHECKING:
-    from emulator.subsystem.runtime import Runtime
+    from emulator.subsystem.parts import RuntimeParts
 
 PAUSE_TIMEOUT = 5.0  # seconds to wait for a message boundary
 RELEASE_GRACE = 1.0  # seconds a paused source waits for a release after its MMH went away
@@ -50,7 +50,7 @@ COMMIT_TIMEOUT = 2.0  # seconds the destination gives the source to answer the r
 
 
 class Handover:
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: "RuntimeParts") -> None:
         self.rt = runtime
         self.sources: dict[int, dict[str, Any]] = {}  # adopted cntlid -> the source to release
         # cntlid -> (control client, the session object) that paused / adopted it

@@ -21,13 +21,13 @@ from emulator.control import ControlServer, Request
 from emulator.control.server import ControlConnection
 
 if TYPE_CHECKING:
-    from emulator.subsystem.runtime import Runtime
+    from emulator.subsystem.parts import RuntimeParts
 
 _PROGRESS_KEY = "migration.progress"
 
 
 class MigrationView:
-    def __init__(self, rt: "Runtime") -> None:
+    def __init__(self, rt: "RuntimeParts") -> None:
         self.rt = rt
         self.reported: dict[int, dict[str, Any]] = {}   # control connection number -> progress
 
@@ -58,7 +58,7 @@ class MigrationView:
         self.reported.pop(conn.number, None)
 
 
-def view(rt: "Runtime", reported: list[dict[str, Any]]) -> dict[str, Any]:
+def view(rt: "RuntimeParts", reported: list[dict[str, Any]]) -> dict[str, Any]:
     from emulator.nvme.migration.model import MMC_KEY, TARGET_KEY, mmc_state, target_state
     ctrls, mmcs = [], []
     for cntlid, ctrl in sorted(rt.subsystem.controllers.items()):

@@ -1,9 +1,9 @@
 """What a running emulator is doing, as plain data: the ``status`` and ``stats``
 methods of the control socket (docs/management-socket.md describes every field).
 
-Both are plain functions of a :class:`Runtime` returning JSON-able dicts; they
-run on the runtime's event loop (the control server calls them there), so they
-read live objects without locks.
+Both are plain functions of the running emulator (``RuntimeParts``) returning
+JSON-able dicts; they run on the runtime's event loop (the control server calls
+them there), so they read live objects without locks.
 """
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 from emulator.control import ControlServer, MethodError, Request
 from emulator.nvme.spec import CC_EN, CC_SHN_MASK, CC_SHN_SHIFT, CSTS_RDY, CSTS_SHST_SHIFT
+from emulator.subsystem.migration_view import MigrationView
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
-    from emulator.subsystem.runtime import Runtime
+    from emulator.subsystem.parts import RuntimeParts
 
 SCHEMA_VERSION = 1
 _STARTED = time.monotonic()
 
 
-def _controller_status(rt: "Runtime", ctrl: "Controller") -> dict[str, Any]:
+def _controller_status(rt: "RuntimeParts", ctrl: "Controller") -> dict[str, Any]:
     regs = ctrl.state.regs
     server = rt.servers.get(ctrl.cntlid)
     creds = server.peer_credentials() if server is not None else None
@@ -50,7 +51,7 @@ def _controller_status(rt: "Runtime", ctrl: "Controller") -> dict[str, Any]:
     }
 
 
-def status(rt: "Runtime") -> dict[str, Any]:
+def status(rt: "RuntimeParts") -> dict[str, Any]:
     """Controllers (enabled, suspended, client, queues, namespaces) and capacity."""
     sub = rt.subsystem
     namespaces = []
@@ -72,7 +73,7 @@ def status(rt: "Runtime") -> dict[str, Any]:
     }
 
 
-def stats(rt: "Runtime", cntlid: int | None = None, reset: bool = False) -> dict[str, Any]:
+def stats(rt: "RuntimeParts", cntlid: int | None = None, reset: bool = False) -> dict[str, Any]:
     """Per controller: commands and bytes by opcode, errors by status, latency."""
     ctrls = sorted(rt.subsystem.controllers.items())
     if cntlid is not None:
@@ -86,7 +87,7 @@ def stats(rt: "Runtime", cntlid: int | None = None, reset: bool = False) -> dict
     return {"version": SCHEMA_VERSION, "time": time.time(), "controllers": out}
 
 
-def register(rt: "Runtime", control: ControlServer) -> None:
+def register(rt: "RuntimeParts", control: ControlServer) -> None:
     """Add ``status``, ``stats``, ``migration`` and ``migration.progress`` to the control socket."""
     def _status(req: Request) -> dict[str, Any]:
         _no_fds(req, ())
@@ -104,7 +105,6 @@ def register(rt: "Runtime", control: ControlServer) -> None:
 
     control.register("status", _status)
     control.register("stats", _stats)
-    from emulator.subsystem.migration_view import MigrationView
     MigrationView(rt).register(control)
 
 

@@ -20,9 +20,10 @@ from emulator.nvme.dispatch import new_controller
 from emulator.nvme.namespace import Namespace
 from emulator.pci.function import NvmePciFunction
 from emulator.pci.ids import NVME_EMU_VENDOR_ID
-from emulator.subsystem import nsstore
+from emulator.subsystem import monitor, nsstore
 from emulator.subsystem.config import SubsystemConfig
 from emulator.subsystem.devmig import NvmeDeviceMigration
+from emulator.subsystem.handover import Handover
 from emulator.subsystem.subsystem import Subsystem
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, Mode
 from emulator.vfio_user.migration import MigrationFeatures
@@ -73,9 +74,7 @@ class Runtime:
         self.subsystem.on_change = nsstore.save
         self.log = log
         self.control = ControlServer(config.control_path, loop)
-        from emulator.subsystem.handover import Handover
         Handover(self).register(self.control)
-        from emulator.subsystem import monitor
         monitor.register(self, self.control)
 
     def start(self) -> list[str]:

@@ -36,6 +36,7 @@ from emulator.vfio_user import protocol as p
 from emulator.vfio_user.backend import DeviceBackend
 from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, InvalidMessage, Role, close_fds
 from emulator.vfio_user.dmawrite import Mode
+from emulator.vfio_user.listener import accept_or_back_off
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
 from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
@@ -143,14 +144,8 @@ class VfioUserServer:
 
     def _on_accept(self) -> None:
         assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # e.g. EMFILE: back off instead of spinning on a readable listener
-            self.log.error("accept failed: %s", e)
-            self._accept(False)
-            self.loop.call_later(0.1, self._accept, True)
+        sock = accept_or_back_off(self._listener, self.loop, self.log, "accept", lambda: self._accept(True))
+        if sock is None:
             return
         if self._client is not None or self._waiting:
             self._hold(sock)

