@@ -281,3 +281,30 @@ def test_many_commands_racing_the_idle_spell_all_complete(emu: Any, idle_us: int
             assert h.wait(1, cid, timeout=10).ok
         if rnd % 3 == 0:
             time.sleep(idle_us * 1e-6 * (rnd % 7) / 3)
+
+
+def test_destination_serves_a_guest_left_with_the_poll_eventidx(emu: Any) -> None:
+    """The source polled (EventIdx 0xFFFFFFFF in guest memory) when it was suspended, and
+    the guest submitted meanwhile without ringing.  The destination, which does not poll,
+    runs that command at its Resume and arms EventIdx: the next submission rings there."""
+    from emulator.host.lm import MigrationHost
+    src, dst = emu(_lm_config(1_000_000)), emu(_lm_config(0))
+    g = NvmeHost(src.connect(IO))
+    src.hosts.append(g)
+    g.init(io_queues=1, qsize=64)
+    assert g.enable_shadow_doorbells().ok
+    assert g.read(1, 0, 1).ok and g.event_idx(1) == POLL
+    mmhs, mmhd = MigrationHost(src.host(MMC)), MigrationHost(dst.host(MMC))
+    assert mmhs.suspend(IO).ok
+    cid = g.submit(1, IoOpcode.READ, nsid=1, prp1=g.mem.alloc(4096))
+    assert g.sq_mmio == 1  # shadow only
+    state, _ = mmhs.get_state(IO)
+    assert mmhd.suspend(IO).ok
+    assert mmhd.set_state(IO, state).ok
+    source_transport = g.t
+    g.t = dst.connect(IO, memory=g.mem)
+    assert mmhd.resume(IO).ok
+    assert g.wait(1, cid).ok
+    assert g.event_idx(1) == dst.call(lambda: dst.subsystem.controllers[IO].sqs[1].tail)
+    assert g.read(1, 0, 1).ok and g.sq_mmio == 2
+    source_transport.close()
