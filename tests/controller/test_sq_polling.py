@@ -25,7 +25,7 @@ from emulator.nvme.dispatch import new_controller
 from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import IoOpcode
 from emulator.subsystem.subsystem import Subsystem
-from tp4159_common import IO, LM_CONFIG, MMC
+from tp4159_common import IO, LM_CONFIG, MMC, hand_over
 
 POLL = 0xFFFFFFFF
 IDLE_US = 500
@@ -298,12 +298,7 @@ def test_destination_serves_a_guest_left_with_the_poll_eventidx(emu: Any) -> Non
     assert mmhs.suspend(IO).ok
     cid = g.submit(1, IoOpcode.READ, nsid=1, prp1=g.mem.alloc(4096))
     assert g.sq_mmio == 1  # shadow only
-    state, _ = mmhs.get_state(IO)
-    assert mmhd.suspend(IO).ok
-    assert mmhd.set_state(IO, state).ok
-    source_transport = g.t
-    g.t = dst.connect(IO, memory=g.mem)
-    assert mmhd.resume(IO).ok
+    source_transport = hand_over(mmhs, mmhd, g, dst)
     assert g.wait(1, cid).ok
     assert g.event_idx(1) == dst.call(lambda: dst.subsystem.controllers[IO].sqs[1].tail)
     assert g.read(1, 0, 1).ok and g.sq_mmio == 2
