@@ -20,8 +20,8 @@ destination process while the guest runs, and returns a :class:`Report`:
    source's is deallocated and the whole allocated space copied again.
 3. Suspend (Migration Send SEL 0h, DUDMQ=1, so the queue is deleted after the
    ESA 011b marker: that ends the logging); the last ranges are copied.
-4. State: the source stops reading the guest's vfio-user connection at a
-   message boundary (control socket), Migration Receive gets the whole
+4. State: the source stops reading the guest's vfio-user connection (control
+   socket; a message it read in part moves with the connection), Migration Receive gets the whole
    controller state (NVMe-defined and vendor); Set Controller State on the
    destination (whose controller was suspended during the preparation).
 5. Hand-over: the connection, DMA and interrupt fds and the PCI function state

@@ -4,10 +4,20 @@ One event loop serves every controller of the process, so one controller's
 legal but heavy load (a doorbell releasing thousands of large reads) must not
 hold it.  SQs with work take turns, ``ARB_BURST`` commands each per round
 (Base 2.1 §3.4.4, Round Robin arbitration, with an Arbitration Burst of 8).
-A pass gives the loop back after ``TURN_COMMANDS`` commands or
-``TURN_SECONDS`` and continues in a later loop turn; a doorbell that arrives
-while a continuation is due only marks its SQ ready, so a controller runs at
-most one pass per loop turn however many doorbells its host rings.
+A pass gives the loop back after ``TURN_COMMANDS`` commands, ``TURN_BYTES``
+bytes of data transfer or ``TURN_SECONDS``, and continues in a later loop
+turn; a doorbell that arrives while a continuation is due only marks its SQ
+ready, so a controller runs at most one pass per loop turn however many
+doorbells its host rings.
+
+Bytes count as well as commands: eight 4 MiB reads are 32 MiB of copying.
+A burst is cut to the number of commands that fit the bytes left in the
+pass, estimated from the SQ's last burst (``Controller.xfer_bytes`` counts
+the data each command maps), so an SQ of large transfers runs one command
+per burst and the pass ends once ``TURN_BYTES`` have moved.  ``run_sq``
+itself only knows a command limit: a command is never split, and the
+estimate can be wrong by one burst when an SQ changes from small to large
+transfers (at most ``ARB_BURST`` commands of MDTS bytes).
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ if TYPE_CHECKING:
 
 ARB_BURST = 8
 TURN_COMMANDS = 64
+TURN_BYTES = 4 << 20
 TURN_SECONDS = 0.005
 
 
@@ -28,6 +39,7 @@ class Arbiter:
     def __init__(self, ctrl: "Controller") -> None:
         self.ctrl = ctrl
         self._ready: dict[int, None] = {}  # SQ ids with work, in round-robin order
+        self._per_command: dict[int, int] = {}  # SQ id -> bytes per command of its last burst
         self._in_pass = False
         self._scheduled = False
 
@@ -39,21 +51,37 @@ class Arbiter:
 
     def clear(self) -> None:
         self._ready.clear()
+        self._per_command.clear()
+
+    def _burst(self, qid: int, commands: int, nbytes: int) -> int:
+        """Commands SQ ``qid`` may run now: ``commands`` at most, and what ``nbytes`` allow."""
+        per = self._per_command.get(qid, TURN_BYTES)  # unknown SQ: one command to learn its size
+        return max(1, min(ARB_BURST, commands, nbytes // per if per else ARB_BURST))
 
     def _pass(self) -> None:
         ctrl = self.ctrl
         self._scheduled = False
         self._in_pass = True
-        budget, deadline = TURN_COMMANDS, time.monotonic() + TURN_SECONDS
+        commands, nbytes = TURN_COMMANDS, TURN_BYTES
+        deadline = time.monotonic() + TURN_SECONDS
         try:
-            while self._ready and budget > 0 and time.monotonic() < deadline:
+            while self._ready and commands > 0 and nbytes > 0 and time.monotonic() < deadline:
                 for qid in list(self._ready):
                     sq = ctrl.sqs.get(qid)
-                    done, more = ctrl.run_sq(sq, min(ARB_BURST, budget)) if sq is not None else (0, False)
-                    budget -= done
-                    if not more:
+                    if sq is None:
                         self._ready.pop(qid, None)
-                    if budget <= 0 or time.monotonic() >= deadline:
+                        continue
+                    x0 = ctrl.xfer_bytes
+                    done, more = ctrl.run_sq(sq, self._burst(qid, commands, nbytes))
+                    moved = ctrl.xfer_bytes - x0
+                    if done:
+                        self._per_command[qid] = moved // done
+                    commands -= done
+                    nbytes -= moved
+                    self._ready.pop(qid, None)
+                    if more:
+                        self._ready[qid] = None  # to the end: the next burst is the next SQ's
+                    if commands <= 0 or nbytes <= 0 or time.monotonic() >= deadline:
                         break
         finally:
             self._in_pass = False

@@ -250,7 +250,11 @@ class Controller:
             if qid:  # with shadow doorbells the buffer holds the newest head
                 dbbuf.refresh_cq_head(self, cq, arm=False)
             self.post_held(cq)
-            self.kick()  # SQs that waited for CQ space can go on
+            if qid == 0 or dbbuf.config(self) is not None or any(
+                    sq.cqid == qid and sq.head != sq.tail for sq in self.sqs.values()):
+                self.kick()  # SQs that waited for CQ space (or AERs, or shadow tails) can go on
+            else:
+                self.flush_interrupts()  # for what post_held posted
             return
         sq = self.sqs.get(qid)
         if sq is None or value >= sq.size:

@@ -10,7 +10,8 @@ fields are unused (no PI).
 ``copy_bytes`` uses copy_file_range(2), which lets the file system share or
 copy extents without the data passing through this process, and falls back to
 pread/pwrite where the kernel refuses (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP).  It
-depends on file descriptors only, so it can run off the event loop.
+depends on file descriptors only, so it can run off the event loop: a Copy of
+``OFFLOAD_COPY`` bytes or more does (nvm_cmds.copy).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import struct
 DESCRIPTOR_FORMATS = {0x0: (32, False), 0x1: (40, False), 0x2: (32, True), 0x3: (40, True)}
 RANGE_HEAD = struct.Struct("<I4xQH")  # SNSID (formats 2h/3h), SLBA, NLB (0's based)
 _CHUNK = 1 << 20
+# A copy this large (bytes) runs on a worker thread, off the event loop (MCL allows gigabytes).
+OFFLOAD_COPY = 1 << 20
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
 
 
@@ -54,3 +57,13 @@ def copy_bytes(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int
                 k = os.pwrite(dst_fd, view, off)
                 view, off = view[k:], off + k
         src_off, dst_off, length = src_off + n, dst_off + n, length - n
+
+
+def copy_ranges(pieces: list[tuple[int, int, int]], dst_fd: int, dst_off: int, sync: bool) -> None:
+    """Copy each (source fd, offset, length) of ``pieces`` in turn to ``dst_fd`` from ``dst_off``;
+    ``sync``: fdatasync the destination afterwards (FUA)."""
+    for src_fd, src_off, length in pieces:
+        copy_bytes(src_fd, src_off, dst_fd, dst_off, length)
+        dst_off += length
+    if sync:
+        os.fdatasync(dst_fd)

@@ -15,19 +15,22 @@
 * Refused while a controller with the namespace attached is suspended or is
   having its user data changes logged (see ns_mgmt.refuse_under_migration).
 
-The work is a function of the namespace alone (``format_namespace``) so that
-it can move off the event loop.
+The erase (punching the whole backing file and syncing it) runs on a worker
+thread (emulator/nvme/offload.py); the new format is set up on the loop when
+it returns (``format_namespace``), and the command completes then.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from emulator.nvme.tables import Result
 from emulator.nvme.config import LBA_FORMATS
 from emulator.nvme.ns_mgmt import notify_changed, refuse_under_migration
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
-    BROADCAST_NSID, Command, CommandSpecific, invalid_field, specific,
+    BROADCAST_NSID, Command, CommandSpecific, Generic, generic, invalid_field, specific,
 )
 
 if TYPE_CHECKING:
@@ -64,11 +67,25 @@ def format_nvm(ctrl: "Controller", cmd: Command) -> Result:
             raise specific(CommandSpecific.INVALID_FORMAT,
                            f"namespace {ns.nsid}: {ns.config.size} bytes is not a multiple of {lba_size}")
         refuse_under_migration(sub, ns.nsid)
-    for ns in namespaces:
-        changed = format_namespace(ns, lba_size, ses)
-        for hook in ctrl.observers.on_write:  # the whole namespace changed
-            hook(ctrl, ns.nsid, 0, ns.nsze, True)
-        if changed:
-            notify_changed(sub, sub.attached_controllers(ns.nsid), ns.nsid)
-    sub.changed()
-    return 0, 0
+
+    def erase() -> None:  # on a worker thread: file operations only
+        for ns in namespaces:
+            ns.punch(0, ns.nsze)
+            os.fdatasync(ns.fd)
+
+    def then(_: None) -> Result:  # on the loop: the bitmaps, marks and formats
+        live = [ns for ns in namespaces if sub.namespaces.get(ns.nsid) is ns]  # not deleted meanwhile
+        if not live:
+            raise generic(Generic.INVALID_NAMESPACE, f"NSID {cmd.nsid:#x} deleted during Format NVM")
+        for ns in live:
+            changed = format_namespace(ns, lba_size, ses)
+            for hook in ctrl.observers.on_write:  # the whole namespace changed
+                hook(ctrl, ns.nsid, 0, ns.nsze, True)
+            if changed:
+                notify_changed(sub, sub.attached_controllers(ns.nsid), ns.nsid)
+        sub.changed()
+        return 0, 0
+
+    # Punching a large namespace full of extents takes seconds in the kernel: off the loop.  What
+    # is written meanwhile is erased again by format_namespace (a cheap punch of few extents).
+    return offload(ctrl, cmd, erase, then)

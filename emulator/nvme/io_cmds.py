@@ -6,7 +6,8 @@ import struct
 from typing import TYPE_CHECKING
 
 from emulator.nvme.tables import Result
-from emulator.nvme.offload import offload
+from emulator.nvme.namespace import sync_files
+from emulator.nvme.offload import offload, sync_shared
 from emulator.nvme.spec import (
     BROADCAST_NSID, Command, Generic, MediaError, generic, invalid_field, media,
 )
@@ -66,11 +67,11 @@ def write(ctrl: "Controller", cmd: Command) -> Result:
 
 def flush(ctrl: "Controller", cmd: Command) -> Result:
     if cmd.nsid == BROADCAST_NSID:  # VWC bits 2:1 = 11b
-        syncs = [ns.flush_begin() for ns in ctrl.attached_namespaces()]
+        fds = [fd for ns in ctrl.attached_namespaces() for fd in ns.flush_files()]
     else:
-        syncs = [ctrl.namespace(cmd.nsid).flush_begin()]
-    # fdatasync can take long on a busy disk: off the loop
-    return offload(ctrl, cmd, lambda: [sync() for sync in syncs], lambda _: (0, 0))
+        fds = ctrl.namespace(cmd.nsid).flush_files()
+    # fdatasync can take long on a busy disk: off the loop, one sync for the Flushes queued meanwhile
+    return sync_shared(ctrl, cmd, fds, sync_files)
 
 
 def write_zeroes(ctrl: "Controller", cmd: Command) -> Result:

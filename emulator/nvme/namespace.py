@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from cbind import fileops
 from emulator.memory import DmaError
-from emulator.nvme import offload
+from emulator.nvme import offload, persist
 from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.config import NamespaceConfig
 from emulator.nvme.spec import Generic, generic
@@ -213,15 +213,13 @@ class Namespace:
     def flush_begin(self) -> Callable[[], None]:
         """The event-loop part of a flush; returns the blocking part (fdatasync of the
         data and the bitmap), safe on a worker thread."""
-        with file_errors("flush"):
-            fds = [self.fd, self.allocation.begin_save()]
+        fds = self.flush_files()
+        return lambda: sync_files(fds)
 
-        def sync() -> None:
-            with file_errors("flush"):
-                for fd in fds:
-                    if fd >= 0:
-                        os.fdatasync(fd)
-        return sync
+    def flush_files(self) -> list[int]:
+        """The event-loop part of a flush: the fds that :func:`sync_files` must sync."""
+        with file_errors("flush"):
+            return [fd for fd in (self.fd, self.allocation.begin_save()) if fd >= 0]
 
     def nuse(self) -> int:
         """Namespace Utilization in LBAs (allocated blocks)."""
@@ -245,8 +243,16 @@ class Namespace:
     @staticmethod
     def remove_stale(path: Path) -> None:
         """Files a deleted or crashed namespace left at ``path``: a new one starts empty."""
-        for p in (Path(path), Path(str(path) + ".alloc"), UncorrectableMarks.sidecar(Path(path))):
+        for p in (Path(path), Path(str(path) + ".alloc")):
             p.unlink(missing_ok=True)
+        persist.remove(UncorrectableMarks.sidecar(Path(path)))
+
+
+def sync_files(fds: list[int]) -> None:
+    """fdatasync each fd (the blocking part of a flush; safe on a worker thread)."""
+    with file_errors("flush"):
+        for fd in fds:
+            os.fdatasync(fd)
 
 
 def _iov_chunks(views: list[memoryview]) -> list[list[memoryview]]:

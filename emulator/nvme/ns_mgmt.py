@@ -178,8 +178,8 @@ def delete_namespace(sub: "Subsystem", nsid: int) -> None:
     ns = sub.namespaces.pop(nsid)
     ns.destroy()
     log.info("namespace %d deleted", nsid)
-    sub.changed()
     notify_changed(sub, holders, nsid)
+    sub.changed()  # last: a full file system makes it Capacity Exceeded (subsystem.py)
 
 
 # ------------------------------------------------------------------ Namespace Attachment
@@ -215,6 +215,6 @@ def namespace_attachment(ctrl: "Controller", cmd: Command) -> Result:
             sub.attached(cntlid).discard(nsid)
     log.info("namespace %d %s controllers %s", nsid, "attached to" if sel == SEL_ATTACH
              else "detached from", ids)
-    sub.changed()
     notify_changed(sub, ids, nsid)
+    sub.changed()
     return 0, 0

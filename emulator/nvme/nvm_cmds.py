@@ -17,7 +17,9 @@ Write Uncorrectable (04h), Compare (05h), Verify (0Ch) and Copy (19h).
   controller (Invalid Namespace or Format) and share the destination's LBA
   size (Incompatible Namespace or Format, 85h).  A source range that overlaps
   the destination range is Overlapping I/O Range (87h).  Every check happens
-  before any byte moves.
+  before any byte moves.  A copy of ``copy.OFFLOAD_COPY`` bytes or more moves
+  them on a worker thread (emulator/nvme/offload.py); a full file system is
+  Capacity Exceeded.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from emulator.nvme.tables import Result
 from emulator.nvme.identify import COPY_MSRC, COPY_MSSRL
 from emulator.nvme.lba_status_log import lba_status_changed
 from emulator.nvme.io_cmds import _data_args, _notify_write, _rw_args
+from emulator.nvme.namespace import file_errors
+from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
     Command, Generic, MediaError, NvmCommandSpecific, NvmeError, SCT, generic,
     invalid_field, media,
@@ -106,14 +110,25 @@ def copy(ctrl: "Controller", cmd: Command) -> Result:
         check_readable(src, slba, nlb)
         sources.append((src, slba, nlb))
     shift = dst.lba_shift
-    at = sdlba
-    for src, slba, nlb in sources:
-        copier.copy_bytes(src.fd, slba << shift, dst.fd, at << shift, nlb << shift)
-        at += nlb
-    dst.allocation.mark_allocated(sdlba, total)
-    if dst.uncorrectable:
-        dst.uncorrectable.clear(sdlba, total)
-    if cmd.cdw12 & (1 << 30):  # FUA
-        dst.flush()
-    _notify_write(ctrl, dst, sdlba, total, False)
-    return 0, 0
+    fua = bool(cmd.cdw12 & (1 << 30))
+    pieces = [(src.fd, slba << shift, nlb << shift) for src, slba, nlb in sources]
+
+    def move() -> None:  # file operations only: may run on a worker thread
+        with file_errors("copy"):
+            copier.copy_ranges(pieces, dst.fd, sdlba << shift, sync=fua)
+
+    def then(_: None) -> Result:  # on the loop
+        if ctrl.subsystem.namespaces.get(dst.nsid) is not dst or dst.lba_shift != shift:
+            raise generic(Generic.INVALID_NAMESPACE, f"namespace {dst.nsid} deleted or formatted during Copy")
+        dst.allocation.mark_allocated(sdlba, total)
+        if dst.uncorrectable:
+            dst.uncorrectable.clear(sdlba, total)
+        if fua:
+            dst.flush()  # the bitmap (the data is synced already)
+        _notify_write(ctrl, dst, sdlba, total, False)
+        return 0, 0
+
+    if total << shift >= copier.OFFLOAD_COPY:
+        return offload(ctrl, cmd, move, then)  # gigabytes of copying take seconds
+    move()
+    return then(None)

@@ -18,6 +18,7 @@ tests) both parts run at once.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from time import perf_counter_ns
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +84,61 @@ def offload(ctrl: "Controller", cmd: Command, work: Callable[[], T],
     _inflight.setdefault(ctrl, set()).add(job)
     job.future = _pool.submit(work)
     job.future.add_done_callback(lambda _: post(job.finish))
+    return None
+
+
+class _SharedSync:
+    """Flushes of one controller waiting for the same kind of work: one worker job syncs the
+    union of their files.  A Flush joins only while the job has not started, so the sync
+    begins after the Flush was submitted and covers every write completed before it
+    (NVM CS 1.2 §3.3.1 Flush)."""
+
+    def __init__(self, sync: Callable[[list[int]], None]) -> None:
+        self.sync = sync
+        self.fds: dict[int, None] = {}
+        self.jobs: list[_Job] = []
+        self.started = False
+        self.future: Future[Any] | None = None
+
+    def run(self) -> None:  # on a worker thread
+        with _lock:
+            self.started = True
+            fds = list(self.fds)
+        self.sync(fds)
+
+    def finish(self) -> None:  # on the loop
+        for job in self.jobs:
+            job.finish()
+
+
+_lock = threading.Lock()
+_shared: "weakref.WeakKeyDictionary[Controller, _SharedSync]" = weakref.WeakKeyDictionary()
+
+
+def sync_shared(ctrl: "Controller", cmd: Command, fds: list[int],
+                sync: Callable[[list[int]], None]) -> "Result":
+    """Run ``sync(fds)`` for ``cmd`` on a worker thread, shared with the controller's other
+    commands that arrive before it starts (a doorbell releasing a thousand Flushes costs a
+    few fdatasyncs and worker jobs, not a thousand); returns None (held)."""
+    post = getattr(ctrl.scheduler, "call_soon_threadsafe", None)
+    if post is None:
+        sync(fds)
+        return 0, 0
+    job = _Job(ctrl, cmd, lambda _: (0, 0))
+    _inflight.setdefault(ctrl, set()).add(job)
+    with _lock:
+        batch = _shared.get(ctrl)
+        fresh = batch is None or batch.started or batch.sync is not sync
+        if fresh:
+            batch = _shared[ctrl] = _SharedSync(sync)
+        assert batch is not None
+        batch.fds.update(dict.fromkeys(fds))
+        batch.jobs.append(job)
+    if fresh:
+        batch.future = _pool.submit(batch.run)
+        done = batch.finish
+        batch.future.add_done_callback(lambda _: post(done))
+    job.future = batch.future
     return None
 
 

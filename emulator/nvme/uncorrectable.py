@@ -11,9 +11,13 @@ length test.
 from __future__ import annotations
 
 import bisect
+import os
 from pathlib import Path
 
-from emulator.nvme.persist import atomic_write_json, read_json
+import errno
+
+from emulator.nvme.persist import atomic_write_json, read_json, reserve_spare
+from emulator.nvme.spec import Generic, generic
 
 
 class UncorrectableMarks:
@@ -29,6 +33,8 @@ class UncorrectableMarks:
                 for s, e in data.get("ranges", []):
                     if 0 <= s < e <= nsze:
                         self._add(int(s), int(e))
+            if data is not None:  # room for the next change even on a full file system
+                reserve_spare(path, path.stat().st_size if path.exists() else 0)
 
     @staticmethod
     def sidecar(data_path: Path) -> Path:
@@ -95,7 +101,15 @@ class UncorrectableMarks:
         self.ends[i:j] = keep_e
 
     def _save(self) -> None:
+        """Store the marks.  A full file system that refuses them fails the command with Capacity
+        Exceeded (the marks stay changed in memory; the next change stores them all)."""
         self.generation += 1
         if self.path is not None:
-            atomic_write_json(self.path, {"nsze": self.nsze,
-                                          "ranges": [[s, e] for s, e in zip(self.starts, self.ends)]})
+            try:
+                atomic_write_json(self.path, {"nsze": self.nsze,
+                                              "ranges": [[s, e] for s, e in zip(self.starts, self.ends)]})
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise generic(Generic.CAPACITY_EXCEEDED,
+                                  f"{self.path}: {os.strerror(e.errno)}") from None
+                raise

@@ -237,13 +237,18 @@ class NvmePciFunction:
 
     def fire(self, vector: int) -> None:
         with self._lock:
-            if self.msix_enabled():
+            ctrl = self.config.get(_MSIX_CTRL, 2)
+            if ctrl & r.PCI_MSIX_FLAGS_ENABLE:
                 if not 0 <= vector < self.layout.vectors:
                     log.warning("interrupt on vector %d outside the %d-entry MSI-X table",
                                 vector, self.layout.vectors)
                     return
-                if not self._msix_send_locked(vector):
+                # what _msix_send_locked does, inline (once per completion batch)
+                irqs = self._irqs
+                if ctrl & r.PCI_MSIX_FLAGS_MASKALL or irqs is None or not irqs.trigger(PCI_MSIX_IRQ_INDEX, vector):
                     self.msix.set_pending(vector)
+                elif self.msix.pba[vector >> 3]:
+                    self.msix.set_pending(vector, False)
             else:
                 self._intx_pending = True
                 self._intx_deliver_locked()

@@ -179,6 +179,23 @@ def _connect(path: str, rng: random.Random, timeout: float) -> tuple[VfioUserCli
     return client, False
 
 
+def _hang_up(client: VfioUserClient, stats: FuzzStats, index: int, timeout: float) -> None:
+    """Stop sending on a desynchronised connection: the server must close it, not wait on it."""
+    try:
+        client.sock.shutdown(socket.SHUT_WR)
+        while (reply := client.recv_raw()) is not None:  # replies to what it could still parse
+            close_fds(reply.fds)
+        stats.drops += 1
+    except TimeoutError:
+        stats.fail(index, f"the server kept a connection open {timeout:g} s after its client stopped sending")
+    except OSError as e:
+        if e.errno != errno.ECONNRESET:
+            stats.fail(index, f"socket error: {e}")
+        stats.drops += 1
+    finally:
+        client.close()
+
+
 def protocol_fuzz(path: str, seed: int, count: int, timeout: float = 5.0) -> FuzzStats:
     """Send ``count`` random requests to the server at ``path``."""
     rng = random.Random(seed)
@@ -186,9 +203,11 @@ def protocol_fuzz(path: str, seed: int, count: int, timeout: float = 5.0) -> Fuz
     pool = _FdPool(rng)
     client: VfioUserClient | None = None
     program: list[tuple[int, bytes, list[int], bool]] = []
+    desync = -1  # after a lying header: messages still sent on that connection before closing it
     try:
         for i in range(count):
             if client is None:
+                desync = -1  # a new connection starts at a message boundary
                 try:
                     client, _ = _connect(path, rng, timeout)
                 except (OSError, TimeoutError) as e:
@@ -206,13 +225,27 @@ def protocol_fuzz(path: str, seed: int, count: int, timeout: float = 5.0) -> Fuz
                 flags |= p.FLAG_NO_REPLY
                 reply_owed = False
             size = p.HEADER_SIZE + len(payload)
-            if rng.random() < 0.02:  # a lying header: the stream cannot be trusted after it
+            if desync < 0 and rng.random() < 0.02:
+                # A lying header: the server cannot find the next message boundary.  It may wait for
+                # bytes that never come (size + 1 takes the first byte of the next header), so no
+                # reply can be expected on this connection any more: send a few more messages
+                # blind, then shut down our side; the server must close the connection (the stream
+                # ends mid-message) and serve the next client.
                 size = rng.choice([0, 8, size + 1, 1 << 31])
+                desync = rng.randrange(4)
+                program = []
+            elif desync >= 0:
+                desync -= 1
+            if desync >= 0:
                 reply_owed = False
             msg_id = rng.randrange(1 << 16)
             stats.inputs += 1
             try:
                 client.send_raw(p.HEADER.pack(msg_id, command, size, flags, 0) + payload, fds)
+                if desync == 0:
+                    _hang_up(client, stats, i, timeout)
+                    client = None
+                    continue
                 if not reply_owed:
                     continue
                 reply = client.recv_raw()
@@ -299,9 +332,10 @@ def command_fuzz(path: str, seed: int, count: int, other: str | None = None) -> 
                     opc = 0x18  # held AERs would fill the admin queue
                 if opc in (0x41, 0x84):
                     cdw[0] &= ~0xFF  # no suspend / sanitize storms (parsing only)
-                if opc in (0x0D, 0x15) and cdw[0] & 0xF == 1 and nsid in (1, 2, 0xFFFFFFFF):
-                    nsid = rng.randrange(3, 0xFFFFFFFF)  # never delete or detach the namespaces the
-                    #                                     soak's kill and disk-full cycles rely on
+                if (opc == 0x15 or opc == 0x0D and cdw[0] & 0xF == 1) and nsid in (1, 2, 0xFFFFFFFF):
+                    nsid = rng.randrange(3, 0xFFFFFFFF)  # never delete, detach or attach the namespaces
+                    # the soak's kill and disk-full cycles rely on (namespace 2 attached to this
+                    # controller would take the fuzzed writes and Formats the soak's model knows nothing of)
             stats.inputs += 1
             try:
                 c = h.command(qid, opc, nsid=nsid, prp1=prp1, prp2=prp2, cdw10=cdw[0], cdw11=cdw[1],

@@ -9,12 +9,15 @@ each with the next seed, until the time is up:
 
 1. protocol fuzz on controller 1 (2000 inputs);
 2. command fuzz on controller 1 (1000 commands) while controller 2 is read;
-3. kill: 4 KiB writes to namespace 2 through controller 2, SIGKILL of the
-   whole emulator after a random number of them, restart, and every
-   acknowledged write must read back (a killed emulator loses nothing);
+3. kill: 4 KiB writes to the first 8 MiB of namespace 2 through
+   controller 2, SIGKILL of the whole emulator after a random number of
+   them, restart, and every acknowledged write must read back (a killed
+   emulator loses nothing);
 4. disk full: namespace 1 is written until the file system is full
    (Capacity Exceeded is the only acceptable refusal), then deallocated
-   again, and namespace 2's acknowledged writes must still read back.
+   again (every other round it stays full: the next round's fuzzing and
+   kill cycle run on a full file system), and namespace 2's acknowledged
+   writes must still read back.
 
 After every phase the emulator must be alive and answer on both sockets.
 Prints one line per phase, the totals (inputs, kills, cycles, fd and RSS
@@ -37,7 +40,9 @@ from emulator.reliability.fuzz import command_fuzz, protocol_fuzz, server_answer
 from emulator.reliability.target import Target
 
 LBA = 512
-NS_LBAS = (64 << 20) // LBA
+# The kill cycles write into the first 8 MiB of namespace 2 only: what they leave there stays (it
+# is read back after every kill) and must not fill the soak's small file system for good.
+KILL_LBAS = (8 << 20) // LBA
 
 
 @dataclass
@@ -82,7 +87,7 @@ def _kill_cycle(t: Target, rng: random.Random, model: dict[int, bytes], totals: 
     h = _host(t.sockets[1])
     n = rng.randrange(10, 300)
     for _ in range(n):
-        lba = rng.randrange(NS_LBAS // 8) * 8
+        lba = rng.randrange(KILL_LBAS // 8) * 8
         data = rng.randbytes(4096)
         c = h.write(2, lba, data)
         if c.ok:
@@ -94,16 +99,27 @@ def _kill_cycle(t: Target, rng: random.Random, model: dict[int, bytes], totals: 
     _verify(t, model, totals, seed, "after SIGKILL")
 
 
-def _full_cycle(t: Target, rng: random.Random, model: dict[int, bytes], totals: Totals, seed: int) -> None:
+def _lba_size(h, nsid: int) -> int:  # type: ignore[no-untyped-def]
+    """The namespace's LBA size now (the command fuzzer may have formatted it)."""
+    data = h.identify(cns=0, nsid=nsid)
+    return 1 << data[128 + 4 * (data[26] & 0xF) + 2]  # LBAF[FLBAS].LBADS (NVM CS Figure 114)
+
+
+def _full_cycle(t: Target, rng: random.Random, model: dict[int, bytes], totals: Totals, seed: int,
+                stay_full: bool) -> None:
+    """Fill the file system through namespace 1, then deallocate it, unless ``stay_full``:
+    then the next round's fuzzing and kill cycle run on a full file system (this cycle
+    finds it full at once and deallocates)."""
     from emulator.nvme.spec import Generic
     h = _host(t.sockets[0])
     try:
-        written = 0
+        lba_size = _lba_size(h, 1)
+        nsze = (64 << 20) // lba_size
+        per_mib, per_4k = (1 << 20) // lba_size, max(1, 4096 // lba_size)
         for i in range(1 << 16):  # 4 KiB per 1 MiB stride, then the gaps: each a new page
-            lba = (i * 2048 + (i >> 7) * 8) % NS_LBAS
-            c = h.write(1, lba, rng.randbytes(4096))
+            lba = (i * per_mib + (i >> 7) * per_4k) % nsze
+            c = h.write(1, lba, rng.randbytes(4096), lba_size=lba_size)
             if c.ok:
-                written += 1
                 continue
             if (c.sct, c.sc) != (0, Generic.CAPACITY_EXCEEDED):
                 totals.failures.append(f"seed {seed} disk full: write refused with {c}, not Capacity Exceeded")
@@ -112,10 +128,12 @@ def _full_cycle(t: Target, rng: random.Random, model: dict[int, bytes], totals: 
             break
         else:
             totals.failures.append(f"seed {seed} disk full: the file system never filled up")
-        if not h.deallocate(1, [(k, min(65536, NS_LBAS - k)) for k in range(0, NS_LBAS, 65536)]).ok:
-            totals.failures.append(f"seed {seed} disk full: deallocating namespace 1 failed")
-        if not h.flush(1).ok:
-            totals.failures.append(f"seed {seed} disk full: flush after deallocation failed")
+        if not stay_full:
+            step = 65536
+            if not h.deallocate(1, [(k, min(step, nsze - k)) for k in range(0, nsze, step)]).ok:
+                totals.failures.append(f"seed {seed} disk full: deallocating namespace 1 failed")
+            if not h.flush(1).ok:
+                totals.failures.append(f"seed {seed} disk full: flush after deallocation failed")
         totals.full_cycles += 1
     finally:
         h.close()
@@ -174,7 +192,7 @@ def soak(minutes: float, seed: int, fs_size: str, out=sys.stdout) -> Totals:  # 
             if not _check(t, totals, s, "kill"):
                 break
             if fs is not None:
-                _full_cycle(t, rng, model, totals, s)
+                _full_cycle(t, rng, model, totals, s, stay_full=totals.rounds % 2 == 1)
                 if not _check(t, totals, s, "disk full"):
                     break
             totals.rounds += 1

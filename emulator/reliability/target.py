@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ DEFAULT: dict[str, Any] = {
 class Target:
     """``serve`` on ``state_dir`` (a new temp dir by default); restartable, killable."""
 
-    def __init__(self, state_dir: Path | None = None, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, config: dict[str, Any] | None = None,
+                 command: list[str] | None = None) -> None:
+        self.own_state_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="ne-rel-"))
+        self.command = command  # instead of `python -m emulator serve` (the config path is appended)
         raw = dict(config or DEFAULT)
         raw["state_dir"] = str(self.state_dir)
         self.config_path = Path(tempfile.mkdtemp(prefix="ne-relcfg-")) / "subsystem.yaml"
@@ -31,7 +35,7 @@ class Target:
         self.sockets: list[str] = []
 
     def start(self) -> "Target":
-        self.proc = EmulatorProcess(self.config_path, self.log_path, name="fuzz-target")
+        self.proc = EmulatorProcess(self.config_path, self.log_path, name="fuzz-target", command=self.command)
         self.sockets = [str(s) for s in self.proc.start()]
         return self
 
@@ -61,3 +65,10 @@ class Target:
 
     def stop(self) -> int | None:
         return self.proc.stop() if self.proc is not None else None
+
+    def cleanup(self) -> None:
+        """Stop, then remove the config directory and a state directory made here."""
+        self.stop()
+        shutil.rmtree(self.config_path.parent, ignore_errors=True)
+        if self.own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)

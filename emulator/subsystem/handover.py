@@ -3,11 +3,12 @@
 The MMH (``nvme-emu migrate``) calls them, in this order, around the TP4159
 state transfer (docs/live-migration.md):
 
-* source ``handover.pause``    stop reading the guest's connection at a message boundary; the
+* source ``handover.pause``    stop reading the guest's connection (once no reply is half sent); the
                                controller is held (a wake waits for the end of the hand-over)
 * (MMH: Migration Receive of the controller state, Set Controller State on the destination)
 * source ``handover.export``   the connection fd, DMA and interrupt fds (SCM_RIGHTS), session
-                               and PCI function state (JSON)
+                               and PCI function state (JSON), and what the source read of the
+                               socket and did not handle yet (part of a message, its fds)
 * destination ``handover.adopt``  take them, PCI function state loaded, DMA maps and interrupt
                                fds set up; the socket is not read yet.  With ``source``
                                (its control socket and CNTLID) the destination commits by
@@ -44,7 +45,7 @@ from emulator.vfio_user.session import HandoverState
 if TYPE_CHECKING:
     from emulator.subsystem.parts import RuntimeParts
 
-PAUSE_TIMEOUT = 5.0  # seconds to wait for a message boundary
+PAUSE_TIMEOUT = 5.0  # seconds to wait for a half-sent reply (or DMA_WRITE replies) to clear
 RELEASE_GRACE = 1.0  # seconds a paused source waits for a release after its MMH went away
 COMMIT_TIMEOUT = 2.0  # seconds the destination gives the source to answer the release
 
@@ -85,10 +86,11 @@ class Handover:
                                  "namespaces": list(c.namespaces)} for c in cfg.controllers]}
 
     def info(self, req: Request) -> dict[str, Any]:
-        """{"connected", "paused", "dma": [[iova, size], ...]} of a controller's socket."""
+        """{"connected", "paused", "buffered", "dma": [[iova, size], ...]} of a controller's socket
+        (``buffered``: bytes read and not handled yet, part of a message)."""
         _, server = self._server(req)
         session = server.session
-        return {"connected": server.connected, "paused": server.paused,
+        return {"connected": server.connected, "paused": server.paused, "buffered": server.buffered,
                 "dma": [list(m) for m in session.dma_maps()] if session is not None else []}
 
     async def pause(self, req: Request) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emulator.nvme.config import NamespaceConfig
-from emulator.nvme.persist import atomic_write_json, read_json
+from emulator.nvme.persist import atomic_write_json, read_json, reserve_spare
 
 if TYPE_CHECKING:
     from emulator.subsystem.subsystem import Subsystem
@@ -49,6 +49,7 @@ def load(state_dir: Path) -> tuple[list[NamespaceConfig], dict[int, list[int]]] 
     doc = read_json(path)
     if doc is None:
         return None
+    reserve_spare(path, path.stat().st_size)  # room for the next change even on a full file system
     try:
         if doc.get("version") != VERSION:
             raise ValueError(f"version {doc.get('version')!r}")

@@ -8,16 +8,20 @@ change (the runtime persists the namespace registry there).
 """
 from __future__ import annotations
 
+import errno
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from emulator.nvme.config import SubsystemInfo, default
+from emulator.nvme.spec import Generic, generic
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
     from emulator.nvme.namespace import Namespace
 
+log = logging.getLogger("nvme-emu.subsystem")
 DEFAULT_VENDOR_ID = 0x4E56  # emulator/pci/ids.py explains the choice
 
 
@@ -36,6 +40,7 @@ class Subsystem:
     max_namespaces: int = default(SubsystemInfo, "max_namespaces")  # NN, MNAN; 0: the largest NSID
     state_dir: Optional[Path] = None  # where created namespaces' files go
     on_change: Optional[Callable[["Subsystem"], None]] = None
+    unsaved: bool = False  # the last change could not be persisted (full file system)
 
     def max_nsid(self) -> int:
         """NN in Identify Controller: the largest NSID the subsystem may use."""
@@ -65,9 +70,25 @@ class Subsystem:
         return bool(ns is not None and ns.config.shared)
 
     def changed(self) -> None:
-        if self.on_change is not None:
+        """Persist a change (``on_change``).  A full file system that refuses it fails the
+        command with Capacity Exceeded; the change stays made in memory and the next change,
+        or closing the subsystem, persists it."""
+        if self.on_change is None:
+            return
+        try:
             self.on_change(self)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.unsaved = True
+            raise generic(Generic.CAPACITY_EXCEEDED, f"namespace registry not stored: {e}") from None
+        self.unsaved = False
 
     def close(self) -> None:
+        if self.unsaved and self.on_change is not None:
+            try:
+                self.on_change(self)
+            except OSError as e:
+                log.error("namespace registry not stored: %s", e)
         for ns in self.namespaces.values():
             ns.close()

@@ -1,12 +1,15 @@
 """The vfio-user server: a UNIX socket on an asyncio loop, one client at a time.
 
-The socket layer reads exactly what the codec asks for (header, then body)
-with one non-blocking ``recvmsg`` each, so fds stay with their message; it
-drains everything available per wakeup (up to a budget, so that device
-timers on the same loop still run), hands each message to the
+The socket layer reads up to ``READ_SIZE`` bytes per non-blocking
+``recvmsg`` (several queued messages, e.g. the doorbell writes a guest rang
+in a row, in one system call); the codec keeps every fd with its message by
+stream position (Linux ends a read right after the data that brought fds).
+It drains everything available per wakeup (up to a budget of messages, so that
+device timers on the same loop still run), hands each message to the
 :class:`~emulator.vfio_user.session.Session` strictly in arrival order and
-sends the replies.  Output that does not fit the socket is queued and reading
-pauses until it drains.  Any fatal protocol error, socket error or internal
+sends the replies.  A hand-over moves what was read and not handled yet
+(part of a message, and its fds) with the connection.  Output that does not
+fit the socket is queued and reading pauses until it drains.  Any fatal protocol error, socket error or internal
 error drops that client only; the server then accepts the next one.  Device
 state lives in the backend and survives clients.
 
@@ -39,10 +42,11 @@ from emulator.vfio_user.dmawrite import Mode
 from emulator.vfio_user.listener import accept_or_back_off
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
-from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk
+from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk, send_parts
 
 
 MAX_WAITING = 4  # connections waiting for the attached client to leave
+READ_SIZE = 1 << 16  # bytes asked of one recvmsg (several messages; more to finish a big one)
 
 
 class _Client:
@@ -76,7 +80,7 @@ class VfioUserServer:
         self.log = log or logging.getLogger(__name__)
         self.max_msg_fds = max_msg_fds
         self.max_data_xfer_size = max_data_xfer_size
-        self._budget = budget  # socket reads per wakeup
+        self._budget = budget  # messages handled per wakeup
         self.visible_writes = visible_writes  # device writes sent as DMA_WRITE (dmawrite.py)
         self._ancsize = ancillary_size(max_msg_fds)
         self._listener: socket.socket | None = None
@@ -197,6 +201,9 @@ class VfioUserServer:
                device_state: dict[str, Any] | None = None) -> None:
         sock.setblocking(False)
         session = None
+        pending: tuple[bytes, list[tuple[int, bool, list[int]]]] = (b"", [])
+        if state is not None:
+            pending = state.take_input()  # read by the old owner, not yet handled
         try:
             if device_state:
                 load = getattr(self.backend, "import_device_state", None)
@@ -215,12 +222,22 @@ class VfioUserServer:
                 session.close()
             sock.close()
             self._accept(not self._closed)
+            close_fds(fd for _, _, fds in pending[1] for fd in fds)
             if state is not None:
                 state.close()
                 raise
             self._serve_next()
             return
-        client = _Client(sock, Connection(Role.SERVER, max_fds=self.max_msg_fds), session)
+        conn = Connection(Role.SERVER, max_fds=self.max_msg_fds, posted_writes=True)
+        try:
+            conn.import_input(*pending)
+        except ValueError as e:  # a hand-over state that lies about its input: not this stream
+            self.log.error("hand-over input refused: %s", e)
+            session.close()
+            sock.close()
+            self._accept(not self._closed)
+            raise
+        client = _Client(sock, conn, session)
         self._client = client
         if state is None:
             client.timer = self.loop.call_later(self.handshake_timeout, self._handshake_expired, client)
@@ -231,34 +248,62 @@ class VfioUserServer:
 
     # -- the receive path ------------------------------------------------------------------
     def _on_readable(self) -> None:
+        """Handle what is buffered, then read and handle until the socket is empty, at most
+        ``budget`` messages per call (the rest after the loop's other work)."""
         c = self._client
-        if c is None:
+        if c is None or not c.reading:
             return
         conn = c.conn
+        sock, ancsize = c.sock, self._ancsize
+        left = self._budget
         try:
-            for _ in range(self._budget):
+            while True:
+                left = self._process(c, left)
+                if left <= 0:
+                    if not left:  # budget spent: more may be buffered, come back soon
+                        self.loop.call_soon(self._on_readable)
+                    return
+                size = conn.next_read_size()
+                if size < READ_SIZE:
+                    size = READ_SIZE
                 try:
-                    data, fds, truncated = recv_chunk(c.sock, conn.next_read_size(), self._ancsize)
+                    data, fds, truncated = recv_chunk(sock, size, ancsize)
                 except (BlockingIOError, InterruptedError):
                     return
                 conn.receive_data(data, fds, truncated)
-                while True:
-                    ev = conn.next_event()
-                    if ev is NEED_DATA:
-                        break
-                    if ev is CLOSED:
-                        self._drop(c, None)
-                        return
-                    if type(ev) is InvalidMessage:
-                        reply = c.session.invalid(ev)
-                    else:
-                        reply = c.session.handle(ev)  # type: ignore[arg-type]
-                    if reply is not None:
-                        self._send(c, reply)
-                if c.out:
-                    return  # paused until the output drains
+                # Read on (until EAGAIN) even after a short read: a message that arrived
+                # while these were handled (the second of a doorbell pair) costs a
+                # recvmsg here, and a whole loop wakeup otherwise.
         except Exception as e:  # fatal protocol error, socket error, or a bug: drop this client only
             self._drop(c, e)
+
+    def _process(self, c: _Client, left: int) -> int:
+        """Handle up to ``left`` whole messages buffered; the budget left (0: spent), or -1
+        once the client is gone, paused for a hand-over or has output waiting."""
+        conn, session = c.conn, c.session
+        posted_write = session.posted_write
+        while left > 0:
+            if not c.reading:
+                return -1
+            ev = conn.next_event()
+            left -= 1
+            if type(ev) is tuple:  # a posted write of 1-8 bytes, e.g. a doorbell: the hot path
+                posted_write(*ev)
+                continue
+            if ev is NEED_DATA:
+                return -1 if c.out else left + 1
+            if ev is CLOSED:
+                self._drop(c, None)
+                return -1
+            if type(ev) is InvalidMessage:
+                reply = session.invalid(ev)
+            else:
+                reply = session.handle(ev)  # type: ignore[arg-type]
+            if reply is not None:
+                self._send(c, reply)
+            if self._client is not c:
+                return -1
+        return 0
 
     # -- the send path ---------------------------------------------------------------------
     def _schedule_requests(self) -> None:
@@ -278,16 +323,16 @@ class VfioUserServer:
             self._drop(c, e)
 
     def _send(self, c: _Client, msg: Message) -> None:
-        data, fds = c.conn.send(msg)
+        parts, size, fds = c.conn.send_parts(msg)  # header and payload as iovecs: no copy
         if c.out:
-            c.out.append((memoryview(data), fds))
+            c.out.append((memoryview(b"".join(parts)), fds))
             return
         try:
-            sent = send_chunk(c.sock, data, fds)
+            sent = send_parts(c.sock, parts, fds)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        if sent < len(data):
-            c.out.append((memoryview(data)[sent:], [] if sent else fds))
+        if sent < size:  # (copied once, here, to keep what the socket did not take)
+            c.out.append((memoryview(b"".join(parts))[sent:], [] if sent else fds))
             self.loop.remove_reader(c.fd)
             self.loop.add_writer(c.fd, self._on_writable)
 
@@ -312,6 +357,7 @@ class VfioUserServer:
             return
         self.loop.remove_writer(c.fd)
         self.loop.add_reader(c.fd, self._on_readable)
+        self.loop.call_soon(self._on_readable)  # messages read before the pause may be buffered
 
     # -- disconnect, close, hand-over ------------------------------------------------------
     def _release(self, c: _Client) -> None:
@@ -384,19 +430,25 @@ class VfioUserServer:
                 pass
 
     def detach_connection(self) -> tuple[socket.socket, HandoverState]:
-        """Stop serving the live client at a message boundary and hand back its socket and state.
+        """Stop serving the live client and hand back its socket and state.
 
         The session is torn down here as on a disconnect (backend detached,
         device state kept); the returned state holds duplicates of the DMA and
-        interrupt fds.  Raises RuntimeError when no client is connected or a
-        message is half read / a reply half sent (call again later).
+        interrupt fds, and what was read of the socket and not handled yet
+        (part of a message, with duplicates of its fds).  Raises RuntimeError
+        when no client is connected or a reply is half sent (call again later).
         """
         c = self._client
         if c is None:
             raise RuntimeError("no client connected")
-        if not c.conn.at_message_boundary or c.out or c.session.requests_pending:
-            raise RuntimeError("not at a message boundary")
+        if c.out or c.session.requests_pending:
+            raise RuntimeError("a reply is half sent or DMA_WRITEs await replies")
         state = c.session.export()
+        try:
+            state.input, state.input_fds = c.conn.export_input()
+        except BaseException:
+            state.close()
+            raise
         self._release(c)
         self.log.info("vfio-user client detached for hand-over")
         return c.sock, state
@@ -419,19 +471,19 @@ class VfioUserServer:
 
     # -- hand-over in steps: pause, export, (the new owner adopts), release ----------------
     def pause(self) -> None:
-        """Stop reading the client at a message boundary (later messages wait in the socket).
+        """Stop reading the client (later messages wait in the socket; part of one may be
+        buffered here, :meth:`export_connection` carries it).
 
-        RuntimeError when no client is connected, a message is half read, a
-        reply half sent, or DMA_WRITE requests await their replies (call again
-        later).
+        RuntimeError when no client is connected, a reply is half sent, or
+        DMA_WRITE requests await their replies (call again later).
         """
         c = self._client
         if c is None:
             raise RuntimeError("no client connected")
         if not c.reading:
             return
-        if not c.conn.at_message_boundary or c.out or c.session.requests_pending:
-            raise RuntimeError("not at a message boundary")  # (or DMA_WRITEs await replies)
+        if c.out or c.session.requests_pending:
+            raise RuntimeError("a reply is half sent or DMA_WRITEs await replies")
         c.reading = False
         self.loop.remove_reader(c.fd)
         self.log.info("vfio-user client paused for hand-over")
@@ -444,22 +496,33 @@ class VfioUserServer:
         if not c.reading:
             c.reading = True
             self.loop.add_reader(c.fd, self._on_readable)
-            self.loop.call_soon(self._on_readable)  # messages may already wait
+            self.loop.call_soon(self._on_readable)  # messages may already wait, read or not
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the client's socket and not handled yet (part of a message)."""
+        return self._client.conn.buffered if self._client is not None else 0
 
     @property
     def paused(self) -> bool:
         return self._client is not None and not self._client.reading
 
     def export_connection(self) -> tuple[int, HandoverState, dict[str, Any]]:
-        """For a paused client: a dup of its socket fd, its session (fds dup'ed) and the
-        backend's opaque device state.  The client stays here, paused, until :meth:`release`."""
+        """For a paused client: a dup of its socket fd, its session and buffered input (fds
+        dup'ed) and the backend's opaque device state.  The client stays here, paused, until
+        :meth:`release`."""
         c = self._client
         if c is None or c.reading:
             raise RuntimeError("the client is not paused")
         export = getattr(self.backend, "export_device_state", None)
         device = export() if export is not None else {}
         state = c.session.export()
-        return os.dup(c.fd), state, device
+        try:
+            state.input, state.input_fds = c.conn.export_input()
+            return os.dup(c.fd), state, device
+        except BaseException:
+            state.close()
+            raise
 
     def release(self) -> None:
         """Forget a paused client for good (its new owner serves it); accept new clients."""

@@ -20,6 +20,7 @@ NO_REPLY requests never get a reply, not even an error one.
 """
 from __future__ import annotations
 
+import base64
 import errno
 import logging
 import os
@@ -44,8 +45,12 @@ class HandoverState:
 
     ``dma_maps`` rows are (iova, size, offset, flags, index into ``dma_fds`` or -1);
     ``irq_fds`` rows are (irq index, sub-index, SET_IRQS action, fd);
-    ``irq_masks`` rows are (irq index, sub-index, masked, pending).  The fds
-    belong to this object until :meth:`Session.restore` consumes them.
+    ``irq_masks`` rows are (irq index, sub-index, masked, pending);
+    ``input`` is what the old owner had read from the socket and not handled yet (part
+    of a message) and ``input_fds`` the fds that came with it, as the codec's
+    ``export_input`` gives them: (index of the last byte of their read, control data
+    truncated, fds).  The fds belong to this object until :meth:`Session.restore` and
+    :meth:`take_input` consume them.
     """
 
     client_caps: dict[str, Any] = field(default_factory=dict)
@@ -53,34 +58,51 @@ class HandoverState:
     dma_fds: list[int] = field(default_factory=list)
     irq_fds: list[tuple[int, int, int, int]] = field(default_factory=list)
     irq_masks: list[tuple[int, int, bool, bool]] = field(default_factory=list)
+    input: bytes = b""
+    input_fds: list[tuple[int, bool, list[int]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the fds; ``fds()`` lists those in the order ``from_dict`` expects."""
         return {"client_caps": self.client_caps, "dma_maps": [list(r) for r in self.dma_maps],
                 "ndma_fds": len(self.dma_fds), "irq_fds": [list(r[:3]) for r in self.irq_fds],
-                "irq_masks": [list(r) for r in self.irq_masks]}
+                "irq_masks": [list(r) for r in self.irq_masks], "input": base64.b64encode(self.input).decode(),
+                "input_fds": [[last, cut, len(fds)] for last, cut, fds in self.input_fds]}
 
     def fds(self) -> list[int]:
-        return self.dma_fds + [row[3] for row in self.irq_fds]
+        return self.dma_fds + [row[3] for row in self.irq_fds] + [fd for _, _, fds in self.input_fds for fd in fds]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], fds: list[int]) -> "HandoverState":
         """Inverse of to_dict with the fds received; ValueError (fds closed) if they do not match."""
         try:
             ndma, irqs = int(d["ndma_fds"]), d["irq_fds"]
-            if len(fds) != ndma + len(irqs):
-                raise ValueError(f"{len(fds)} fds for {ndma} DMA and {len(irqs)} irq fds")
+            counts = [(int(last), bool(cut), int(n)) for last, cut, n in d.get("input_fds", [])]
+            nin = sum(n for _, _, n in counts)
+            if len(fds) != ndma + len(irqs) + nin or any(n < 0 for _, _, n in counts):
+                raise ValueError(f"{len(fds)} fds for {ndma} DMA, {len(irqs)} irq and {nin} buffered fds")
+            rest = fds[ndma + len(irqs):]
+            input_fds = []
+            for last, cut, n in counts:
+                input_fds.append((last, cut, rest[:n]))
+                rest = rest[n:]
             return cls(dict(d["client_caps"]),
                        [(int(a), int(b), int(c), int(e), int(f)) for a, b, c, e, f in d["dma_maps"]],
                        fds[:ndma], [(int(i), int(s), int(a), fd) for (i, s, a), fd in zip(irqs, fds[ndma:])],
-                       [(int(i), int(s), bool(m), bool(p)) for i, s, m, p in d.get("irq_masks", [])])
-        except (KeyError, TypeError, ValueError) as e:
+                       [(int(i), int(s), bool(m), bool(p)) for i, s, m, p in d.get("irq_masks", [])],
+                       base64.b64decode(d.get("input", ""), validate=True), input_fds)
+        except (KeyError, TypeError, ValueError) as e:  # (binascii.Error is a ValueError)
             close_fds(fds)
             raise ValueError(f"malformed session hand-over state: {e}") from e
 
+    def take_input(self) -> tuple[bytes, list[tuple[int, bool, list[int]]]]:
+        """The buffered input and its fds (now the caller's)."""
+        taken = self.input, self.input_fds
+        self.input, self.input_fds = b"", []
+        return taken
+
     def close(self) -> None:
-        close_fds(self.dma_fds + [row[3] for row in self.irq_fds])
-        self.dma_fds, self.irq_fds = [], []
+        close_fds(self.fds())
+        self.dma_fds, self.irq_fds, self.input_fds = [], [], []
 
 
 @dataclass
@@ -268,8 +290,22 @@ class Session:
                          ev.errno, "" if ev.needs_reply else ", not answered")
         return m.ErrorReply(ev.command, ev.errno, msg_id=ev.msg_id) if ev.needs_reply else None
 
+    def posted_write(self, region: int, offset: int, data: bytes) -> None:
+        """A posted REGION_WRITE of 1-8 bytes (the codec's PostedWrite): straight to the
+        backend, as :meth:`handle` would, never answered (not even on error)."""
+        if not self.negotiated:
+            self.log.warning("REGION_WRITE before VERSION ignored")
+            return
+        try:
+            self.backend.region_write(region, offset, data)
+        except Exception as e:
+            self._log_failure(e, f"posted REGION_WRITE of region {region} at 0x{offset:x}")
+
     def _errno(self, e: Exception, msg: m.Message) -> int:
-        what = f"{p.command_name(msg.COMMAND)} {msg.msg_id}"
+        return self._log_failure(e, f"{p.command_name(msg.COMMAND)} {msg.msg_id}")
+
+    def _log_failure(self, e: Exception, what: str) -> int:
+        """Log a failed request; its errno."""
         if isinstance(e, MessageError):
             self.log.warning("%s failed: %s (errno %d)", what, e.reason, e.errno)
             return e.errno

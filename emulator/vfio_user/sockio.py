@@ -1,4 +1,5 @@
-"""The only socket calls of the package: one recvmsg with fds, one sendmsg with fds."""
+"""The only socket calls of the package: one recvmsg with fds, one sendmsg with fds (of one
+buffer or several)."""
 from __future__ import annotations
 
 import array
@@ -36,6 +37,15 @@ def send_chunk(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]
         return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
                             _MSG_NOSIGNAL)
     return sock.send(data, _MSG_NOSIGNAL)
+
+
+def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview], fds: Sequence[int] = ()) -> int:
+    """One sendmsg of several buffers (iovecs); the fds travel with the first byte.  Returns the
+    bytes sent."""
+    if fds:
+        return sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                            _MSG_NOSIGNAL)
+    return sock.sendmsg(parts, (), _MSG_NOSIGNAL)
 
 
 def send_all(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

@@ -67,3 +67,49 @@ def _fill_then_deallocate(state_dir: str) -> None:
 
 def test_full_file_system(small_fs: str) -> None:
     run_child_in("test_disk_full", "_fill_then_deallocate", small_fs)
+
+
+def _format_on_full_fs(state_dir: str) -> None:
+    from emu_fixture import Emu
+    from emulator.nvme.spec import Generic
+    config = {"namespaces": [{"nsid": 1, "size": "4MiB", "lba_size": 512},
+                             {"nsid": 2, "size": "4MiB", "lba_size": 512}],
+              "controllers": [{"cntlid": 1, "namespaces": [1, 2]}]}
+    e = Emu(config, Path(state_dir)).start()
+    try:
+        h = e.host()
+
+        def fill() -> list[int]:
+            written = []
+            for i in range(1024):  # namespace 2, 4 KiB at a time, until the file system is full
+                c = h.write(2, i * 8, bytes([i % 251 + 1]) * 4096)
+                if not c.ok:
+                    assert (c.sct, c.sc) == (0, Generic.CAPACITY_EXCEEDED), c
+                    return written
+                written.append(i)
+            raise AssertionError("the file system never filled up")
+
+        written = fill()
+        # The first change of the namespace registry on a full file system: Capacity Exceeded.
+        c = h.format_nvm(1, lbaf=0, ses=1)
+        assert (c.sct, c.sc) == (0, Generic.CAPACITY_EXCEEDED), c
+        assert h.deallocate(2, [(i * 8, 8) for i in written[-16:]]).ok
+        assert h.format_nvm(1, lbaf=0, ses=1).ok  # room again: the registry (and its spare) stored
+        written = written[:-16] + fill()
+        # What the soak found (Format NVM cdw10 0x62d98210 after ~80 rounds had filled the file
+        # system): the registry is rewritten into its reserved spare, no block needed.
+        assert h.format_nvm(1, lbaf=0, ses=1).ok
+        assert h.format_nvm(1, lbaf=1, ses=0).ok
+        c = h.write(1, 0, b"\x55" * 4096, lba_size=4096)  # in the new format (or refused: still full)
+        assert c.ok or (c.sct, c.sc) == (0, Generic.CAPACITY_EXCEEDED), c
+        e.restart()
+        h = e.host()
+        assert h.identify(cns=0, nsid=1)[26] & 0xF == 1  # the 4 KiB format survived the restart
+        for i in written[:8] + written[-8:]:
+            assert h.read(2, i * 8, 8).data == bytes([i % 251 + 1]) * 4096
+    finally:
+        e.stop()
+
+
+def test_format_on_a_full_file_system(small_fs: str) -> None:
+    run_child_in("test_disk_full", "_format_on_full_fs", small_fs)

@@ -1,6 +1,7 @@
 """A tiny fake device backend and fixtures running it behind a real server."""
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Iterator
 
@@ -18,6 +19,38 @@ BAR2_SIZE = 0x2000
 BOOM = 0x3F00  # BAR0 offset whose access raises RuntimeError (-> EIO)
 IRQ_COUNTS = {p.PCI_INTX_IRQ_INDEX: 1, p.PCI_MSI_IRQ_INDEX: 0, p.PCI_MSIX_IRQ_INDEX: 16,
               p.PCI_ERR_IRQ_INDEX: 1, p.PCI_REQ_IRQ_INDEX: 0}
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def efds() -> Iterator[list[int]]:
+    """Real fds (the codec closes the ones it does not hand out)."""
+    fds = [os.eventfd(0) for _ in range(4)]
+    yield fds
+    for fd in fds:
+        if is_open(fd):
+            os.close(fd)
+
+
+def fired(fd: int) -> int:
+    """Interrupts signalled on eventfd ``fd`` since the last call (non-blocking fd)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+def guest_ram(size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
 
 
 class FakeBackend:

@@ -2,37 +2,18 @@
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import is_open
 from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
 from emulator.vfio_user.codec import CLOSED, NEED_DATA, Connection, Event, InvalidMessage, Role
 from emulator.vfio_user.protocol import FatalProtocolError, LocalProtocolError, ProtocolError
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def efds() -> Iterator[list[int]]:
-    """Real fds (the codec closes the ones it does not hand out)."""
-    fds = [os.eventfd(0) for _ in range(4)]
-    yield fds
-    for fd in fds:
-        if is_open(fd):
-            os.close(fd)
 
 
 def drain(conn: Connection) -> list[Event]:

@@ -10,7 +10,8 @@ import stat
 
 import pytest
 
-from conftest import BAR0_SIZE, BAR2_SIZE, BOOM, VENDOR_DEVICE, FakeBackend, assert_serves_fresh_client, connect
+from conftest import (BAR0_SIZE, BAR2_SIZE, BOOM, VENDOR_DEVICE, FakeBackend, assert_serves_fresh_client, connect, fired,
+                      guest_ram)
 from emulator.memory import DmaError, MappedMemory
 from emulator.vfio_user import messages as m
 from emulator.vfio_user import protocol as p
@@ -27,19 +28,6 @@ QEMU_VERSION_JSON = (b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "ma
 
 def eventfds(n: int) -> list[int]:
     return [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(n)]
-
-
-def fired(fd: int) -> int:
-    try:
-        return int.from_bytes(os.read(fd, 8), "little")
-    except BlockingIOError:
-        return 0
-
-
-def guest_ram(size: int) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, size)
-    return fd, mmap.mmap(fd, size)
 
 
 def test_socket_is_private(server: ServerThread) -> None:
