@@ -9,7 +9,10 @@ runs the same fio jobs on each, in one run:
 
 (``JOBS`` below is the one list; ``--jobs`` picks some of them.)
 
-Prints a table with the emulator/QEMU ratio.  Run: ``bash scripts/bench-guest``
+Prints a table with the emulator/QEMU ratio, and what each job cost the emulator
+process: its CPU in % of one core while it served the job, CPU µs per I/O (I/Os
+estimated as rate x (runtime + the 1 s ramp)), and its CPU while the guest ran
+the same job on QEMU's disk (what an idle emulator costs).  Run: ``bash scripts/bench-guest``
 (or ``python -m emulator.guest.bench``).
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ import yaml
 
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
-from emulator.guest.qemu import GuestSpec, QemuNvme, VfioUserDevice, run
+from emulator.guest.jobcpu import JobCpu
+from emulator.guest.qemu import Guest, GuestSpec, QemuNvme, VfioUserDevice
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
 SIZE = 256 << 20
@@ -51,6 +55,7 @@ for DEV in $QEMU $EMU; do  # fill the region so both read real data, not holes
         dd if=/tmp/fill of=$DEV bs=1M seek=$((k * 16)) oflag=direct 2>/dev/null; k=$((k + 1))
     done
 done
+result filled 1
 fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
     key=$1; fields=$2; shift 2
     fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
@@ -108,10 +113,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the emulator's --visible-writes mode (all: every device write as a DMA_WRITE)")
     p.add_argument("--jobs", default=",".join(k for k, _l, _a in JOBS),
                    help="comma-separated result keys of JOBS (default: all)")
+    p.add_argument("--sq-poll-idle-us", type=int, default=None,
+                   help="the controller's sq_poll_idle_us (polling of shadow SQ tails; 0: off); "
+                        "default: the configuration's default")
 
 
 def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
-              visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None) -> dict[str, float]:
+              visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None,
+              sq_poll_idle_us: int | None = None) -> dict[str, float]:
+    """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
+    ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds)."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -120,6 +131,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
            "subsystem": {"model": MODEL, "serial": "BENCH0001"},
            "namespaces": [{"nsid": 1, "size": SIZE}],
            "controllers": [{"cntlid": 1, "type": "io", "max_io_queues": 4}]}
+    if sq_poll_idle_us is not None:
+        cfg["controllers"][0]["sq_poll_idle_us"] = sq_poll_idle_us
     cfg_path = wd / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd,
@@ -130,7 +143,13 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
-        res = run(env, spec, wd / "guest", timeout=120 + 3 * len(keys) * (runtime + 2) * rounds)
+        with Guest(env, spec, wd / "guest") as g:
+            g.start()
+            cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
+            try:
+                res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
+            finally:
+                cpu.stop()
     finally:
         emu.stop()
     if not res.ok:
@@ -140,27 +159,44 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         key, _, rnd = k.rpartition("_")
         if key.endswith(("_iops", "_kibs")) and rnd.isdigit() and v:
             samples.setdefault(key, []).append(float(v))
+            if k in cpu.cpu and "emu" in cpu.cpu[k]:
+                samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
+                samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def report(r: dict[str, float]) -> str:
-    out = [f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7}"]
+def report(r: dict[str, float], runtime: int | None = None) -> str:
+    """The table; with ``runtime``, the emulator's CPU columns too: % of a core during the
+    nvme-emu job, µs per I/O of it, % of a core during the QEMU job (the emulator idle)."""
+    head = f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7}"
+    if runtime is not None:
+        head += f" {'emu CPU %':>9} {'µs/IO':>7} {'idle %':>7}"
+    out = [head]
     for key, label, _args in JOBS:
         if f"qemu_{key}" not in r and f"emu_{key}" not in r:
             continue
         q, e = r.get(f"qemu_{key}", 0.0), r.get(f"emu_{key}", 0.0)
+        ios = e * (runtime + 1) if runtime is not None else 0.0  # fio's 1 s ramp runs too
         if key.endswith("kibs"):
             q, e = q / 1024, e / 1024
+            ios = ios / 128  # 128 KiB per I/O
         ratio = e / q if q else float("nan")
-        out.append(f"{label:36} {q:12.1f} {e:12.1f} {ratio:7.2f}")
+        line = f"{label:36} {q:12.1f} {e:12.1f} {ratio:7.2f}"
+        if runtime is not None:
+            def pct(name: str) -> float:
+                wall = r.get(f"wall_{name}_{key}", 0.0)
+                return 100 * r.get(f"cpu_{name}_{key}", 0.0) / wall if wall else float("nan")
+            us = 1e6 * r.get(f"cpu_emu_{key}", 0.0) / ios if ios else float("nan")
+            line += f" {pct('emu'):9.0f} {us:7.0f} {pct('qemu'):7.1f}"
+        out.append(line)
     return "\n".join(out)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
-                  [k for k in args.jobs.split(",") if k])
-    print(report(r))
+                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us)
+    print(report(r, args.runtime))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
           f"{time.monotonic() - t0:.0f} s)")

@@ -6,6 +6,7 @@ migration tool (the MMH) to drive Migration Management Controllers.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,16 @@ from emulator.nvme.spec import (
     CC_EN, CQE, CQE_SIZE, CSTS_RDY, DOORBELL_BASE, REG_ACQ, REG_AQA, REG_ASQ, REG_CAP, REG_CC,
     REG_CSTS, SQE_SIZE, AdminOpcode, FID, IoOpcode, pack_sqe,
 )
+
+
+_U32 = struct.Struct("<I")
+_fence = threading.Lock()
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Ring the MMIO doorbell after a shadow doorbell update from ``old`` to ``new``?
+    Linux's nvme_dbbuf_need_event, in its u16 arithmetic (wraps included)."""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 class CommandTimeout(Exception):
@@ -89,6 +100,11 @@ class NvmeHost:
         self.page_size = PAGE
         self.mdts_bytes = 0  # MDTS in bytes (0: no limit), after init()
         self.cap = 0
+        # Doorbell Buffer Config (enable_shadow_doorbells): (shadow page, EventIdx page),
+        # and how many I/O SQ tail / CQ head updates rang the MMIO doorbell, and how many
+        # SQ tail updates went to the shadow buffer only.
+        self.shadow: tuple[int, int] | None = None
+        self.sq_mmio = self.cq_mmio = self.sq_shadow_only = 0
 
     # ------------------------------------------------------------------ bring-up
     def enable(self, admin_qsize: int = 32, admin_cqsize: int | None = None) -> None:
@@ -113,6 +129,7 @@ class NvmeHost:
         for q in self.queues.values():
             self._free_queue(q)
         self.queues.clear()
+        self.shadow = None  # a reset turns shadow doorbells off (Base 2.1 §5.1.7)
 
     def shutdown(self) -> int:
         """Normal shutdown (CC.SHN=01b); returns CSTS.SHST."""
@@ -182,7 +199,42 @@ class NvmeHost:
 
     def ring_sq(self, qid: int) -> None:
         q = self.queues[qid]
-        self.t.mmio_write(DOORBELL_BASE + (2 * qid) * 4, 4, q.sq_tail)
+        self._doorbell(2 * qid, q.sq_tail)
+
+    def _doorbell(self, index: int, value: int) -> None:
+        """Doorbell ``index`` (2*qid SQ tail, 2*qid+1 CQ head) := ``value``.  With shadow
+        doorbells an I/O queue's update goes to the Shadow Doorbell buffer and the MMIO
+        doorbell is written only if it crosses the controller's EventIdx, as Linux
+        does (nvme_dbbuf_update_and_check_event)."""
+        off = 4 * index
+        if self.shadow is not None and index >= 2:
+            db, ei = self.shadow
+            old = _U32.unpack(self.mem.read(db + off, 4))[0]
+            self.mem.write(db + off, _U32.pack(value))
+            _fence.acquire()  # full barrier: the shadow store before the EventIdx load
+            _fence.release()
+            if not need_event(_U32.unpack(self.mem.read(ei + off, 4))[0], value, old):
+                self.sq_shadow_only += not index & 1
+                return
+            if index & 1:
+                self.cq_mmio += 1
+            else:
+                self.sq_mmio += 1
+        self.t.mmio_write(DOORBELL_BASE + off, 4, value)
+
+    def enable_shadow_doorbells(self) -> Completion:
+        """Doorbell Buffer Config (admin 7Ch, Base 2.1 §5.1.7): from now on I/O queue
+        doorbells go through a Shadow Doorbell buffer and an EventIdx buffer."""
+        db, ei = self.mem.alloc(self.page_size), self.mem.alloc(self.page_size)
+        c = self.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=db, prp2=ei)
+        if c.ok:  # the controller published the doorbell values of existing queues there
+            self.shadow = (db, ei)
+        return c
+
+    def event_idx(self, qid: int, cq: bool = False) -> int:
+        """The EventIdx the controller set for I/O queue ``qid`` (shadow doorbells on)."""
+        assert self.shadow is not None
+        return _U32.unpack(self.mem.read(self.shadow[1] + 8 * qid + (4 if cq else 0), 4))[0]
 
     def reap(self, qid: int) -> list[Completion]:
         """Consume every new CQE of ``qid`` (phase-tag check) and ring the CQ doorbell."""
@@ -202,7 +254,7 @@ class NvmeHost:
                 q.cq_head = 0
                 q.phase ^= 1
         if got:
-            self.t.mmio_write(DOORBELL_BASE + (2 * qid + 1) * 4, 4, q.cq_head)
+            self._doorbell(2 * qid + 1, q.cq_head)
         return got
 
     def wait(self, qid: int, cid: int, timeout: float | None = None) -> Completion:

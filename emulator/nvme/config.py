@@ -72,6 +72,10 @@ class ControllerConfig:
     # Doorbell Buffer Config (OACS bit 8): None = on unless this is a migratable
     # controller of a subsystem with an MMC (docs/tp4159.md, shadow doorbells).
     doorbell_buffer: Optional[bool] = None
+    # With shadow doorbells: poll a busy SQ's shadow tail (the host does not ring)
+    # until this many microseconds pass without a new command; 0 = never poll,
+    # every submission rings (emulator/nvme/sqpoll.py, docs/doorbells.md).
+    sq_poll_idle_us: int = 0
     socket: Optional[Path] = None  # where the runtime listens (the controller never looks)
 
     @property

@@ -6,10 +6,16 @@ controller's EventIdx (PRP2), using the virtio-style test
 ``(u16)(new - event_idx - 1) < (u16)(new - old)``.  The admin queue never uses
 shadow doorbells.
 
-This controller is event driven (no polling thread), so:
-- SQ tail EventIdx = the tail it has processed: every new submission still
-  rings the MMIO doorbell.  After arming it re-reads the shadow tail (with a
-  full barrier), so a submission racing with the arming is never missed.
+The host's test is Linux's nvme_dbbuf_need_event, in u16 arithmetic: with
+EventIdx 0xFFFF no ``old <= new`` rings, only a wrap of the tail (``new < old``).
+
+- SQ tail EventIdx, without polling (``sq_poll_idle_us: 0``): the tail it has
+  processed, so every new submission rings the MMIO doorbell.  After arming it
+  re-reads the shadow tail (with a full barrier), so a submission racing with
+  the arming is never missed.
+- SQ tail EventIdx with polling (emulator/nvme/sqpoll.py): 0xFFFFFFFF while
+  the SQ is busy and polled (the host rings once per lap of the queue), armed
+  at the processed tail as above after an idle spell.
 - CQ head EventIdx = "never" (0xFFFFFFFF): the host stops ringing CQ head
   doorbells (one MMIO exit and one vfio-user message fewer per interrupt),
   and the controller reads CQ heads from the shadow buffer when it needs
@@ -39,6 +45,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
+from emulator.nvme import sqpoll
 from emulator.nvme.tables import Result
 from emulator.nvme.spec import Command, invalid_field
 
@@ -116,10 +123,13 @@ def doorbell_buffer_config(ctrl: "Controller", cmd: Command) -> Result:
         raise invalid_field("buffer outside host memory") from None
     ctrl.state.vendor[KEY] = [db, ei]
     # Existing I/O queues switch now: publish their doorbell values (as SPDK does).
+    polling = sqpoll.enabled(ctrl)
     for sq in ctrl.sqs.values():
         if sq.qid:
             _write(ctrl, db + 8 * sq.qid, sq.tail)
             _write(ctrl, ei + 8 * sq.qid, sq.tail)
+            if polling:
+                sqpoll.poller(ctrl).armed_at(sq.qid, sq.tail)
     for cq in ctrl.cqs.values():
         if cq.qid:
             _write(ctrl, db + 8 * cq.qid + 4, cq.head)
@@ -134,32 +144,62 @@ def queue_created(ctrl: "Controller", qid: int, is_cq: bool) -> None:
     off = 8 * qid + (4 if is_cq else 0)
     _write(ctrl, cfg[0] + off, 0)
     _write(ctrl, cfg[1] + off, NEVER if is_cq else 0)
+    if not is_cq and sqpoll.enabled(ctrl):
+        sqpoll.poller(ctrl).armed_at(qid, 0)  # a new SQ: armed at tail 0, not polled
+
+
+def shadow_sq_tail(ctrl: "Controller", sq: "SQState") -> int | None:
+    """The shadow SQ tail of I/O SQ ``sq``, or None (no buffer, unreadable, out of range)."""
+    cfg = config(ctrl)
+    if cfg is None or sq.qid == 0:
+        return None
+    shadow = _read(ctrl, cfg[0] + 8 * sq.qid)
+    return shadow if shadow is not None and shadow < sq.size else None
 
 
 def take_shadow_sq_tail(ctrl: "Controller", sq: "SQState") -> None:
     """Use the shadow SQ tail (always at least as new as any MMIO value)."""
+    shadow = shadow_sq_tail(ctrl, sq)
+    if shadow is not None:
+        sq.tail = shadow
+
+
+def set_sq_event_idx(ctrl: "Controller", sq: "SQState", value: int) -> None:
+    """Store the SQ EventIdx (nothing while suspended, see _write)."""
+    cfg = config(ctrl)
+    if cfg is not None and sq.qid:
+        _write(ctrl, cfg[1] + 8 * sq.qid, value)
+
+
+def arm_sq_event_idx(ctrl: "Controller", sq: "SQState") -> bool:
+    """One arming attempt: EventIdx := the processed tail, a full barrier, the shadow tail
+    again.  True if a submission raced with it (the host may have read the old EventIdx
+    and not rung): its commands are run now and the caller decides what next."""
     cfg = config(ctrl)
     if cfg is None or sq.qid == 0:
-        return
+        return False
+    _write(ctrl, cfg[1] + 8 * sq.qid, sq.tail)
+    barrier()
     shadow = _read(ctrl, cfg[0] + 8 * sq.qid)
-    if shadow is not None and shadow < sq.size:
-        sq.tail = shadow
+    if shadow is None or shadow == sq.tail or shadow >= sq.size:
+        return False
+    sq.tail = shadow
+    ctrl.process_sq(sq)
+    return True
 
 
 def after_sq_doorbell(ctrl: "Controller", sq: "SQState") -> None:
-    """Arm the SQ EventIdx at the processed tail; pick up racing submissions."""
+    """After a doorbell (or a kick) processed ``sq``: poll it while it is busy
+    (emulator/nvme/sqpoll.py), or arm the SQ EventIdx at the processed tail and
+    pick up racing submissions."""
     cfg = config(ctrl)
     if cfg is None or sq.qid == 0:
         return
+    if sqpoll.enabled(ctrl):
+        sqpoll.poller(ctrl).doorbell_done(sq)
+        return
     for _ in range(64):
-        _write(ctrl, cfg[1] + 8 * sq.qid, sq.tail)
-        barrier()
-        shadow = _read(ctrl, cfg[0] + 8 * sq.qid)
-        if shadow is None or shadow == sq.tail or shadow >= sq.size:
-            return
-        sq.tail = shadow
-        ctrl.process_sq(sq)
-        if sq.qid not in ctrl.sqs:
+        if not arm_sq_event_idx(ctrl, sq) or sq.qid not in ctrl.sqs:
             return
 
 

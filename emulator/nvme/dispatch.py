@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from emulator.nvme import (
     admin_queues, aer, dbbuf, features, format_nvm, identify, io_cmds, lba_status,
-    lba_status_log, logpages, ns_mgmt, nvm_cmds, sanitize,
+    lba_status_log, logpages, ns_mgmt, nvm_cmds, sanitize, sqpoll,
 )
 from emulator.nvme.config import ControllerConfig
 from emulator.nvme.controller import Controller  # FIXME  # FIXME  # FIXME
@@ -123,7 +123,7 @@ def command_tables(config: ControllerConfig) -> CommandTables:
         identify_nvm_controller=(lba_status.identify_ralbas, identify_lm.identify_lbamqf),
         identify_nvm_namespace=(lba_status.identify_tlbaag,),
         on_write=(udlog.on_write, sanitize.on_write),
-        on_reset=(lifecycle.on_reset,),
+        on_reset=(lifecycle.on_reset, sqpoll.on_reset),
         on_memory=(memtrack.on_memory, lifecycle.host_gone),
         # Doorbell Buffer Config depends on the subsystem (an MMC next to it) and the
         # doorbell_buffer key (docs/tp4159.md).

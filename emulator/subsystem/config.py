@@ -28,6 +28,8 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
         msix_vectors: 64      # 1..2048
         doorbell_buffer: true # Doorbell Buffer Config; default: off on io controllers
                               # of a subsystem with an mmc, on otherwise
+        sq_poll_idle_us: 1000 # with shadow doorbells: poll busy SQs' shadow tails until
+                              # this long without a new command; 0: off (docs/doorbells.md)
 
 Defaults chosen here: ``state_dir`` absent -> the default state directory
 (``$NVME_EMU_STATE_DIR``, else ``$XDG_STATE_HOME/nvme-emu``, else
@@ -124,6 +126,7 @@ class SubsystemConfig:
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
                              "namespaces": list(c.namespaces), "max_io_queues": c.max_io_queues,
                              "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors,
+                             "sq_poll_idle_us": c.sq_poll_idle_us,
                              **({} if c.doorbell_buffer is None
                                 else {"doorbell_buffer": c.doorbell_buffer})}
                             for c in self.controllers],
@@ -265,7 +268,7 @@ def _namespace(value: Any, path: str, state_dir: Path) -> NamespaceConfig:
 def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) -> ControllerConfig:
     m = _mapping(value, path)
     _check_keys(m, path, ("cntlid", "socket", "type", "namespaces", "max_io_queues", "mqes", "mdts",
-                          "msix_vectors", "doorbell_buffer"))
+                          "msix_vectors", "doorbell_buffer", "sq_poll_idle_us"))
     cntlid = _int(_required(m, "cntlid", path), f"{path}.cntlid", 1, CNTLID_MAX)
     socket = _path(m.get("socket", f"ctrl{cntlid}.sock"), f"{path}.socket", state_dir)
     if len(os.fsencode(socket)) > UNIX_PATH_MAX:
@@ -294,6 +297,7 @@ def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) 
         mdts=_int(_get(m, "mdts"), f"{path}.mdts", 1, 10),
         msix_vectors=_int(_get(m, "msix_vectors"), f"{path}.msix_vectors", 1, 2048),
         doorbell_buffer=_opt_bool(_get(m, "doorbell_buffer"), f"{path}.doorbell_buffer"),
+        sq_poll_idle_us=_int(_get(m, "sq_poll_idle_us"), f"{path}.sq_poll_idle_us", 0, 1_000_000),
     )
 
 

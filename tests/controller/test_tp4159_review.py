@@ -19,8 +19,8 @@ from emulator.nvme.spec import (
 from test_dbbuf import ShadowHost
 from test_tp4159_migration import parse_state, vendor_doc
 from tp4159_common import (  # noqa: F401
-    IO, LM_CONFIG, MMC, Lm, aer_submit, flush_posted, generic, invalid_field, lm, one_shot,
-    specific, write,
+    IO, LM_CONFIG, MMC, Lm, aer_submit, flush_posted, generic, hand_over, invalid_field, lm,
+    one_shot, specific, write,
 )
 
 PAGE = 4096
@@ -134,12 +134,7 @@ def test_held_completion_is_posted_by_the_destination(emu: Any) -> None:
     flush_posted(g)
     mmhs, mmhd = MigrationHost(src.host(MMC)), MigrationHost(dst.host(MMC))
     assert mmhs.suspend(IO).ok
-    state, _ = mmhs.get_state(IO)
-    assert mmhd.suspend(IO).ok
-    assert mmhd.set_state(IO, state).ok
-    source_transport = g.t
-    g.t = dst.connect(IO, memory=g.mem)
-    assert mmhd.resume(IO).ok
+    source_transport = hand_over(mmhs, mmhd, g, dst)
     assert g.wait(0, glp, timeout=5).ok  # reaps a, b, the AER; the doorbell goes to the destination
     assert g.queues[0].done.pop(a).ok and g.queues[0].done.pop(b).ok
     assert g.queues[0].done.pop(aers[1]).dw0 & 0x7 == 0

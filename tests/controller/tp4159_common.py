@@ -101,3 +101,16 @@ def ranges(entries: list[Any]) -> list[tuple[int, int]]:
 
 def markers(entries: list[Any]) -> list[int]:
     return [e.esa for e in entries if e.lbacir == wire.Lbacir.NO_RANGE]
+
+
+def hand_over(mmhs: MigrationHost, mmhd: MigrationHost, g: NvmeHost, dst: Any) -> Any:
+    """Migrate the suspended controller IO to ``dst`` (Get Controller State on the source,
+    Set Controller State on the destination), move the guest ``g`` over and resume it
+    there; returns the guest's old transport (the caller closes it)."""
+    state, _ = mmhs.get_state(IO)
+    assert mmhd.suspend(IO).ok
+    assert mmhd.set_state(IO, state).ok
+    source_transport = g.t
+    g.t = dst.connect(IO, memory=g.mem)
+    assert mmhd.resume(IO).ok
+    return source_transport

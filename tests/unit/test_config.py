@@ -138,6 +138,15 @@ def test_doorbell_buffer_round_trip() -> None:
     assert parse_config(base(), Path("/cfg")).controllers[0].doorbell_buffer is None  # the default
 
 
+def test_sq_poll_idle_us_round_trip() -> None:
+    data = base()
+    data["controllers"][0]["sq_poll_idle_us"] = 1500
+    cfg = parse_config(data, Path("/cfg"))
+    assert cfg.controllers[0].sq_poll_idle_us == 1500
+    assert parse_config(cfg.to_dict(), Path("/x")) == cfg
+    assert parse_config(base(), Path("/cfg")).controllers[0].sq_poll_idle_us == 0  # off by default
+
+
 def test_mmc_only_subsystem() -> None:
     cfg = parse_config({"state_dir": "/s", "controllers": [{"cntlid": 1, "type": "mmc"}]}, Path("/"))
     assert cfg.namespaces == () and cfg.controllers[0].namespaces == ()
@@ -244,6 +253,8 @@ DELETE = object()
     ("controllers.0.mdts", 11, "controllers[0].mdts: must be in 1..10, not 11"),
     ("controllers.0.msix_vectors", 2049, "controllers[0].msix_vectors: must be in 1..2048, not 2049"),
     ("controllers.0.doorbell_buffer", "yes", "controllers[0].doorbell_buffer: must be true or false, not 'yes'"),
+    ("controllers.0.sq_poll_idle_us", -1, "controllers[0].sq_poll_idle_us: must be in 0..1000000, not -1"),
+    ("controllers.0.sq_poll_idle_us", "1ms", "controllers[0].sq_poll_idle_us: expected an integer, got a string"),
     ("controllers.0.msix_vector", 8, "controllers[0].msix_vector: unknown key (did you mean msix_vectors?)"),
     ("controllers.0.socket", "x" * 120, "controllers[0].socket: /cfg/state/" + "x" * 120 + " is too long"),
     ("controllers", [], "controllers: must list at least one controller"),

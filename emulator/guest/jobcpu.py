@@ -1,0 +1,74 @@
+"""CPU time of host processes per guest job, cut at the guest's result markers.
+
+A guest benchmark prints one ``@@RESULT`` line per finished job.  A sampler
+thread watches the guest's results and, whenever new ones appear, reads the
+CPU time (utime + stime, all threads, ``/proc/PID/stat``) of the processes it
+watches (the emulator, QEMU): the CPU a process spent between two results is
+what the job ending at the second one cost it, start-up and ramp-up included.
+The sampling period bounds the error (default 20 ms, plus the kernel's
+10 ms tick).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Mapping
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process ``pid`` (all its threads) in seconds; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TCK  # fields 14 and 15 of proc(5)
+
+
+class JobCpu:
+    """Per result key: CPU seconds of each watched process and wall seconds since the
+    previous result (``cpu[key][name]``, ``wall[key]``)."""
+
+    def __init__(self, results: Mapping[str, str], pids: Mapping[str, Callable[[], int | None]],
+                 period: float = 0.02) -> None:
+        self.results = results
+        self.pids = pids
+        self.period = period
+        self.cpu: dict[str, dict[str, float]] = {}
+        self.wall: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="job-cpu")
+
+    def start(self) -> "JobCpu":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _sample(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.pids.items():
+            p = pid()
+            v = cpu_seconds(p) if p else None
+            if v is not None:
+                out[name] = v
+        return out
+
+    def _run(self) -> None:
+        seen: set[str] = set(self.results)
+        last, t_last = self._sample(), time.monotonic()
+        while not self._stop.wait(self.period):
+            new = [k for k in list(self.results) if k not in seen]
+            if not new:
+                continue
+            now, t = self._sample(), time.monotonic()
+            for k in new:  # several at once: the first takes the interval, the others nothing
+                seen.add(k)
+                self.cpu[k] = {n: now[n] - last.get(n, now[n]) for n in now}
+                self.wall[k] = t - t_last
+                last, t_last = now, t
