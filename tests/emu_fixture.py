@@ -70,7 +70,7 @@ class Emu:
         """``serve_dma``: the client answers the server's DMA_READ/DMA_WRITE against the host memory."""
         from emulator.vfio_user.client import VfioUserClient
         assert self.rt is not None
-        memory = memory or HostMemory(32 << 20)
+        memory = memory or HostMemory(32 << 20, sealed=True)  # like QEMU's memfd backend
         client = VfioUserClient(self.rt.socket(cntlid), memory=memory if serve_dma else None)
         return VfioUserTransport(client, memory, vectors=vectors, posted_writes=posted_writes)
 

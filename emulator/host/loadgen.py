@@ -14,6 +14,11 @@ the generator costs the emulator nothing but the I/O itself.  The emulator's
 CPU per I/O is therefore what the hot path costs: doorbell message -> SQE
 fetch -> decode -> PRP -> preadv/pwritev -> CQE -> interrupt.  IOPS depend on
 the generator too (it shares the machine); CPU per I/O does not.
+
+``--path`` picks the I/O fast path of the serving child (emulator/nvme/fastpath.py):
+``c``, ``python`` (the child runs with NVME_EMU_NO_CBIND=1), ``off`` (no fast
+path: every command through the normal handlers), ``both`` (c, then python) or
+``all``; each path gets its own child, and the table shows them side by side.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from emulator.host.driver import HostQueue, NvmeHost
 from emulator.host.memory import PAGE, HostMemory
@@ -48,6 +54,11 @@ DEFAULT_JOBS: list[tuple[str, int, int, int]] = [
 ]
 
 
+PATHS = ("c", "python", "off")
+PATH_SETS = {"c": ["c"], "python": ["python"], "off": ["off"], "both": ["c", "python"],
+             "all": ["c", "python", "off"]}
+
+
 @dataclass
 class JobResult:
     name: str
@@ -57,6 +68,7 @@ class JobResult:
     emu_cpu_us_per_io: float  # emulator process CPU (all threads) per I/O
     gen_cpu_us_per_io: float  # this generator's CPU per I/O, for context
     errors: int
+    path: str = ""  # the serving child's fast path (c, python, off), "" when attached
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -110,12 +122,15 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 # ---------------------------------------------------------------------- the driving loop
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
-            seed: int = 1, cq_doorbell_every: int = 1) -> JobResult:
+            seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1) -> JobResult:
     """Keep ``depth`` commands outstanding on each queue for ``seconds``.
 
     The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
     completions (and always while draining); the queues are at least twice
-    ``depth`` deep, so the controller never finds its CQ full in between."""
+    ``depth`` deep, so the controller never finds its CQ full in between.
+    ``batch`` > 1: a queue's finished commands are resubmitted (one SQ doorbell)
+    only once at least that many have completed, so each doorbell carries a
+    batch of commands whatever the relative speed of generator and emulator."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client = t.client
@@ -125,13 +140,13 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     rng = random.Random(seed)
     nlb = bs // lba_size
     blocks = ns_lbas // nlb
-    state: list[tuple[HostQueue, list[int]]] = []
+    state: list[tuple[HostQueue, list[int], list[int]]] = []
     for qid in queues:
         q = host.queues[qid]
         if depth >= q.size:
             raise ValueError(f"depth {depth} needs a queue larger than {q.size}")
         bufs = [mem.alloc(bs) for _ in range(depth)]
-        state.append((q, bufs))
+        state.append((q, bufs, []))
     pack = SQE.pack_into
     unpack = CQE.unpack_from
     ios = errors = 0
@@ -143,7 +158,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
              slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0)
         q.sq_tail = (q.sq_tail + 1) % q.size
 
-    for q, bufs in state:
+    batch = max(1, min(batch, depth))
+    for q, bufs, _free in state:
         for cid in range(depth):
             submit(q, bufs, cid)
         client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
@@ -157,7 +173,7 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
         now = time.perf_counter()
         if not draining and now >= deadline:
             draining = True
-        for q, bufs in state:
+        for q, bufs, free in state:
             got = 0
             while True:
                 off = q.cq_iova - base + q.cq_head * CQE_SIZE
@@ -182,20 +198,26 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
                 if draining:
                     outstanding -= 1
                 else:
-                    submit(q, bufs, cid)
+                    free.append(cid)
             if got:
                 ios += got
                 batches += 1
                 if draining or batches % cq_doorbell_every == 0:
                     client.region_write(BAR0, DOORBELL_BASE + (2 * q.qid + 1) * 4,
                                         q.cq_head.to_bytes(4, "little"), posted=True)
-                if not draining:
-                    client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
-                                        q.sq_tail.to_bytes(4, "little"), posted=True)
+            if draining and free:
+                outstanding -= len(free)  # finished, never resubmitted
+                free.clear()
+            elif len(free) >= batch:
+                for cid in free:
+                    submit(q, bufs, cid)
+                free.clear()
+                client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
+                                    q.sq_tail.to_bytes(4, "little"), posted=True)
     elapsed = time.perf_counter() - t0
     cpu = proc_cpu_seconds(pid) - cpu0
     gen = time.process_time() - gen0
-    for _q, bufs in state:
+    for _q, bufs, _free in state:
         for b in bufs:
             mem.free(b, bs)
     n = max(ios, 1)
@@ -203,14 +225,28 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
 
 
 # ---------------------------------------------------------------------- the serving child
-def start_server(state_dir: Path, size: str, lba_size: int) -> tuple[subprocess.Popen[str], str]:
+def child_env(path: str) -> dict[str, str]:
+    """The environment of a serving child that uses fast path ``path``."""
+    env = dict(os.environ)
+    env.pop("NVME_EMU_NO_CBIND", None)
+    env.pop("NVME_EMU_FASTPATH", None)
+    if path == "python":
+        env["NVME_EMU_NO_CBIND"] = "1"
+    elif path == "off":
+        env["NVME_EMU_FASTPATH"] = "off"
+    return env
+
+
+def start_server(state_dir: Path, size: str, lba_size: int,
+                 path: str = "c") -> tuple[subprocess.Popen[str], str]:
     import yaml
     cfg = {"state_dir": str(state_dir),
            "namespaces": [{"nsid": 1, "file": "bench.img", "size": size, "lba_size": lba_size}],
            "controllers": [{"cntlid": 1, "socket": "bench.sock"}]}
     (state_dir / "bench.yaml").write_text(yaml.safe_dump(cfg))
     p = subprocess.Popen([sys.executable, "-m", "emulator", "serve", str(state_dir / "bench.yaml"),
-                          "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+                          "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
+                         env=child_env(path))
     assert p.stdout is not None
     line = p.stdout.readline().strip()
     if not line.startswith("listening on "):
@@ -242,16 +278,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cq-doorbell-every", type=int, default=1, metavar="N",
                    help="ring the CQ head doorbell once per N completion batches (QD1 only: "
                         "what the CQ doorbell message costs)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="resubmit a queue's finished commands only once N have completed "
+                        "(one SQ doorbell per N commands; capped at the queue depth)")
     p.add_argument("--unsealed", action="store_true",
                    help="host memory not sealed against shrinking (the guarded copy path)")
+    p.add_argument("--path", choices=sorted(PATH_SETS), default="c",
+                   help="the child's I/O fast path: c (python if C does not build), python, off "
+                        "(normal path only), both (c and python side by side), all")
+    p.add_argument("--inproc", action="store_true",
+                   help="also the fast path alone: Controller.run_sq on a full SQ in this process, "
+                        "no messages (emulator/host/fastbench.py), per path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _format(results: list[JobResult], limits: dict[str, float]) -> str:
-    lines = [f"{'job':<18}{'IOPS':>10}{'emu µs/IO':>12}{'gen µs/IO':>12}{'errors':>8}"]
-    for r in results:
-        lines.append(f"{r.name:<18}{r.iops:>10.0f}{r.emu_cpu_us_per_io:>12.1f}"
-                     f"{r.gen_cpu_us_per_io:>12.1f}{r.errors:>8}")
+    paths = list(dict.fromkeys(r.path for r in results))
+    head = f"{'job':<18}"
+    for p in paths:
+        label = f" [{p}]" if p else ""
+        head += f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'gen µs/IO':>10}{'err':>5}"
+    lines = [head]
+    by = {(r.path, r.name): r for r in results}
+    for name in dict.fromkeys(r.name for r in results):
+        line = f"{name:<18}"
+        for p in paths:
+            r = by[(p, name)]
+            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}"
+                     f"{r.gen_cpu_us_per_io:>10.1f}{r.errors:>5}")
+        lines.append(line)
     lines.append("physical limit on this machine (µs per call; net of a 1-byte call):")
     lines.append(f"  4 KiB memcpy          {limits['memcpy_us']:.2f}  ({limits['memcpy_net_us']:.2f})")
     lines.append(f"  4 KiB preadv (cache)  {limits['preadv_us']:.2f}  ({limits['preadv_net_us']:.2f})")
@@ -266,18 +321,62 @@ def run(args: argparse.Namespace) -> int:
         if not jobs:
             print(f"nvme-emu bench: no job among {sorted(wanted)}", file=sys.stderr)
             return 2
+    if args.socket and not args.pid:
+        print("nvme-emu bench: --socket needs --pid", file=sys.stderr)
+        return 2
+    results: list[JobResult] = []
+    dirs: list[Path] = []
+    try:
+        for path in ([""] if args.socket else _available(PATH_SETS[args.path])):
+            dirs.append(Path(tempfile.mkdtemp(prefix="ne-bench-")))
+            results += _run_path(args, jobs, path, dirs[-1])
+        img = dirs[-1] / "bench.img"  # the preadv limit reads from the namespace's file system
+        m_full, m_net = memcpy_4k_us()
+        p_full, p_net = preadv_4k_us(img if img.exists() else Path(sys.executable))
+        limits = {"memcpy_us": m_full, "memcpy_net_us": m_net, "preadv_us": p_full,
+                  "preadv_net_us": p_net}
+        doc: dict[str, Any] = {"jobs": [asdict(r) for r in results], "limits": limits}
+        if args.inproc:
+            from emulator.host.fastbench import run_sq_us_per_command
+            doc["run_sq_us"] = run_sq_us_per_command(_available(PATH_SETS["all"]))
+        if args.json:
+            print(json.dumps(doc, indent=1))
+        else:
+            print(_format(results, limits))
+            if args.inproc:
+                print("the fast path alone: Controller.run_sq on 256 queued 4 KiB commands, "
+                      "no messages (thread CPU µs per command, best of 20):")
+                for path, r in doc["run_sq_us"].items():
+                    print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
+        return 1 if any(r.errors for r in results) else 0
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _available(paths: list[str]) -> list[str]:
+    """``paths`` with "c" as "python" when the C module does not build here (the child
+    would fall back the same way), without duplicates."""
+    from cbind import build, ioq
+    if "c" in paths and ioq.LIB is None:
+        print(f"nvme-emu bench: C fast path not built ({build.why.get('ioq')}); python instead",
+              file=sys.stderr)
+        paths = ["python" if p == "c" else p for p in paths]
+    return list(dict.fromkeys(paths))
+
+
+def _run_path(args: argparse.Namespace, jobs: list[tuple[str, int, int, int]], path: str,
+              state_dir: Path) -> list[JobResult]:
+    """The jobs against one serving process: a child with fast path ``path``, or the one
+    given by --socket/--pid (``path`` "")."""
     queues = max(j[2] for j in jobs)
     depth = max(j[3] for j in jobs)
     child = None
-    state_dir = Path(tempfile.mkdtemp(prefix="ne-bench-"))
     try:
         if args.socket:
-            if not args.pid:
-                print("nvme-emu bench: --socket needs --pid", file=sys.stderr)
-                return 2
             sock, pid = args.socket, args.pid
         else:
-            child, sock = start_server(state_dir, args.size, args.lba_size)
+            child, sock = start_server(state_dir, args.size, args.lba_size, path)
             pid = child.pid
         host = connect(sock, queues, qsize=max(64, 2 * depth), sealed=not args.unsealed)
         idns = host.identify(cns=0, nsid=1)
@@ -286,25 +385,17 @@ def run(args: argparse.Namespace) -> int:
             _fill(host, ns_lbas, args.lba_size)
         results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
                            1, args.lba_size, ns_lbas,
-                           cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1)
+                           cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1,
+                           batch=args.batch)
                    for name, opc, nq, qd in jobs]
         host.close()
-        img = state_dir / "bench.img" if child else None
-        limits_path = img if img and img.exists() else Path(sys.executable)
-        m_full, m_net = memcpy_4k_us()
-        p_full, p_net = preadv_4k_us(limits_path)
-        limits = {"memcpy_us": m_full, "memcpy_net_us": m_net, "preadv_us": p_full,
-                  "preadv_net_us": p_net}
-        if args.json:
-            print(json.dumps({"jobs": [asdict(r) for r in results], "limits": limits}, indent=1))
-        else:
-            print(_format(results, limits))
-        return 1 if any(r.errors for r in results) else 0
+        for r in results:
+            r.path = path
+        return results
     finally:
         if child is not None:
             child.terminate()
             child.wait(30)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _fill(host: NvmeHost, ns_lbas: int, lba_size: int) -> None:

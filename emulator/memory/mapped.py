@@ -78,6 +78,9 @@ class MappedMemory:
         self.observers: list[WriteObserver] = []
         # ranges the client unmapped and has not mapped again: [start, end)
         self._holes: list[tuple[int, int]] = []
+        # bumped by every change of the region list: a fast path that cached host
+        # addresses of the regions (emulator/nvme/fastpath.py) rebuilds its table
+        self.generation = 0
 
     # -- map management -------------------------------------------------
     def add(self, iova: int, size: int, fd: int | None, fd_offset: int = 0,
@@ -114,6 +117,7 @@ class MappedMemory:
         self._starts.insert(i, iova)
         self._regions.insert(i, region)
         self._fill_holes(iova, iova + size)
+        self.generation += 1
         return region
 
     def _fill_holes(self, start: int, end: int) -> None:
@@ -144,6 +148,7 @@ class MappedMemory:
             self._starts[i:i + 1] = [k.iova for k in keep]
             i += len(keep)
         if hit:
+            self.generation += 1
             self._fill_holes(iova, end)
             self._holes.append((iova, end))
             del self._holes[:-MAX_HOLES]
@@ -164,6 +169,7 @@ class MappedMemory:
         return piece
 
     def clear(self) -> None:
+        self.generation += 1
         self._holes.clear()
         for r in self._regions:
             self._release(r)
@@ -187,6 +193,13 @@ class MappedMemory:
 
     def regions(self) -> list[Region]:
         return list(self._regions)
+
+    def direct(self) -> tuple["MappedMemory", int] | None:
+        """For a device fast path: the memory it may load from and store into itself
+        (through the regions' host mappings), and the lowest address it may store to
+        that way.  None while every access must go through :meth:`views` and friends
+        (write observers registered: they must see each device write)."""
+        return None if self.observers else (self, 0)
 
 
     # -- access ---------------------------------------------------------

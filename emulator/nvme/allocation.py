@@ -58,6 +58,7 @@ log = logging.getLogger("nvme.alloc")
 # (24 is a multiple of 8, so the words stay aligned inside the mapping).
 _HEADER = struct.Struct("<8sQII")  # magic, nsze, tlbaag, lba_size
 _MAGIC = b"NVMEALC2"
+SIDECAR_WORDS_OFFSET = _HEADER.size  # byte offset of bitmap word 0 in the sidecar
 _WORD = np.dtype("<u8")
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _SCAN_FIRST_WORDS = 1 << 10  # first scan chunk: 64 Ki granules
@@ -305,7 +306,7 @@ class AllocationMap:
             return
         self.dirty = True
         try:
-            _write_exactly(self.sidecar_fd, memoryview(self.words[w0:w1]).cast("B"), _HEADER.size + w0 * 8)
+            _write_exactly(self.sidecar_fd, memoryview(self.words[w0:w1]).cast("B"), SIDECAR_WORDS_OFFSET + w0 * 8)
         except OSError as e:
             if not self.stale:
                 log.error("%s: bitmap update not stored (%s); rewriting it at the next flush", self.sidecar, e)

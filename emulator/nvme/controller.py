@@ -25,6 +25,7 @@ from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.config import ControllerConfig
+from emulator.nvme.fastpath import FastPath
 from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.sgl import sgl_segments
@@ -77,6 +78,7 @@ class Controller:
         self.cmd_stats = CommandStats()  # management socket `stats` (not resumable state)
         self.xfer_bytes = 0  # PRP data bytes mapped by data_segments, for cmd_stats
         self.cmd_t0 = self.cmd_x0 = 0  # when the executing command started, xfer_bytes then
+        self.fast = FastPath(self)  # common Reads and Writes, C or Python (emulator/nvme/fastpath.py)
         features.reset_features(self)
 
     # ------------------------------------------------------------------ wiring
@@ -312,6 +314,10 @@ class Controller:
         while sq.head != sq.tail and self.can_fetch() and memory is not None:
             if limit is not None and done >= limit:
                 return done, True
+            n = self.fast.run(sq, None if limit is None else limit - done)
+            if n:  # commands completed by the fast path; the first it left runs below
+                done += n
+                continue
             cq = self.cqs.get(sq.cqid)
             if cq is None:
                 return done, False
@@ -428,7 +434,11 @@ class Controller:
             cq.held.pop(0)
             posted += 1
         if posted:
-            self._irq.setdefault(cq.qid, _IrqState()).pending += posted
+            self.note_posted(cq.qid, posted)
+
+    def note_posted(self, cqid: int, posted: int) -> None:
+        """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
+        self._irq.setdefault(cqid, _IrqState()).pending += posted
 
     def fatal(self, why: str) -> None:
         """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).

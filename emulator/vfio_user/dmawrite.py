@@ -100,6 +100,17 @@ class VisibleWrites:
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
+    def direct(self) -> tuple[MappedMemory, int] | None:
+        """For a device fast path (see MappedMemory.direct): the mapped memory and the lowest
+        address a device write may store to directly; None while every write goes by message
+        (mode ``all``, or writes pending: ordering) or observers watch the writes."""
+        if self.mode == "all" or self.pending:
+            return None
+        inner = self.inner.direct()
+        if inner is None:
+            return None
+        return inner[0], BOOT_LIMIT if self.mode == "boot" else 0
+
     def read(self, addr: int, length: int) -> bytes:
         data = self.inner.read(addr, length)  # fault-safe copy (see MappedMemory)
         if self.pending and self._overlaps(addr, length):

@@ -26,6 +26,20 @@ def test_bench_runs_jobs_and_reports_cpu_per_io() -> None:
     assert set(r["limits"]) == {"memcpy_us", "memcpy_net_us", "preadv_us", "preadv_net_us"}
 
 
+def test_bench_paths_side_by_side_and_the_fast_path_alone() -> None:
+    from cbind import ioq
+    out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--seconds", "0.3",
+                          "--size", "8MiB", "--jobs", "4k-write-qd32", "--path", "all", "--batch", "8",
+                          "--inproc", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    paths = ["c", "python", "off"] if ioq.LIB is not None else ["python", "off"]
+    assert [j["path"] for j in r["jobs"]] == paths
+    assert all(j["ios"] > 0 and j["errors"] == 0 for j in r["jobs"])
+    assert list(r["run_sq_us"]) == paths
+    assert all(set(v) == {"read", "write"} for v in r["run_sq_us"].values())
+
+
 def test_bench_unknown_job_is_an_error() -> None:
     out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--jobs", "nope"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -34,9 +34,10 @@ def run_child(name: str) -> None:
 
 def _shrunk_host_memory() -> None:
     from emu_fixture import Emu
+    from emulator.host.memory import HostMemory
     e = Emu().start()
     try:
-        h = e.host()
+        h = e.host(memory=HostMemory(32 << 20, sealed=False))  # a memfd anybody may shrink
         half = h.mem.size // 2
         assert h.mem.alloc(4096) < h.mem.iova + half  # the driver's queues and buffers sit low
         os.ftruncate(h.mem.fd, half)  # the attack: shrink the memfd after DMA_MAP

@@ -219,7 +219,8 @@ def test_suspend_stops_polling_and_resume_restarts_it(emu: Any) -> None:
     ctrl = e.subsystem.controllers[IO]
     buf = g.mem.alloc(4096)
     assert g.read(1, 0, 1).ok
-    assert g.sq_mmio == 1 and g.event_idx(1) == POLL
+    # EventIdx is written after the CQE (the doorbell's end): the host may see the CQE first
+    assert g.sq_mmio == 1 and _wait(lambda: g.event_idx(1) == POLL)
     for _ in range(20):
         assert g.read(1, 0, 1).ok  # found by polling
     assert g.sq_mmio == 1
@@ -293,13 +294,13 @@ def test_destination_serves_a_guest_left_with_the_poll_eventidx(emu: Any) -> Non
     src.hosts.append(g)
     g.init(io_queues=1, qsize=64)
     assert g.enable_shadow_doorbells().ok
-    assert g.read(1, 0, 1).ok and g.event_idx(1) == POLL
+    assert g.read(1, 0, 1).ok and _wait(lambda: g.event_idx(1) == POLL)  # written after the CQE
     mmhs, mmhd = MigrationHost(src.host(MMC)), MigrationHost(dst.host(MMC))
     assert mmhs.suspend(IO).ok
     cid = g.submit(1, IoOpcode.READ, nsid=1, prp1=g.mem.alloc(4096))
     assert g.sq_mmio == 1  # shadow only
     source_transport = hand_over(mmhs, mmhd, g, dst)
     assert g.wait(1, cid).ok
-    assert g.event_idx(1) == dst.call(lambda: dst.subsystem.controllers[IO].sqs[1].tail)
+    assert _wait(lambda: g.event_idx(1) == dst.call(lambda: dst.subsystem.controllers[IO].sqs[1].tail))
     assert g.read(1, 0, 1).ok and g.sq_mmio == 2
     source_transport.close()

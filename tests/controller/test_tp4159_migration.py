@@ -277,10 +277,12 @@ def test_set_state_applies_the_create_queue_rules(spare) -> None:  # type: ignor
     assert h3.set_features(FID.NUMBER_OF_QUEUES, 1 | (1 << 16)).ok  # two pairs
     cc = h3.t.mmio_read(REG_CC, 4)
     h3.t.mmio_write(REG_CC, 4, cc & ~(0xF << 16))  # CC.IOSQES 0: no I/O SQ may be created
+    assert h3.t.mmio_read(REG_CC, 4) == cc & ~(0xF << 16)  # posted: in before the MMC's commands
     assert m.suspend(SPARE).ok
     invalid_field(m.set_state(SPARE, state, csuuidi=0))
     assert m.resume(SPARE).ok
     h3.t.mmio_write(REG_CC, 4, cc)
+    assert h3.t.mmio_read(REG_CC, 4) == cc  # posted: in before the MMC's commands
     assert m.suspend(SPARE).ok
     assert m.set_state(SPARE, state, csuuidi=0).ok  # with both rules met the same state fits
 

@@ -1,0 +1,562 @@
+"""The I/O fast path: NVM Read and Write with PRPs, from SQE fetch to CQE post.
+
+``Controller.run_sq`` asks :meth:`FastPath.run` first.  It serves the
+commands at the SQ head, in order, as long as each one is *common*, and
+returns how many it completed; the first command that is not common stays at
+the head and the normal path (``Controller.execute`` with the handlers of
+emulator/nvme/io_cmds.py) runs it, after which the fast path is asked again.
+So a batch that mixes both kinds still completes in SQ order, and everything
+the fast path does not handle keeps the normal path's semantics exactly.
+
+It never reports an error itself: any command that would fail (or that it
+cannot finish as the normal path would) goes to the normal path, which
+records the error log entry and the spec's status (LBA Out of Range, Invalid
+Field for MDTS, PRP Offset Invalid, Data Transfer Error for DMA outside
+mapped memory, Capacity Exceeded, ...).  A command is consumed only once its
+CQE is posted; its data transfer is idempotent, so one that stops half way
+(a short or failed ``preadv``/``pwritev``) is simply run again.
+
+What a completed fast command does, as io_cmds.read/write would: LBA range
+and MDTS checks, PRP walk (PRP lists and chains too, Base 2.1 §4.1.1),
+``preadv``/``pwritev`` straight between the backing file and guest memory,
+on a write the allocation bitmap update with its write-through to the
+sidecar (AllocationMap.mark_allocated, TP4165), the SMART counters
+(``ctrl.stats``), ``ctrl.xfer_bytes``, ``ctrl.cmd_stats`` (per opcode and
+latency bucket), the CQE with SQHD and the phase tag (§4.2.4; the dword
+holding the phase last), and the CQ's pending-interrupt count: interrupts
+are still fired only by ``Controller.flush_interrupts``.
+
+Two implementations with the same semantics: ``python`` (lean, the
+reference and fallback) and ``c`` (cbind/ioq.c through cffi).  The path is
+``c`` when the C module built, ``python`` with ``NVME_EMU_NO_CBIND=1`` or
+without a compiler, ``off`` (no fast path at all) with
+``NVME_EMU_FASTPATH=off``; ``NVME_EMU_FASTPATH=python`` picks Python too.
+:func:`set_path` changes it at run time (tests run both).
+
+Conditions checked on every call, any one of which leaves the work to the
+normal path (each condition's source in brackets):
+
+Controller and memory, for the whole call:
+  * guest memory whose ``direct()`` is None: write observers registered
+    (host-memory dirty tracking, TP4159 Track Send SEL 1h, memtrack.py),
+    visible writes in mode ``all``, or DMA_WRITE messages still pending
+    (emulator/vfio_user/dmawrite.py keeps the device's write order);
+  * an ``on_write`` observer other than TP4159 user-data change logging and
+    the Sanitize Status GDE bit, or one of these active for this controller
+    (udlog.py: a UDMQ logging; sanitize.py: GDE set, which a write clears);
+    vfio-user migration's dirty logging (devmig.py) is such an other one;
+  * Read/Write handlers of the I/O table replaced;
+  * the CQ missing, or holding completions (``CQState.held``: a full CQ
+    whose entries wait for the host), or full (the normal path refreshes
+    the head from the shadow doorbell and arms EventIdx first);
+  * an SQ ring not inside one direct region, a CQ ring not inside one
+    writable direct region, or a CQ below the lowest directly writable
+    address (visible writes ``boot``: the first MiB).
+  (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
+
+The region table is rebuilt whenever the controller's memory changes (the
+on_memory hook: attach, detach, DMA map) or its region list does
+(MappedMemory.generation).  It holds the regions' own views, which
+MappedMemory releases when it unmaps them; the views of rings and data
+buffers cut from them live for one call only, so the fast path never keeps an
+unmapped region or a gone client's memfd mapped.
+
+Per command (the command and all after it go to the normal path):
+  * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
+    fused commands; PSDT other than PRPs (SGLs);
+  * a namespace not attached, or with Write Uncorrectable marks (a read must
+    fail, a write heals them), or whose data methods (read_into, write_from,
+    _transfer) are replaced on the instance or the class, or a subclass;
+  * an LBA range past NSZE, a transfer past MDTS;
+  * a PRP the normal path refuses (offsets, chains), or a data buffer, PRP
+    list or part of it outside the direct regions: not mapped, mapped
+    without an fd, *guarded* (a memfd not sealed against shrinking: its
+    loads and stores go through emulator/memory/safecopy.py), read-only for
+    a Read's data; a Read's data below the lowest directly writable address;
+  * more than IOV_MAX (1024) pieces; a short or failed ``preadv``/``pwritev``.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import sys
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+
+from cbind import ioq
+from cbind.prp import merge_entries
+from emulator.nvme import allocation, io_cmds, sanitize
+from emulator.nvme.cmdstats import LAT_BUCKETS
+from emulator.nvme.migration import cdq, udlog
+from emulator.nvme.namespace import Namespace
+from emulator.nvme.spec import CQE, SQE, IoOpcode
+
+if TYPE_CHECKING:
+    from emulator.memory import MappedMemory
+    from emulator.nvme.controller import Controller
+    from emulator.nvme.state import CQState, SQState
+
+log = logging.getLogger("nvme.fastpath")
+
+PATHS = ("c", "python", "off")
+READ, WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
+FUA = 1 << 30  # CDW12 bit 30, Force Unit Access (NVM CS 1.2 Figure 48)
+IOV_MAX = 1024
+_UNLIMITED = 1 << 30
+_SIDE = allocation.SIDECAR_WORDS_OFFSET
+_LITTLE = sys.byteorder == "little"  # the bitmap words are little-endian
+
+
+def _default_path() -> str:
+    want = os.environ.get("NVME_EMU_FASTPATH", "").strip().lower()
+    if want == "off":
+        return "off"
+    if want == "python" or ioq.LIB is None:
+        return "python"
+    return "c"
+
+
+PATH = _default_path()
+
+
+def set_path(path: str) -> str:
+    """Use ``path`` ("c", "python" or "off") from now on; returns the previous one.
+    "c" without the built module is "python"."""
+    global PATH
+    if path not in PATHS:
+        raise ValueError(f"fast path {path!r} (one of {', '.join(PATHS)})")
+    old, PATH = PATH, ("python" if path == "c" and ioq.LIB is None else path)
+    return old
+
+
+# The data methods of Namespace the normal path goes through: replaced on the class or on
+# an instance (tests inject faults that way), or a subclass, and the fast path stays away.
+_NS_METHODS = ("read_into", "write_from", "_transfer")
+_NS_ORIGINAL = tuple(getattr(Namespace, m) for m in _NS_METHODS)
+
+
+def _plain(ns: Namespace) -> bool:
+    """A namespace the fast path may serve: no Write Uncorrectable marks, open, its data
+    methods the ones of this source."""
+    if type(ns) is not Namespace or ns.uncorrectable or ns.fd < 0:
+        return False
+    d = vars(ns)
+    if "read_into" in d or "write_from" in d or "_transfer" in d:
+        return False
+    return (Namespace.read_into, Namespace.write_from, Namespace._transfer) == _NS_ORIGINAL
+
+
+def _udlog_active(ctrl: "Controller") -> bool:
+    """udlog.on_write logs this controller's writes: a UDMQ for it is logging."""
+    found = cdq.udmq_of(ctrl)
+    return found is not None and found[1].logging
+
+
+def _gde_set(ctrl: "Controller") -> bool:
+    """sanitize.on_write acts on this controller's writes: its Sanitize Status has GDE set."""
+    record = ctrl.state.vendor.get(sanitize.VENDOR_KEY)
+    return record is not None and bool(record[0] & sanitize.SSTAT_GDE)
+
+
+# The on_write observers the fast path knows, and when each one would do something for a
+# plain Write; any other observer (vfio-user migration dirty logging, ...) sends every
+# command to the normal path.
+_OBSERVERS = {udlog.on_write: _udlog_active, sanitize.on_write: _gde_set}
+
+
+def _logging_active(ctrl: "Controller") -> bool:
+    """True when an on_write observer must see this controller's writes."""
+    for hook in ctrl.observers.on_write:
+        active = _OBSERVERS.get(hook)
+        if active is None or active(ctrl):
+            return True
+    return False
+
+
+class _Regions:
+    """The direct regions of one MappedMemory generation, for lookups."""
+    __slots__ = ("memory", "generation", "starts", "ends", "mems", "writable", "ctable", "n")
+
+    def __init__(self, memory: "MappedMemory") -> None:
+        self.memory = memory
+        self.generation = memory.generation
+        rs = [r for r in memory.regions() if r.mem is not None and not r.guarded]
+        self.starts = [r.iova for r in rs]
+        self.ends = [r.end for r in rs]
+        self.mems = [r.mem for r in rs]
+        self.writable = [r.writable for r in rs]
+        self.n = len(rs)
+        self.ctable: Any = None
+        if ioq.LIB is not None and rs:
+            t = ioq.FFI.new("struct ioq_region[]", len(rs))
+            for i, r in enumerate(rs):
+                t[i].iova, t[i].len, t[i].writable = r.iova, r.size, int(r.writable)
+                t[i].host = ioq.host_address(r.mem)  # type: ignore[arg-type]
+            self.ctable = t
+
+    def ring(self, addr: int, length: int, write: bool) -> memoryview | None:
+        """A view of [addr, addr+length) inside one region, or None."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i < 0 or addr + length > self.ends[i] or (write and not self.writable[i]):
+            return None
+        off = addr - self.starts[i]
+        return self.mems[i][off:off + length]
+
+    def views(self, addr: int, n: int, write: bool, out: list[memoryview]) -> bool:
+        """Append views of [addr, addr+n) (region by region, like MappedMemory.views)."""
+        starts, ends = self.starts, self.ends
+        i = bisect.bisect_right(starts, addr) - 1
+        while n:
+            if i < 0 or i >= self.n or addr < starts[i] or addr >= ends[i]:
+                return False
+            if write and not self.writable[i]:
+                return False
+            k = min(n, ends[i] - addr)
+            off = addr - starts[i]
+            out.append(self.mems[i][off:off + k])  # type: ignore[index]
+            addr += k
+            n -= k
+            i += 1
+        return True
+
+
+class FastPath:
+    """The fast path of one controller: cached tables, the two implementations."""
+
+    def __init__(self, ctrl: "Controller") -> None:
+        self.ctrl = ctrl
+        self.regions: _Regions | None = None
+        self._bitmaps: dict[int, tuple[Any, memoryview, memoryview]] = {}  # id(map) -> (map, words, bytes)
+        self._ns_key: tuple[Any, ...] | None = None
+        self._ns_c: Any = None
+        self._ns_maps: list[Any] = []
+        self._batch: Any = ioq.FFI.new("struct ioq_batch *") if ioq.LIB is not None else None
+        self._static: tuple[Any, ...] = ()  # what the batch's rarely changing fields were set from
+        self._failed = False
+        self.completed = {"c": 0, "python": 0}  # commands completed, by implementation
+        ctrl.observers.on_memory.append(self._memory_changed)
+
+    def _memory_changed(self, ctrl: "Controller") -> None:
+        """A client attached, detached or mapped memory: drop the cached views of the old
+        regions, so that the mappings the memory closed are not kept alive by them."""
+        self.regions = None
+        self._static = ()
+
+    # ------------------------------------------------------------------ entry
+    def run(self, sq: "SQState", limit: int | None) -> int:
+        """Serve common commands at ``sq``'s head (at most ``limit``); how many completed."""
+        path = PATH
+        if path == "off":
+            return 0
+        try:
+            return self._run(sq, limit, path)
+        except Exception:  # a bug here must not stop the controller: the normal path goes on
+            if not self._failed:
+                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
+            self._failed = True
+            return 0
+
+    def _run(self, sq: "SQState", limit: int | None, path: str) -> int:
+        ctrl = self.ctrl
+        memory = ctrl.memory
+        direct = getattr(memory, "direct", None)
+        d = direct() if direct is not None else None
+        if d is None:
+            return 0
+        mm, min_write = d
+        regions = self.regions
+        if regions is None or regions.memory is not mm or regions.generation != mm.generation:
+            regions = self.regions = _Regions(mm)
+        io = ctrl.tables.io
+        if io.get(READ) is not io_cmds.read or io.get(WRITE) is not io_cmds.write:
+            return 0
+        if ctrl.observers.on_write and _logging_active(ctrl):
+            return 0
+        cq = ctrl.cqs.get(sq.cqid)
+        if cq is None or cq.held:
+            return 0
+        lim = _UNLIMITED if limit is None else limit
+        if path == "c" and regions.ctable is not None:
+            n = self._run_c(sq, cq, lim, regions, min_write)  # checks the rings itself
+        else:
+            # Views made per call, never kept: a kept view would keep the region's mapping
+            # alive after a DMA unmap (MappedMemory cannot close an mmap that has exports).
+            sqv = regions.ring(sq.base, sq.size * 64, False)
+            cqv = regions.ring(cq.base, cq.size * 16, True)
+            if sqv is None or cqv is None or cq.base < min_write:
+                return 0
+            path = "python"
+            n = self._run_py(sq, cq, lim, regions, min_write, sqv, cqv)
+        if n and not self.completed[path]:
+            log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
+        self.completed[path] += n
+        return n
+
+    # ------------------------------------------------------------------ shared
+    def _namespace(self, nsid: int) -> "Namespace | None":
+        ctrl = self.ctrl
+        if nsid not in ctrl.subsystem.attached(ctrl.cntlid):
+            return None
+        ns = ctrl.subsystem.namespaces.get(nsid)
+        return ns if ns is not None and _plain(ns) else None
+
+    def _bitmap(self, amap: Any) -> tuple[memoryview, memoryview]:
+        got = self._bitmaps.get(id(amap))
+        if got is None or got[0] is not amap:
+            if len(self._bitmaps) > 16:
+                self._bitmaps.clear()
+            b = memoryview(amap.bits).cast("B")
+            got = self._bitmaps[id(amap)] = (amap, b.cast("Q"), b)
+        return got[1], got[2]
+
+    def _account(self, cq: "CQState", reads: int, writes: int, rbytes: int, wbytes: int,
+                 posted: int) -> None:
+        """SMART counters, xfer_bytes, cmd_stats opcodes, pending interrupts."""
+        ctrl = self.ctrl
+        st = ctrl.stats
+        ops = ctrl.cmd_stats.io.ops
+        if reads:
+            st["host_read_commands"] += reads
+            st["data_units_read"] += rbytes >> 9
+            c = ops.get(READ)
+            if c is None:
+                c = ops[READ] = [0, 0]
+            c[0] += reads
+            c[1] += rbytes
+        if writes:
+            st["host_write_commands"] += writes
+            st["data_units_written"] += wbytes >> 9
+            c = ops.get(WRITE)
+            if c is None:
+                c = ops[WRITE] = [0, 0]
+            c[0] += writes
+            c[1] += wbytes
+        ctrl.xfer_bytes += rbytes + wbytes
+        ctrl.note_posted(cq.qid, posted)
+
+    # ------------------------------------------------------------------ Python
+    def _run_py(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int,
+                sqv: memoryview, cqv: memoryview) -> int:
+        ctrl = self.ctrl
+        unpack_sqe = SQE.unpack_from
+        pack_cqe = CQE.pack
+        preadv, pwritev = os.preadv, os.pwritev
+        views_of = regions.views
+        r = ctrl.state.regs
+        ps = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
+        mask = ps - 1
+        mdts = ctrl.max_transfer
+        latency = ctrl.cmd_stats.io.latency
+        nss: dict[int, Any] = {}
+        head, tail, qsize, sqid = sq.head, sq.tail, sq.size, sq.qid
+        ctail, chead, csize, phase = cq.tail, cq.head, cq.size, cq.phase
+        done = reads = writes = rbytes = wbytes = 0
+        try:
+            while head != tail and done < lim:
+                if (ctail + 1) % csize == chead:
+                    break  # CQ full: the normal path refreshes the head (shadow doorbell)
+                t0 = perf_counter_ns()
+                (opc, flags, cid, nsid, _c2, _c3, _mptr, prp1, prp2, cdw10, cdw11, cdw12,
+                 _c13, _c14, _c15) = unpack_sqe(sqv, head << 6)
+                if flags & 0xC3 or not (opc == READ or (opc == WRITE and not cdw12 & FUA)):
+                    break
+                nsi = nss.get(nsid)
+                if nsi is None:
+                    ns = self._namespace(nsid)
+                    if ns is None:
+                        break
+                    amap = ns.allocation
+                    nsi = nss[nsid] = (ns.fd, ns.lba_shift, ns.nsze, amap)
+                fd, shift, nsze, amap = nsi
+                slba = cdw10 | (cdw11 << 32)
+                nlb = (cdw12 & 0xFFFF) + 1
+                length = nlb << shift
+                if slba + nlb > nsze or length > mdts:
+                    break
+                # PRPs (Base 2.1 §4.1.1), the common shapes inline
+                to_host = opc == READ
+                if to_host and prp1 < min_write:
+                    break
+                vs: list[memoryview] = []
+                first = ps - (prp1 & mask)
+                if prp1 & 3:
+                    break
+                if length <= first:
+                    if not views_of(prp1, length, to_host, vs):
+                        break
+                elif length - first <= ps:
+                    if prp2 & mask or (to_host and prp2 < min_write):
+                        break
+                    if not views_of(prp1, first, to_host, vs) or not views_of(prp2, length - first, to_host, vs):
+                        break
+                elif not self._prp_list(regions, prp1, first, prp2, length, ps, to_host, min_write, vs):
+                    break
+                if len(vs) > IOV_MAX:
+                    break
+                try:
+                    got = (preadv if to_host else pwritev)(fd, vs, slba << shift)
+                except OSError:
+                    break  # the normal path redoes it and reports the status
+                if got != length:
+                    break
+                if to_host:
+                    reads += 1
+                    rbytes += length
+                else:
+                    self._mark_allocated(amap, slba, nlb)
+                    writes += 1
+                    wbytes += length
+                nhead = head + 1 if head + 1 < qsize else 0
+                # One 16-byte copy, as queues.cq_post does: never struct.pack_into on the
+                # ring (it zeroes the entry first, and a host polling for phase 0 would
+                # take the zeroed entry for a completion).
+                o = ctail << 4
+                cqv[o:o + 16] = pack_cqe(0, 0, nhead, sqid, cid, phase)
+                head = nhead
+                ctail += 1
+                if ctail == csize:
+                    ctail = 0
+                    phase ^= 1
+                done += 1
+                b = ((perf_counter_ns() - t0) >> 10).bit_length()
+                latency[b if b < LAT_BUCKETS else LAT_BUCKETS - 1] += 1
+        finally:
+            if done:
+                sq.head, cq.tail, cq.phase = head, ctail, phase
+                self._account(cq, reads, writes, rbytes, wbytes, done)
+        return done
+
+    @staticmethod
+    def _prp_list(regions: _Regions, prp1: int, first: int, prp2: int, length: int, ps: int,
+                  to_host: bool, min_write: int, vs: list[memoryview]) -> bool:
+        """PRP2 is a list pointer: the walk of emulator/nvme/prp.py over direct regions."""
+        mask = ps - 1
+        if prp2 & 7:
+            return False
+        segs = [(prp1, first)]
+        remaining = length - first
+        npages = (remaining + mask) // ps
+        hops = npages + 1
+        list_addr = prp2
+        while npages:
+            hops -= 1
+            if hops < 0:
+                return False
+            slots = (ps - (list_addr & mask)) // 8
+            take = npages if npages <= slots else slots - 1
+            chained = take < npages
+            raw = regions.ring(list_addr, (take + chained) * 8, False)
+            if raw is None or merge_entries(bytes(raw), take, ps, remaining, segs) >= 0:
+                return False
+            remaining -= min(remaining, take * ps)
+            npages -= take
+            if chained:
+                nxt = int.from_bytes(raw[take * 8:take * 8 + 8], "little")
+                if nxt & 7:
+                    return False
+                list_addr = nxt
+        for addr, n in segs:
+            if (to_host and addr < min_write) or not regions.views(addr, n, to_host, vs):
+                return False
+        return True
+
+    def _mark_allocated(self, amap: Any, slba: int, nlb: int) -> None:
+        """AllocationMap.mark_allocated without numpy scalars (same bits, same write-through)."""
+        if not _LITTLE:
+            amap.mark_allocated(slba, nlb)
+            return
+        g0 = slba // amap.tlbaag
+        g1 = min((slba + nlb - 1) // amap.tlbaag + 1, amap.granules)
+        if g1 <= g0:
+            return
+        words, raw = self._bitmap(amap)
+        w0, w1 = g0 >> 6, (g1 - 1) >> 6
+        if w0 == w1:
+            old = words[w0]
+            new = old | ((((1 << (g1 - g0)) - 1) << (g0 & 63)))
+            if new == old:
+                return
+            words[w0] = new
+        else:
+            words[w0] |= (0xFFFF_FFFF_FFFF_FFFF << (g0 & 63)) & 0xFFFF_FFFF_FFFF_FFFF
+            for w in range(w0 + 1, w1):
+                words[w] = 0xFFFF_FFFF_FFFF_FFFF
+            words[w1] |= 0xFFFF_FFFF_FFFF_FFFF >> (63 - ((g1 - 1) & 63))
+        fd = amap.sidecar_fd
+        if fd < 0:
+            return
+        amap.dirty = True
+        chunk = raw[w0 * 8:(w1 + 1) * 8]
+        try:
+            if os.pwrite(fd, chunk, _SIDE + w0 * 8) == len(chunk):
+                return
+        except OSError:
+            pass
+        amap._write_through(w0, w1 + 1)  # retries; logs and marks the bitmap stale if it fails
+
+    # ------------------------------------------------------------------ C
+    def _ns_table(self) -> Any:
+        """The C namespace table of the attached namespaces in a simple state."""
+        ctrl = self.ctrl
+        nss = ctrl.subsystem.namespaces
+        eligible = []
+        for nsid in ctrl.subsystem.attached(ctrl.cntlid):
+            ns = nss.get(nsid)
+            if ns is not None and _plain(ns):
+                amap = ns.allocation
+                eligible.append((nsid, ns, amap, ns.fd, ns.lba_shift, ns.nsze, amap.sidecar_fd))
+        key = tuple(eligible)
+        if key != self._ns_key:
+            t = ioq.FFI.new("struct ioq_ns[]", max(1, len(eligible)))
+            maps = []
+            for i, (nsid, ns, amap, fd, shift, nsze, _sfd) in enumerate(eligible):
+                e = t[i]
+                e.nsid, e.fd, e.lba_shift, e.nsze = nsid, fd, shift, nsze
+                e.words = ioq.FFI.cast("uint64_t *", amap.words.ctypes.data)
+                e.granules, e.tlbaag = amap.granules, amap.tlbaag
+                e.sidecar_fd, e.sidecar_off = amap.sidecar_fd, _SIDE
+                maps.append(amap)
+            self._ns_key, self._ns_c, self._ns_maps = key, t, maps
+        return self._ns_c
+
+    def _run_c(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int) -> int:
+        if not _LITTLE:
+            return 0
+        ctrl = self.ctrl
+        b = self._batch
+        nst = self._ns_table()
+        r = ctrl.state.regs
+        static = (regions, nst, sq.qid, sq.base, sq.size, cq.base, cq.size, r.cc, ctrl.config.mdts,
+                  min_write)
+        if static != self._static:  # the fields that rarely change: set only then
+            b.regions, b.nregions = regions.ctable, regions.n
+            b.ns, b.nns = nst, len(self._ns_maps)
+            b.sq_base, b.sq_size, b.sqid = sq.base, sq.size, sq.qid
+            b.cq_base, b.cq_size = cq.base, cq.size
+            b.page_size = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
+            b.max_transfer, b.min_write = ctrl.max_transfer, min_write
+            self._static = static
+        b.sq_head, b.sq_tail, b.cq_head, b.cq_tail, b.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
+        b.limit = lim
+        done: int = ioq.LIB.ioq_run(b)
+        if done:
+            sq.head, cq.tail, cq.phase = b.sq_head, b.cq_tail, b.cq_phase
+            latency = ctrl.cmd_stats.io.latency
+            for i in range(b.nlat):
+                latency[b.lat_bucket[i]] += b.lat_count[i]
+            writes = b.writes
+            if writes:
+                for i, amap in enumerate(self._ns_maps):
+                    e = nst[i]
+                    if e.dirty:
+                        e.dirty = 0
+                        amap.dirty = True
+                    if e.stale:
+                        e.stale = 0
+                        if not amap.stale:
+                            log.error("%s: bitmap update not stored; rewriting it at the next flush",
+                                      amap.sidecar)
+                        amap.stale = True
+            self._account(cq, b.reads, writes, b.read_bytes, b.write_bytes, done)
+        return done
