@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from emulator.memory import DmaError, GuestMemory
-from emulator.nvme import aer, dbbuf, features
+from emulator.nvme import aer, dbbuf, features, sanitize
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
@@ -366,6 +366,8 @@ class Controller:
             if cmd.psdt and (cmd.sqid == 0 or cmd.psdt == 0x3):
                 # SGLs for I/O commands only (PCIe admin commands use PRPs, Base 2.1 §4.1.1)
                 raise generic(Generic.INVALID_FIELD, f"PSDT {cmd.psdt}")
+            if cmd.sqid and sanitize.blocks_io(self, cmd.opc):  # Base 2.1 §8.1.24
+                raise generic(Generic.SANITIZE_IN_PROGRESS, "a sanitize operation is in progress")
             result = handler(self, cmd)
             if result is None:
                 return  # held (Asynchronous Event Request)

@@ -52,6 +52,8 @@ Controller and memory, for the whole call:
   * an SQ ring not inside one direct region, a CQ ring not inside one
     writable direct region, or a CQ below the lowest directly writable
     address (visible writes ``boot``: the first MiB).
+  * a sanitize operation in progress in the subsystem (the normal path aborts
+    I/O commands other than Flush with Sanitize In Progress, Base 2.1 §8.1.24);
   (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
 
 The region table is rebuilt whenever the controller's memory changes (the
@@ -272,6 +274,8 @@ class FastPath:
         if io.get(READ) is not io_cmds.read or io.get(WRITE) is not io_cmds.write:
             return 0
         if ctrl.observers.on_write and _logging_active(ctrl):
+            return 0
+        if sanitize.running(ctrl) is not None:  # I/O aborted with Sanitize In Progress
             return 0
         cq = ctrl.cqs.get(sq.cqid)
         if cq is None or cq.held:

@@ -45,7 +45,7 @@ from emulator.nvme.tables import Result
 from emulator.nvme.namespace import file_errors
 from emulator.nvme.offload import offload
 from emulator.nvme.spec import (
-    Command, CommandSpecific, Generic, generic, invalid_field, specific,
+    Command, CommandSpecific, Generic, IoOpcode, generic, invalid_field, specific,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +93,14 @@ _runs: "weakref.WeakKeyDictionary[Controller, SanitizeRun]" = weakref.WeakKeyDic
 def running(ctrl: "Controller") -> SanitizeRun | None:
     run = _runs.get(ctrl)
     return run if run is not None and not run.ended else None
+
+
+def blocks_io(ctrl: "Controller", opc: int) -> bool:
+    """An I/O command the controller aborts with Sanitize In Progress: while a sanitize
+    operation is in progress every controller of the NVM subsystem aborts the commands
+    not permitted then (Base 2.1 §8.1.24 [2.3 §8.1.26.5]); of the I/O commands only
+    Flush is permitted (NVMe 2.0 removed it from the restricted ones)."""
+    return opc != IoOpcode.FLUSH and running(ctrl) is not None
 
 
 def pass_patterns(ovrpat: int, passes: int, oipbp: bool) -> list[int]:

@@ -279,7 +279,7 @@ MIRRORED = {
     "emulator.nvme.allocation:AllocationMap.mark_allocated": "e21d99b8fc0f",
     "emulator.nvme.allocation:AllocationMap._write_through": "9938fd5fabb8",
     "emulator.nvme.controller:Controller.run_sq": "5631b55919a8",
-    "emulator.nvme.controller:Controller.execute": "dbe0b3da32f5",
+    "emulator.nvme.controller:Controller.execute": "8733f874af82",
     "emulator.nvme.controller:Controller.complete": "4bf63357051a",
     "emulator.nvme.controller:Controller.data_segments": "ab16193fed02",
     "emulator.nvme.prp:prp_segments": "201bb9a86717",

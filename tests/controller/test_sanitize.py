@@ -122,3 +122,44 @@ def test_controller_reset_during_a_sanitize_keeps_the_bookkeeping(emu, monkeypat
         time.sleep(0.01)
     assert status(other)[1:] == (san.SSTAT_COMPLETED, 0, BLOCK_ERASE, True)
     assert struct.unpack_from("<Q", other.identify(cns=0, nsid=3), 16)[0] == 0  # deallocated
+
+
+@pytest.mark.parametrize("path", ["c", "python", "off"])
+def test_io_is_aborted_while_a_sanitize_runs(emu, monkeypatch, path):
+    """While the sanitize operation runs, every controller of the subsystem aborts I/O
+    commands with Sanitize In Progress, on the fast path's queues too; Flush is permitted
+    (Base 2.1 §8.1.24).  Afterwards I/O runs again."""
+    from emulator.nvme import fastpath
+
+    old = fastpath.set_path(path)  # "c" without the C module is "python"
+    try:
+        _io_is_aborted_while_a_sanitize_runs(emu, monkeypatch)
+    finally:
+        fastpath.set_path(old)
+
+
+def _io_is_aborted_while_a_sanitize_runs(emu, monkeypatch):
+    e = emu(CFG)
+    h, other = e.host(1), e.host(2)
+    assert other.write(3, 0, b"\x5a" * 4096).ok
+    at_pass, go = threading.Semaphore(0), threading.Semaphore(0)
+    real = san.write_pattern
+
+    def spy(ns, pattern, run=None):  # on the worker thread
+        if ns.nsid == 1:
+            at_pass.release()
+            assert go.acquire(timeout=STEP)
+        real(ns, pattern, run)
+
+    monkeypatch.setattr(san, "write_pattern", spy)
+    cid = h.submit(0, SANITIZE, cdw10=OVERWRITE | (1 << 4), cdw11=PATTERN)
+    assert at_pass.acquire(timeout=STEP)
+    try:
+        for c in (other.read(3, 0, 8), other.write(3, 8, bytes(4096)), h.read(1, 0, 8)):
+            assert (c.sct, c.sc) == (0, Generic.SANITIZE_IN_PROGRESS), c
+        assert other.flush(3).ok and h.flush(1).ok
+    finally:
+        go.release()
+    assert h.wait(0, cid, timeout=STEP).ok
+    assert other.read(3, 0, 8).data == struct.pack("<I", PATTERN) * 1024
+    assert other.write(3, 8, bytes(4096)).ok
