@@ -320,22 +320,17 @@ class FastPath:
         ctrl = self.ctrl
         st = ctrl.stats
         ops = ctrl.cmd_stats.io.ops
-        if reads:
-            st["host_read_commands"] += reads
-            st["data_units_read"] += rbytes >> 9
-            c = ops.get(READ)
-            if c is None:
-                c = ops[READ] = [0, 0]
-            c[0] += reads
-            c[1] += rbytes
-        if writes:
-            st["host_write_commands"] += writes
-            st["data_units_written"] += wbytes >> 9
-            c = ops.get(WRITE)
-            if c is None:
-                c = ops[WRITE] = [0, 0]
-            c[0] += writes
-            c[1] += wbytes
+        for opc, n, nbytes, commands, units in (
+                (READ, reads, rbytes, "host_read_commands", "data_units_read"),
+                (WRITE, writes, wbytes, "host_write_commands", "data_units_written")):
+            if n:
+                st[commands] += n
+                st[units] += nbytes >> 9
+                c = ops.get(opc)
+                if c is None:
+                    c = ops[opc] = [0, 0]
+                c[0] += n
+                c[1] += nbytes
         ctrl.xfer_bytes += rbytes + wbytes
         ctrl.note_posted(cq.qid, posted)
 
