@@ -12,9 +12,11 @@ and SQ tail doorbell on the socket; then the server's reader callback
 (``VfioUserServer._on_readable``) runs as the loop would run it, the whole
 path: ``recvmsg`` until EAGAIN, codec, session, PCI function, controller
 doorbell, arbiter, fast path, CQE, ``flush_interrupts`` and the eventfd
-``write``.  Only that call is timed (wall time, which is CPU time here: one
-thread, no I/O wait; best of ``--repeat`` runs), per I/O.  The host's side
-(packing SQEs, sending, reading CQEs and the eventfd) is not counted.
+``write``.  Only that call is timed, in wall time (CPU time here: one thread,
+no I/O wait): the median round of the best of ``--repeat`` runs, per I/O (a
+round that other work on the machine preempted does not move the median).
+The host's side (packing SQEs, sending, reading CQEs and the eventfd) is not
+counted.
 
 What it leaves out, compared with ``nvme-emu bench``: the wakeup of a sleeping
 process (``epoll_wait`` and the scheduler) and the cold caches of a process
@@ -43,7 +45,8 @@ AREA_LBAS = 8192  # 4 MiB of 512-byte LBAs, written before the reads
 
 
 def io_path_us(batch: int = 1, ios: int = 20000, repeat: int = 5, path: str | None = None) -> float:
-    """The best of ``repeat`` runs: wall µs per 4 KiB read in the server's reader callback."""
+    """The best of ``repeat`` runs: µs per 4 KiB read in the server's reader callback
+    (the median round)."""
     from emulator.subsystem.config import parse_config
     from emulator.subsystem.runtime import RuntimeThread
     from emulator.vfio_user.client import VfioUserClient
@@ -72,7 +75,8 @@ def io_path_us(batch: int = 1, ios: int = 20000, repeat: int = 5, path: str | No
 
 
 def _rounds(host: NvmeHost, server: Any, batch: int, ios: int) -> float:
-    """On the loop thread: ``ios`` reads, ``batch`` per SQ doorbell; µs per read in the reader."""
+    """On the loop thread: ``ios`` reads, ``batch`` per SQ doorbell; µs per read in the reader
+    (the median round)."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client, mem, efd = t.client, host.mem, t.eventfds[1]
@@ -83,7 +87,8 @@ def _rounds(host: NvmeHost, server: Any, batch: int, ios: int) -> float:
     send = client.region_write
     on_readable = server._on_readable
     clock = time.perf_counter_ns
-    spent = done = 0
+    rounds: list[int] = []
+    done = 0
     ring_cq = False
     while done < ios:
         for cid in range(batch):
@@ -96,7 +101,7 @@ def _rounds(host: NvmeHost, server: Any, batch: int, ios: int) -> float:
         send(BAR0, DOORBELL_BASE + 8, q.sq_tail.to_bytes(4, "little"), posted=True)
         t0 = clock()
         on_readable()
-        spent += clock() - t0
+        rounds.append(clock() - t0)
         for _ in range(batch):
             off = q.cq_iova - base + q.cq_head * CQE_SIZE
             if (view[off + 14] & 1) != q.phase:
@@ -113,7 +118,8 @@ def _rounds(host: NvmeHost, server: Any, batch: int, ios: int) -> float:
     on_readable()
     for b in bufs:
         mem.free(b, PAGE)
-    return spent / done / 1000
+    rounds.sort()
+    return rounds[len(rounds) // 2] / batch / 1000
 
 
 def main(argv: list[str] | None = None) -> int:
