@@ -62,7 +62,8 @@ class Arbiter:
         deadline = time.monotonic() + TURN_SECONDS
         try:
             x0 = ctrl.xfer_bytes
-            done, more = ctrl.run_sq(sq, self._burst(qid, TURN_COMMANDS, TURN_BYTES))
+            per = self._per_command.get(qid, TURN_BYTES)  # _burst(qid, TURN_COMMANDS, TURN_BYTES)
+            done, more = ctrl.run_sq(sq, max(1, min(ARB_BURST, TURN_BYTES // per)) if per else ARB_BURST)
             moved = ctrl.xfer_bytes - x0
             if done:
                 self._per_command[qid] = moved // done

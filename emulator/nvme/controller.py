@@ -475,7 +475,10 @@ class Controller:
 
     def note_posted(self, cqid: int, posted: int) -> None:
         """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
-        self._irq.setdefault(cqid, _IrqState()).pending += posted
+        st = self._irq.get(cqid)
+        if st is None:
+            st = self._irq[cqid] = _IrqState()
+        st.pending += posted
         self._irq_due = True
 
     def fatal(self, why: str) -> None:
