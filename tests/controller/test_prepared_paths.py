@@ -190,6 +190,10 @@ def test_interrupts_after_a_flush_with_nothing_pending(emu) -> None:
     ctrl = _ctrl(e)
     assert not ctrl._irq_due
     h.set_features(FID.INTERRUPT_COALESCING, (2 << 8) | 7)  # 8 entries or 200 µs
+    for _ in range(2):
+        cid = _read_cmd(h)
+        assert _signalled(efd) == 1 and h.wait(1, cid).ok  # by the aggregation time
+    h.set_features(FID.INTERRUPT_COALESCING, 0)
     cid = _read_cmd(h)
-    assert _signalled(efd) == 1 and h.wait(1, cid).ok  # by the aggregation time
-    assert not ctrl._irq_due
+    assert _signalled(efd) == 1 and h.wait(1, cid).ok
+    assert not e.call(lambda: ctrl._irq_due)
