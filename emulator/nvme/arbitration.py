@@ -74,7 +74,8 @@ class Arbiter:
                 self._rounds(TURN_COMMANDS - done, TURN_BYTES - moved, deadline)
         finally:
             self._in_pass = False
-        self._schedule()
+        if ready:
+            self._schedule()
 
     def clear(self) -> None:
         self._ready.clear()
