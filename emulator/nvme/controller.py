@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from emulator.memory import DmaError, GuestMemory
-from emulator.nvme import aer, dbbuf, features, sanitize
+from emulator.nvme import aer, dbbuf, fastgen, features, sanitize
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
@@ -606,6 +606,7 @@ class Controller:
 
     def restore(self, state: ControllerState) -> None:
         self.state = state
+        fastgen.bump()  # the I/O fast path works its cached conditions out again
         self.sqs = {s.qid: s for s in state.sqs}
         self.cqs = {c.qid: c for c in state.cqs}
         self._irq.clear()
