@@ -257,7 +257,7 @@ class FastPath:
         :meth:`_conditions` and :meth:`_ring_py` / :meth:`_batch_c`, and checked here
         with a comparison or two."""
         path = PATH
-        if path == "off":
+        if path == "off" or not sq.qid:  # admin opcodes are not NVM ones (02h: Get Log Page)
             return 0
         ctrl = self.ctrl
         try:
@@ -326,13 +326,17 @@ class FastPath:
         sub = ctrl.subsystem
         nss = sub.namespaces
         eligible = []
+        watch = []
         for nsid in sorted(sub.attached(ctrl.cntlid)):
             ns = nss.get(nsid)
-            if ns is not None and _plain(ns):
+            if ns is None:
+                continue
+            watch.append((vars(ns), len(vars(ns))))  # all of them: a method set, then removed
+            if _plain(ns):
                 amap = ns.allocation
                 eligible.append((nsid, ns, amap, ns.fd, ns.lba_shift, ns.nsze, amap.sidecar_fd))
         self._nss = {e[0]: (e[3], e[4], e[5], e[2]) for e in eligible}
-        self._watch = [(vars(e[1]), len(vars(e[1]))) for e in eligible]
+        self._watch = watch
         key = tuple(eligible)
         if ioq.LIB is not None and key != self._ns_key:
             t = ioq.FFI.new("struct ioq_ns[]", max(1, len(eligible)))
