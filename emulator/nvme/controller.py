@@ -440,7 +440,10 @@ class Controller:
 
     def note_posted(self, cqid: int, posted: int) -> None:
         """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
-        self._irq.setdefault(cqid, _IrqState()).pending += posted
+        st = self._irq.get(cqid)  # (no _IrqState made just to be thrown away: once per doorbell)
+        if st is None:
+            st = self._irq[cqid] = _IrqState()
+        st.pending += posted
 
     def fatal(self, why: str) -> None:
         """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
