@@ -37,6 +37,7 @@ Conditions checked on every call, any one of which leaves the work to the
 normal path (each condition's source in brackets):
 
 Controller and memory, for the whole call:
+  * the admin SQ (its opcodes are not NVM ones: 02h is Get Log Page);
   * guest memory whose ``direct()`` is None: write observers registered
     (host-memory dirty tracking, TP4159 Track Send SEL 1h, memtrack.py),
     visible writes in mode ``all``, or DMA_WRITE messages still pending
@@ -55,6 +56,21 @@ Controller and memory, for the whole call:
   * a sanitize operation in progress in the subsystem (the normal path aborts
     I/O commands other than Flush with Sanitize In Progress, Base 2.1 §8.1.24);
   (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
+
+How they are checked (each call is a doorbell; at QD1 every command pays this): the
+ones that are costly to work out are worked out by ``FastPath._conditions`` and kept
+until ``fastgen.value`` moves (emulator/nvme/fastgen.py lists the places that bump it):
+which on_write observers are active (a UDMQ logging this controller), a sanitize in
+progress, the attached namespaces that are plain (attached, open, no Write
+Uncorrectable marks, geometry, bitmap; the C namespace table).  What no bump can see is
+compared on every call, cheaply: the on_write observer list (a copy of it), the size of
+each attached namespace's instance dict (a data method set on it), the data methods of
+the class, the I/O table's Read/Write handlers, ``direct()``, the region generation,
+GDE, the CQ.  Per SQ, the ring places (Python) or the C batch struct are kept while the
+SQState/CQState objects, the region table, the namespace table, CC and MDTS are the same.
+A missed bump where a condition stops holding only keeps the fast path aside longer; so
+every bump that matters is where a condition starts to hold (tests/controller/
+test_fastpath_cache.py changes each between two calls on one controller).
 
 The region table is rebuilt whenever the controller's memory changes (the
 on_memory hook: attach, detach, DMA map) or its region list does
