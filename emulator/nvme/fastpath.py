@@ -155,6 +155,7 @@ _NS_METHODS = ("read_into", "write_from", "_transfer")
 _NS_ORIGINAL = tuple(getattr(Namespace, m) for m in _NS_METHODS)
 _READ_INTO, _WRITE_FROM, _TRANSFER = _NS_ORIGINAL
 _READ_HANDLER, _WRITE_HANDLER = io_cmds.read, io_cmds.write  # the handlers the fast path repeats
+_UNPACK_SQE, _PACK_CQE = SQE.unpack_from, CQE.pack
 
 
 def _plain(ns: Namespace) -> bool:
@@ -420,7 +421,7 @@ class FastPath:
         ok = sqp is not None and cqp is not None and cq.base >= min_write
         got = (sq, cq, regions, cc, mdts, min_write, ok, sqp, cqp,
                1 << (12 + ((cc >> 7) & 0xF)),  # CC.MPS (Base 2.1 §3.1.4.5)
-               ctrl.max_transfer)
+               ctrl.max_transfer, regions.starts, regions.ends, regions.mems, regions.writable)
         self._rings[sq.qid] = got
         return got
 
@@ -430,18 +431,16 @@ class FastPath:
             return 0  # a ring not inside one direct region (writable for the CQ)
         # Views made per call, never kept: a kept view would keep the region's mapping
         # alive after a DMA unmap (MappedMemory cannot close an mmap that has exports).
-        mem, off, end = ring[7]
+        _s, _c, _r, _cc, _m, _w, _ok, (mem, off, end), cqp, ps, mdts, starts, ends, mems, writable = ring
         sqv = mem[off:end]
-        mem, off, end = ring[8]
+        mem, off, end = cqp
         cqv = mem[off:end]
-        ps, mdts = ring[9], ring[10]
         mask = ps - 1
         ctrl = self.ctrl
-        unpack_sqe = SQE.unpack_from
-        pack_cqe = CQE.pack
-        preadv, pwritev = os.preadv, os.pwritev
+        unpack_sqe = _UNPACK_SQE
+        pack_cqe = _PACK_CQE
+        preadv, pwritev = os.preadv, os.pwritev  # looked up per call: tests may replace them
         views_of = regions.views
-        starts, ends, mems, writable = regions.starts, regions.ends, regions.mems, regions.writable
         latency = ctrl.cmd_stats.io.latency
         nss = self._nss
         head, tail, qsize, sqid = sq.head, sq.tail, sq.size, sq.qid
