@@ -387,22 +387,17 @@ class FastPath:
         ctrl = self.ctrl
         st = ctrl.stats
         ops = ctrl.cmd_stats.io.ops
-        if reads:
-            st["host_read_commands"] += reads
-            st["data_units_read"] += rbytes >> 9
-            c = ops.get(READ)
-            if c is None:
-                c = ops[READ] = [0, 0]
-            c[0] += reads
-            c[1] += rbytes
-        if writes:
-            st["host_write_commands"] += writes
-            st["data_units_written"] += wbytes >> 9
-            c = ops.get(WRITE)
-            if c is None:
-                c = ops[WRITE] = [0, 0]
-            c[0] += writes
-            c[1] += wbytes
+        for opc, n, nbytes, commands, units in (
+                (READ, reads, rbytes, "host_read_commands", "data_units_read"),
+                (WRITE, writes, wbytes, "host_write_commands", "data_units_written")):
+            if n:
+                st[commands] += n
+                st[units] += nbytes >> 9
+                c = ops.get(opc)
+                if c is None:
+                    c = ops[opc] = [0, 0]
+                c[0] += n
+                c[1] += nbytes
         ctrl.xfer_bytes += rbytes + wbytes
         ctrl.note_posted(cq.qid, posted)
 
@@ -644,29 +639,7 @@ class FastPath:
             latency[o[i]] += o[i + 1]
         if o[4]:  # a bitmap written through (dirty) or a write-through that failed (stale)
             self._bitmap_flags()
-        # _account, inline (once per doorbell)
-        writes, rbytes, wbytes = o[1], o[2], o[3]
-        reads = done - writes
-        st = ctrl.stats
-        ops = ctrl.cmd_stats.io.ops
-        if reads:
-            st["host_read_commands"] += reads
-            st["data_units_read"] += rbytes >> 9
-            c = ops.get(READ)
-            if c is None:
-                c = ops[READ] = [0, 0]
-            c[0] += reads
-            c[1] += rbytes
-        if writes:
-            st["host_write_commands"] += writes
-            st["data_units_written"] += wbytes >> 9
-            c = ops.get(WRITE)
-            if c is None:
-                c = ops[WRITE] = [0, 0]
-            c[0] += writes
-            c[1] += wbytes
-        ctrl.xfer_bytes += rbytes + wbytes
-        ctrl.note_posted(cq.qid, done)
+        self._account(cq, done - o[1], o[1], o[2], o[3], done)
         return done
 
     def _bitmap_flags(self) -> None:

@@ -7,7 +7,6 @@ import os
 import threading
 from typing import Any
 
-from emulator.host.memory import HostMemory
 from emulator.nvme import fastpath
 from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode
@@ -92,28 +91,6 @@ def test_a_sanitize_started_between_two_calls(emu: Any, path: str, monkeypatch: 
     assert h.write(1, 0, os.urandom(4096)).ok  # clears GDE (normal path)
     assert served(e)[path] == before
     assert h.read(1, 0, 8).ok and served(e)[path] == before + 1
-
-
-def test_user_data_logging_started_and_stopped_between_two_calls(emu: Any, path: str) -> None:
-    from emulator.host.lm import MigrationHost
-    cfg = {"namespaces": [{"nsid": 1, "size": "16MiB"}],
-           "controllers": [{"cntlid": 1, "type": "io", "namespaces": [1]},
-                           {"cntlid": 2, "type": "mmc"}]}
-    e = emu(cfg)
-    g = e.host(1, memory=HostMemory(32 << 20, sealed=True))
-    m = MigrationHost(e.host(2))
-    q = m.udmq(1)
-    assert g.write(1, 0, os.urandom(512)).ok
-    before = served(e)[path]
-    assert before >= 1
-    assert m.log_start(q.cdqid).ok
-    assert g.write(1, 100, os.urandom(16 * 512)).ok and g.read(1, 100, 16).ok
-    assert served(e)[path] == before
-    assert m.log_stop(q.cdqid).ok
-    assert g.write(1, 200, os.urandom(512)).ok
-    assert served(e)[path] == before + 1
-    got = m.drain(q)
-    assert [(x.nsid, x.slba, x.nlb) for x in got[1:-1]] == [(1, 100, 16)]
 
 
 def test_a_write_observer_registered_between_two_calls(emu: Any, path: str) -> None:
