@@ -96,10 +96,10 @@ Per command (the command and all after it go to the normal path):
 from __future__ import annotations
 
 import bisect
-from bisect import bisect_right
 import logging
 import os
 import sys
+from bisect import bisect_right
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -273,7 +273,7 @@ class FastPath:
         """Serve common commands at ``sq``'s head (at most ``limit``); how many completed.
 
         Paid on every doorbell, so kept short: what rarely changes is worked out in
-        :meth:`_conditions` and :meth:`_ring_py` / :meth:`_batch_c`, and checked here
+        :meth:`_conditions`, :meth:`_ring_py` and :meth:`_run_c` (per SQ), and checked here
         with a comparison or two."""
         path = PATH
         if path == "off" or not sq.qid:  # admin opcodes are not NVM ones (02h: Get Log Page)
