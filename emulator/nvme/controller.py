@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
-from emulator.nvme import aer, dbbuf, features, sanitize
+from emulator.nvme import aer, dbbuf, fastgen, features, sanitize
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
@@ -475,7 +475,7 @@ class Controller:
 
     def note_posted(self, cqid: int, posted: int) -> None:
         """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
-        st = self._irq.get(cqid)
+        st = self._irq.get(cqid)  # (no _IrqState made just to be thrown away: once per doorbell)
         if st is None:
             st = self._irq[cqid] = _IrqState()
         st.pending += posted
@@ -651,6 +651,7 @@ class Controller:
 
     def restore(self, state: ControllerState) -> None:
         self.state = state
+        fastgen.bump()  # the I/O fast path works its cached conditions out again
         self.sqs = {s.qid: s for s in state.sqs}
         self.cqs = {c.qid: c for c in state.cqs}
         self._irq.clear()
