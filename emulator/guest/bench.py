@@ -14,6 +14,13 @@ process: its CPU in % of one core while it served the job, CPU µs per I/O (I/Os
 estimated as rate x (runtime + the 1 s ramp)), and its CPU while the guest ran
 the same job on QEMU's disk (what an idle emulator costs).  Run: ``bash scripts/bench-guest``
 (or ``python -m emulator.guest.bench``).
+
+``--count`` runs the emulator under emulator/bench/iocount.py and prints, per job, what
+each I/O cost in events: vfio-user messages by kind and BAR0 target (SQ tail / CQ head
+doorbells, registers, MSI-X table, config space), eventfd interrupts, ``recvmsg`` calls,
+and the I/O commands the fast path served or left to the normal path, with the reason
+(SGL, FUA, ...).  The wrappers cost CPU: the timing columns of a ``--count`` run are not
+comparable with those of a run without it.
 """
 from __future__ import annotations
 
@@ -23,12 +30,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
-from emulator.guest.jobcpu import JobCpu
+from emulator.guest.jobcpu import JobCpu, JobSamples
 from emulator.guest.qemu import Guest, GuestSpec, QemuNvme, VfioUserDevice
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
@@ -116,13 +124,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sq-poll-idle-us", type=int, default=None,
                    help="the controller's sq_poll_idle_us (polling of shadow SQ tails; 0: off); "
                         "default: the configuration's default")
+    p.add_argument("--count", action="store_true",
+                   help="count the emulator's messages, interrupts and fast/normal path commands "
+                        "per I/O of each job (emulator/bench/iocount.py; costs CPU)")
 
 
 def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None,
-              sq_poll_idle_us: int | None = None) -> dict[str, float]:
+              sq_poll_idle_us: int | None = None,
+              counts: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
-    ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds)."""
+    ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
+
+    With ``counts`` (a dict), the emulator runs under emulator/bench/iocount.py and
+    ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
+    ``filled``: boot and fill)."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -135,8 +151,9 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         cfg["controllers"][0]["sq_poll_idle_us"] = sq_poll_idle_us
     cfg_path = wd / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    module = "emulator.bench.iocount" if counts is not None else "emulator"
     emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd,
-                          command=[sys.executable, "-m", "emulator", "serve", "--visible-writes", visible_writes])
+                          command=[sys.executable, "-m", module, "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
         body = BODY.replace("@JOBS@", _job_lines(keys))
@@ -146,10 +163,16 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         with Guest(env, spec, wd / "guest") as g:
             g.start()
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
+            counter = None
+            if counts is not None:
+                counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
             try:
                 res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
             finally:
                 cpu.stop()
+                if counter is not None:
+                    counter.stop()
+                    counts.update(counter.delta)
     finally:
         emu.stop()
     if not res.ok:
@@ -163,6 +186,60 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _iocount(control: Path) -> Callable[[], dict[str, float]]:
+    """A sampler of the emulator's counters (the control method debug.iocount)."""
+    from emulator.control import ControlClient
+
+    def sample() -> dict[str, float]:
+        try:
+            with ControlClient(str(control)) as c:
+                return c.call("debug.iocount")["counts"]
+        except (OSError, ValueError, KeyError):
+            return {}
+    return sample
+
+
+# The counters of the --count table (emulator/bench/iocount.py), per I/O: (label, counters
+# summed; a name ending in "." sums every counter it starts)
+COUNT_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("msgs", ("msg.",)),
+    ("SQdb", ("write.sqdb.io",)),
+    ("CQdb", ("write.cqdb.io",)),
+    ("regs", ("write.bar0.regs", "read.bar0.regs")),
+    ("msix", ("write.bar0.msix_table", "read.bar0.msix_table", "write.bar0.pba", "read.bar0.pba")),
+    ("cfg", ("write.config", "read.config")),
+    ("irq", ("irq.eventfd",)),
+    ("recvmsg", ("sys.recvmsg",)),
+    ("wakeups", ("loop.readable",)),
+    ("fast", ("io.fast",)),
+    ("normal", ("io.normal",)),
+]
+
+
+def report_counts(counts: dict[str, dict[str, float]]) -> str:
+    """Per guest result: the I/O commands and each COUNT_COLUMNS figure per I/O, then
+    why commands took the normal path and which messages were not doorbells."""
+    head = f"{'result':22} {'I/Os':>7}" + "".join(f" {label:>7}" for label, _c in COUNT_COLUMNS)
+    out = [head]
+    notes = []
+    for key, d in counts.items():
+        ios = d.get("io.fast", 0) + d.get("io.normal", 0)
+        if not ios and not any(d.values()):
+            continue
+        line = f"{key:22} {ios:7.0f}"
+        for _label, names in COUNT_COLUMNS:
+            v = sum(n for k, n in d.items() if any(k == c or (c[-1] == "." and k.startswith(c)) for c in names))
+            line += f" {v / ios:7.3f}" if ios else f" {v:7.0f}"
+        out.append(line)
+        extra = {k: v for k, v in d.items() if v and k.startswith(("normal.", "msg.", "admin."))
+                 and k != "msg.posted_write"}
+        if extra:
+            notes.append(f"{key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(extra.items())))
+    out.append("(per I/O; I/Os = I/O commands completed; msgs = vfio-user messages received; "
+               "SQdb/CQdb = I/O queue doorbell writes; irq = eventfd writes)")
+    return "\n".join(out + notes)
 
 
 def report(r: dict[str, float], runtime: int | None = None) -> str:
@@ -194,9 +271,12 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
+    counts: dict[str, dict[str, float]] | None = {} if args.count else None
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
-                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us)
+                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts)
     print(report(r, args.runtime))
+    if counts is not None:
+        print(report_counts(counts))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
           f"{time.monotonic() - t0:.0f} s)")

@@ -1,0 +1,94 @@
+"""emulator/bench/iocount.py (issue 12): `nvme-emu serve` with its I/O counters, read over
+the control socket, and the guest benchmark's --count table; no guest, no timing."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from emulator.bench import iocount
+from emulator.control import ControlClient
+from emulator.guest import bench as guest_bench
+from emulator.guest.jobcpu import JobSamples
+from emulator.host.loadgen import connect
+from emulator.nvme.spec import IoOpcode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_counts_doorbells_interrupts_and_why_commands_left_the_fast_path() -> None:
+    d = Path(tempfile.mkdtemp(prefix="ne-ioc-"))
+    cfg = {"state_dir": str(d), "namespaces": [{"nsid": 1, "size": "8MiB", "lba_size": 512}],
+           "controllers": [{"cntlid": 1, "socket": "c.sock"}]}
+    (d / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "emulator.bench.iocount", "serve", str(d / "c.yaml"),
+                          "--log-level", "WARNING"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline().strip()
+        assert line.startswith("listening on "), line
+        host = connect(line[len("listening on "):], queues=1, qsize=64)
+        with ControlClient(str(d / "control.sock")) as c:
+            before = c.call("debug.iocount")["counts"]
+            data = bytes(range(256)) * 16
+            for slba in (0, 8, 16):
+                assert host.write(1, slba, data, check=True).ok
+                assert host.read(1, slba, 8, check=True).ok
+            # an SGL Data Block (PSDT 01b) and a Write with FUA: both left to the normal path
+            assert host.command(1, IoOpcode.READ, nsid=1, read_len=4096, cdw10=0, cdw12=7, sgl=1).ok
+            assert host.command(1, IoOpcode.WRITE, nsid=1, data=data, cdw10=0, cdw12=7 | iocount.FUA).ok
+            snap = c.call("debug.iocount")
+        host.close()
+    finally:
+        p.terminate()
+        p.wait(30)
+    n = iocount.delta(snap["counts"], before)
+    assert n["io.fast"] + n["io.normal"] == 8
+    assert n["io.normal"] >= 2 and n["normal.sgl.data_block"] == 1 and n["normal.fua"] == 1
+    assert n["write.sqdb.io"] == 8  # the host driver rings once per command, no shadow doorbells
+    assert n["msg.posted_write"] >= n["write.sqdb.io"] + n.get("write.cqdb.io", 0)
+    assert n["irq.eventfd"] >= 1 and n["sys.recvmsg"] >= 1
+    per = iocount.per_io(n)
+    assert per["write.sqdb.io"] == 1.0
+    (ctrl,) = snap["controllers"]
+    assert ctrl["cntlid"] == 1 and ctrl["shadow_doorbells"] is False and ctrl["sgl_commands"] >= 1
+
+
+def test_offsets_and_command_fields_are_classified() -> None:
+    nvme, table, pba = 0x2000, (0x2000, 0x100), (0x3000, 8)
+    assert iocount.bar0_target(0x1000, nvme, table, pba) == "sqdb.admin"
+    assert iocount.bar0_target(0x1004, nvme, table, pba) == "cqdb.admin"
+    assert iocount.bar0_target(0x1008, nvme, table, pba) == "sqdb.io"
+    assert iocount.bar0_target(0x100C, nvme, table, pba) == "cqdb.io"
+    assert iocount.bar0_target(0x14, nvme, table, pba) == "bar0.regs"
+    assert iocount.bar0_target(0x2010, nvme, table, pba) == "bar0.msix_table"
+    assert iocount.bar0_target(0x3000, nvme, table, pba) == "bar0.pba"
+    assert iocount.command_why(0x40, 2, 0, 0x00 << 56) == "sgl.data_block"
+    assert iocount.command_why(0x40, 2, 0, 0x30 << 56) == "sgl.last_segment"
+    assert iocount.command_why(0x01, 2, 0, 0) == "fused"
+    assert iocount.command_why(0, 0x08, 0, 0) == "opcode.08"
+    assert iocount.command_why(0, 1, iocount.FUA, 0) == "fua"
+    assert iocount.command_why(0, 2, 0, 0) == "other"
+
+
+def test_job_samples_count_new_counters_from_zero_and_the_table() -> None:
+    results: dict[str, str] = {}
+    values = [{"a": 1.0}, {"a": 3.0, "b": 2.0}]
+    s = JobSamples(results, lambda: values[0] if not results else values[1], period=0.005, zero=True)
+    s.start()
+    results["emu_x_1"] = "1"
+    for _ in range(400):
+        if s.delta:
+            break
+        s._stop.wait(0.005)
+    s.stop()
+    assert s.delta["emu_x_1"] == {"a": 2.0, "b": 2.0}
+    table = guest_bench.report_counts({"emu_randread1_iops_1": {
+        "io.fast": 4, "io.normal": 0, "msg.posted_write": 4, "msg.RegionReadRequest": 1,
+        "write.sqdb.io": 4, "irq.eventfd": 4, "read.config": 1}})
+    row = table.splitlines()[1].split()
+    assert row[:5] == ["emu_randread1_iops_1", "4", "1.250", "1.000", "0.000"]
+    assert "msg.RegionReadRequest 1" in table
