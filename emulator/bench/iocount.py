@@ -23,6 +23,7 @@ runs ``nvme-emu serve`` with counters wrapped around the layers an I/O passes
   normal path (``sgl.data_block``, ``sgl.segment``, ``fua``, ``opcode.XX``,
   ``memory_not_direct`` (write observers, visible writes ``all``, pending
   DMA_WRITEs or unsealed memory), ``cq_held``, ``cq_full``, ``path_off``, ...);
+  ``sgl.list_entries.N``: SGL commands whose DPTR points to a list of N descriptors;
   ``admin.opcode.XX`` for admin commands;
 - ``dbbuf.arm_sq`` (SQ EventIdx := the processed tail, barrier, re-check),
   ``dbbuf.arm_sq_raced`` (the re-check found a new tail),
@@ -203,6 +204,8 @@ def install() -> None:
             if cmd.sqid:
                 c["io.normal"] += 1
                 c["normal." + (why or command_why(cmd.flags, cmd.opc, cmd.cdw12, cmd.prp2))] += 1
+                if cmd.flags & 0xC0 and (cmd.prp2 >> 60) & 0xE == 0x2:  # a (Last) Segment: its list
+                    c[f"sgl.list_entries.{(cmd.prp2 & 0xFFFFFFFF) // 16}"] += 1
             else:
                 c[f"admin.opcode.{cmd.opc:02x}"] += 1
             return orig(self, cmd)

@@ -25,9 +25,12 @@ comparable with those of a run without it.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -66,6 +69,7 @@ done
 result filled 1
 fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
     key=$1; fields=$2; shift 2
+    result ${name}_${key}_go_$r 1  # the job starts (the host cuts CPU intervals and attaches tools here)
     fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
         --runtime=@RUNTIME@ --ramp_time=1 --output-format=terse --terse-version=3 "$@" \
         > /tmp/job.out 2>&1
@@ -124,6 +128,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sq-poll-idle-us", type=int, default=None,
                    help="the controller's sq_poll_idle_us (polling of shadow SQ tails; 0: off); "
                         "default: the configuration's default")
+    p.add_argument("--attach", default=None, metavar="COMMAND",
+                   help="a shell command started when each nvme-emu job starts, formatted with {pid} "
+                        "(the emulator), {job}, {seconds} (the job's run time with its ramp) and {workdir}; "
+                        "e.g. 'py-spy record -p {pid} -d {seconds} -r 300 -f raw --nonblocking "
+                        "-o {workdir}/{job}.txt'")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="extra guest kernel command line, for diagnosis only (e.g. nvme.sgl_threshold=0: "
+                        "Linux then never uses SGLs); the product is measured with a stock guest")
     p.add_argument("--count", action="store_true",
                    help="count the emulator's messages, interrupts and fast/normal path commands "
                         "per I/O of each job (emulator/bench/iocount.py; costs CPU)")
@@ -132,13 +144,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None,
               sq_poll_idle_us: int | None = None,
-              counts: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+              counts: dict[str, dict[str, float]] | None = None,
+              attach: str | None = None, append: str = "") -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
     ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
 
     With ``counts`` (a dict), the emulator runs under emulator/bench/iocount.py and
     ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
-    ``filled``: boot and fill)."""
+    ``filled``: boot and fill).  ``attach``, ``append``: see ``--attach``, ``--append``."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -159,17 +172,23 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         body = BODY.replace("@JOBS@", _job_lines(keys))
         spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
-                         qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
+                         qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)],
+                         append=append)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
             counter = None
             if counts is not None:
                 counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
+            hooks = None
+            if attach:
+                hooks = _Attach(g.result.results, attach, emu.pid, runtime + 1, wd).start()
             try:
                 res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
             finally:
                 cpu.stop()
+                if hooks is not None:
+                    hooks.stop()
                 if counter is not None:
                     counter.stop()
                     counts.update(counter.delta)
@@ -186,6 +205,40 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class _Attach:
+    """Starts ``command`` (formatted) whenever the guest says an nvme-emu job starts."""
+
+    def __init__(self, results: dict[str, str], command: str, pid: int | None, seconds: int,
+                 workdir: Path) -> None:
+        self.results, self.command, self.pid, self.seconds, self.workdir = results, command, pid, seconds, workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-attach")
+
+    def start(self) -> "_Attach":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for p in self.procs:
+            try:
+                p.wait(self.seconds + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def _run(self) -> None:
+        seen: set[str] = set()
+        while not self._stop.wait(0.01):
+            for k in [k for k in list(self.results) if k not in seen]:
+                seen.add(k)
+                if k.startswith("emu_") and "_go_" in k:
+                    job = k.replace("_go", "")
+                    cmd = self.command.format(pid=self.pid, job=job, seconds=self.seconds, workdir=self.workdir)
+                    self.procs.append(subprocess.Popen(cmd, shell=True))
 
 
 def _iocount(control: Path) -> Callable[[], dict[str, float]]:
@@ -225,6 +278,8 @@ def report_counts(counts: dict[str, dict[str, float]]) -> str:
     out = [head]
     notes = []
     for key, d in counts.items():
+        if "_go_" in key:
+            continue  # between a job's end and the next job's start
         ios = d.get("io.fast", 0) + d.get("io.normal", 0)
         if not ios and not any(d.values()):
             continue
@@ -273,12 +328,16 @@ def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     counts: dict[str, dict[str, float]] | None = {} if args.count else None
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
-                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts)
+                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts, args.attach,
+                  args.append)
     print(report(r, args.runtime))
     if counts is not None:
         print(report_counts(counts))
+        if args.workdir is not None:
+            (args.workdir / "counts.json").write_text(json.dumps(counts, indent=1, sort_keys=True))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
+          f"{'guest kernel +' + repr(args.append) + '; ' if args.append else ''}"
           f"{time.monotonic() - t0:.0f} s)")
     return 0
 
