@@ -92,3 +92,40 @@ def test_job_samples_count_new_counters_from_zero_and_the_table() -> None:
     row = table.splitlines()[1].split()
     assert row[:5] == ["emu_randread1_iops_1", "4", "1.250", "1.000", "0.000"]
     assert "msg.RegionReadRequest 1" in table
+
+
+def test_bench_with_shadow_doorbells_and_irq_wait_reports_the_cpu_split() -> None:
+    import json
+    out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--seconds", "0.3", "--size", "8MiB",
+                          "--jobs", "4k-read-qd1,4k-write-qd32", "--shadow-doorbells", "--irq-wait", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for j in json.loads(out.stdout)["jobs"]:
+        assert j["ios"] > 0 and j["errors"] == 0
+        assert j["emu_user_us_per_io"] >= 0 and j["emu_sys_us_per_io"] >= 0 and j["emu_sleeps_per_io"] >= 0
+
+
+def test_pyspy_top_self_and_total(tmp_path: Path) -> None:
+    from emulator.bench import pyspy_top
+    raw = tmp_path / "p.txt"
+    raw.write_text("main (a.py:1);f (a.py:5);g (b.py:7) 3\n"
+                   "main (a.py:1);f (a.py:6) 1\n"
+                   "main (a.py:2);g (b.py:9);g (b.py:7) 2\n")
+    samples, own, total = pyspy_top.top(raw.read_text().splitlines())
+    assert samples == 6
+    assert own == {"g (b.py)": 5, "f (a.py)": 1}
+    assert total["main (a.py)"] == 6 and total["g (b.py)"] == 5 and total["f (a.py)"] == 4
+    assert "83.3 %  g (b.py)" in pyspy_top.report(raw)
+
+
+def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> None:
+    results: dict[str, str] = {"qemu_randread1_iops_go_1": "1"}
+    hooks = guest_bench._Attach(results, "echo {pid} {seconds} > {workdir}/{job}.out", 42, 4, tmp_path).start()
+    results["emu_randread1_iops_go_1"] = "1"
+    for _ in range(500):
+        if (tmp_path / "emu_randread1_iops_1.out").exists():
+            break
+        hooks._stop.wait(0.01)
+    hooks.stop()
+    assert (tmp_path / "emu_randread1_iops_1.out").read_text().split() == ["42", "4"]
+    assert not list(tmp_path.glob("qemu_*"))
