@@ -129,3 +129,29 @@ def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> No
     hooks.stop()
     assert (tmp_path / "emu_randread1_iops_1.out").read_text().split() == ["42", "4"]
     assert not list(tmp_path.glob("qemu_*"))
+
+
+def test_hops_cuts_qd1_cycles_from_syscall_events() -> None:
+    from emulator.bench import hops
+    ev = [
+        # (time, pid/tid, comm, event, trace)
+        (1.000000, "20/25", "CPU 0/TCG", "sys_enter_sendmsg", "fd: 0x00000009, msg: 0x1, flags: 0x00000000"),
+        (1.000050, "10/10", "python3", "sys_exit_epoll_wait", "0x1"),
+        (1.000060, "10/10", "python3", "sys_exit_recvmsg", "0x24"),
+        (1.000150, "10/10", "python3", "sys_enter_preadv", "fd: 0x00000006, vec: 0x1, vlen: 0x00000001"),
+        (1.000200, "10/10", "python3", "sys_enter_write", "fd: 0x0000000f, buf: 0x1, count: 0x00000008"),
+        (1.000300, "20/20", "qemu", "sys_enter_read", "fd: 0x00000011, buf: 0x1, count: 0x00000200"),
+        (1.000700, "20/25", "CPU 0/TCG", "sys_enter_sendmsg", "fd: 0x00000009, msg: 0x1, flags: 0x00000000"),
+        (1.000720, "10/10", "python3", "sys_exit_recvmsg", "0x24"),
+        (1.000800, "10/10", "python3", "sys_enter_preadv", "fd: 0x00000006, vec: 0x1, vlen: 0x00000001"),
+        (1.000900, "10/10", "python3", "sys_enter_write", "fd: 0x0000000f, buf: 0x1, count: 0x00000008"),
+        (1.001000, "20/20", "qemu", "sys_enter_read", "fd: 0x00000011, buf: 0x1, count: 0x00000200"),
+        (1.001500, "20/25", "CPU 0/TCG", "sys_enter_sendmsg", "fd: 0x00000009, msg: 0x1, flags: 0x00000000"),
+    ]
+    text = "\n".join(f"{comm:>16} {pt:>10} [000] {t:.6f}: syscalls:{name}: {trace}" for t, pt, comm, name, trace in ev)
+    cyc, found = hops.cycles(hops.parse(text.splitlines()))
+    assert found == {"emulator": 10, "qemu": 20, "vcpu_thread": 25, "emulator_irq_fd": 15, "qemu_irq_fd": 17}
+    assert len(cyc) == 2
+    assert [round(1e6 * (cyc[0][b] - cyc[0][a])) for a, b, _l in hops.HOPS] == [50, 100, 50, 100, 400, 700]
+    assert round(1e6 * (cyc[1]["got"] - cyc[1]["send"])) == 20  # already awake: recvmsg
+    assert "2 complete QD1 cycles" in hops.report(text)
