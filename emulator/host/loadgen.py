@@ -29,6 +29,7 @@ import os
 import random
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,18 @@ DEFAULT_JOBS: list[tuple[str, int, int, int]] = [
 ]
 
 
+# More jobs, by name only (--jobs): 128 KiB at QD4, what the guest benchmark's sequential jobs do.
+MORE_JOBS: list[tuple[str, int, int, int]] = [
+    ("128k-read-qd4", IoOpcode.READ, 1, 4),
+    ("128k-write-qd4", IoOpcode.WRITE, 1, 4),
+]
+
+
+def job_bytes(name: str) -> int:
+    """The transfer size of a job, from its name ("4k-...", "128k-...")."""
+    return int(name.split("k-", 1)[0]) << 10
+
+
 PATHS = ("c", "python", "off")
 PATH_SETS = {"c": ["c"], "python": ["python"], "off": ["off"], "both": ["c", "python"],
              "all": ["c", "python", "off"]}
@@ -72,7 +85,7 @@ class JobResult:
     path: str = ""  # the serving child's fast path (c, python, off), "" when attached
     emu_user_us_per_io: float = 0.0  # the emulator's CPU per I/O, user part
     emu_sys_us_per_io: float = 0.0  # ... system part
-    emu_sleeps_per_io: float = 0.0  # voluntary context switches of its main thread (it slept)
+    emu_sleeps_per_io: float = 0.0  # voluntary context switches of its threads (they slept)
     emu_preempted_per_io: float = 0.0  # involuntary ones (it was preempted)
 
 
@@ -85,18 +98,22 @@ def proc_cpu_seconds(pid: int) -> float:
 def proc_times(pid: int) -> tuple[float, float, int, int]:
     """utime and stime of every thread of ``pid`` in seconds (proc(5): /proc/PID/stat
     fields 14 and 15), and the voluntary (it slept) and involuntary (it was preempted)
-    context switches of its main thread (/proc/PID/status)."""
+    context switches of all its threads (/proc/PID/task/*/status)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     fields = raw[raw.rindex(b")") + 2:].split()
-    switches = {}
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith((b"voluntary_ctxt_switches:", b"nonvoluntary_ctxt_switches:")):
-                k, v = line.split(b":")
-                switches[k] = int(v)
-    return (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK,
-            switches.get(b"voluntary_ctxt_switches", 0), switches.get(b"nonvoluntary_ctxt_switches", 0))
+    vol = nonvol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"voluntary_ctxt_switches:"):
+                        vol += int(line.split(b":")[1])
+                    elif line.startswith(b"nonvoluntary_ctxt_switches:"):
+                        nonvol += int(line.split(b":")[1])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, vol, nonvol
 
 
 # ---------------------------------------------------------------------- physical limits
@@ -143,7 +160,7 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
             seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1,
-            irq_wait: bool = False) -> JobResult:
+            irq_wait: bool = False, sgl: int = 0) -> JobResult:
     """Keep ``depth`` commands outstanding on each queue for ``seconds``.
 
     The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
@@ -156,7 +173,10 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     doorbells go through the shadow buffer and MMIO only when EventIdx asks, as
     Linux does.  ``irq_wait``: when a pass finds no completion, sleep on the
     queues' interrupt eventfds (as QEMU's main loop does for a guest) instead of
-    polling the CQs."""
+    polling the CQs.  ``sgl`` describes each buffer with an SGL (PSDT 01b, Base 2.1
+    §4.1.2): 1 a Data Block descriptor in DPTR, N > 1 a Last Segment descriptor
+    pointing to a list of N Data Blocks (what Linux sends for 128 KiB); 0 PRPs (with
+    a PRP list past two pages)."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client = t.client
@@ -173,6 +193,33 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
             raise ValueError(f"depth {depth} needs a queue larger than {q.size}")
         bufs = [mem.alloc(bs) for _ in range(depth)]
         state.append((q, bufs, []))
+    lists: list[int] = []  # PRP or SGL list pages, freed at the end
+    dptr: dict[int, tuple[int, int, int]] = {}  # buffer -> (flags, DPTR low, DPTR high)
+
+    def describe(buf: int) -> tuple[int, int, int]:
+        if sgl == 1:  # one Data Block descriptor: address, length, identifier 00h (Figure 120)
+            return 1 << 6, buf, bs
+        if sgl > 1:  # Last Segment (identifier 30h) -> a list of Data Blocks
+            lp = mem.alloc(PAGE)
+            lists.append(lp)
+            piece = bs // sgl
+            for i in range(sgl):
+                n = piece if i < sgl - 1 else bs - piece * (sgl - 1)
+                struct.pack_into("<QI3xB", view, lp - base + 16 * i, buf + piece * i, n, 0x00)
+            return 1 << 6, lp, (16 * sgl) | (0x30 << 56)
+        if bs <= PAGE:
+            return 0, buf, 0
+        if bs <= 2 * PAGE:
+            return 0, buf, buf + PAGE
+        lp = mem.alloc(PAGE)  # PRP list (Base 2.1 §4.1.1): the pages after the first
+        lists.append(lp)
+        for i in range(1, (bs + PAGE - 1) // PAGE):
+            struct.pack_into("<Q", view, lp - base + 8 * (i - 1), buf + PAGE * i)
+        return 0, buf, lp
+
+    for _q, bufs, _f in state:
+        for b in bufs:
+            dptr[b] = describe(b)
     pack = SQE.pack_into
     unpack = CQE.unpack_from
     ios = errors = 0
@@ -189,7 +236,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     def submit(q: HostQueue, bufs: list[int], cid: int) -> None:
         slba = rng.randrange(blocks) * nlb
         off = q.sq_iova - base + q.sq_tail * SQE_SIZE
-        pack(view, off, opc, 0, cid, nsid, 0, 0, 0, bufs[cid], 0,
+        flags, dp1, dp2 = dptr[bufs[cid]]
+        pack(view, off, opc, flags, cid, nsid, 0, 0, 0, dp1, dp2,
              slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0)
         q.sq_tail = (q.sq_tail + 1) % q.size
 
@@ -262,6 +310,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     for _q, bufs, _free in state:
         for b in bufs:
             mem.free(b, bs)
+    for lp in lists:
+        mem.free(lp, PAGE)
     n = max(ios, 1)
     return JobResult(name, ios, elapsed, ios / elapsed, cpu / n * 1e6, gen / n * 1e6, errors,
                      emu_user_us_per_io=times[0] / n * 1e6, emu_sys_us_per_io=times[1] / n * 1e6,
@@ -316,7 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lba-size", type=int, default=512, choices=(512, 4096))
     p.add_argument("--socket", help="attach to a running server's socket instead of starting one")
     p.add_argument("--pid", type=int, help="with --socket: the serving process (for its CPU time)")
-    p.add_argument("--jobs", help="comma-separated job names (default: all)")
+    p.add_argument("--jobs", help="comma-separated job names (default: the 4 KiB ones; also "
+                                  "128k-read-qd4, 128k-write-qd4)")
     p.add_argument("--fill", action="store_true",
                    help="write the whole namespace first, so reads hit allocated blocks")
     p.add_argument("--cq-doorbell-every", type=int, default=1, metavar="N",
@@ -332,6 +383,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sleep on the interrupt eventfds when no completion is there, instead of "
                         "polling the CQs (the emulator then wakes its peer for every completion, "
                         "as with QEMU)")
+    p.add_argument("--sgl", type=int, default=0, metavar="N",
+                   help="describe the data with SGLs: 1 one Data Block descriptor, N > 1 a Last Segment "
+                        "list of N Data Blocks (0: PRPs)")
     p.add_argument("--unsealed", action="store_true",
                    help="host memory not sealed against shrinking (the guarded copy path)")
     p.add_argument("--path", choices=sorted(PATH_SETS), default="c",
@@ -348,7 +402,7 @@ def _format(results: list[JobResult], limits: dict[str, float]) -> str:
     head = f"{'job':<18}"
     for p in paths:
         label = f" [{p}]" if p else ""
-        head += (f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'usr/sys':>10}{'sleeps':>7}"
+        head += (f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'usr/sys':>10}{'sleep/pre':>10}"
                  f"{'gen µs/IO':>10}{'err':>5}")
     lines = [head]
     by = {(r.path, r.name): r for r in results}
@@ -357,7 +411,8 @@ def _format(results: list[JobResult], limits: dict[str, float]) -> str:
         for p in paths:
             r = by[(p, name)]
             split = f"{r.emu_user_us_per_io:.0f}/{r.emu_sys_us_per_io:.0f}"
-            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}{split:>10}{r.emu_sleeps_per_io:>7.2f}"
+            switches = f"{r.emu_sleeps_per_io:.2f}/{r.emu_preempted_per_io:.2f}"
+            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}{split:>10}{switches:>10}"
                      f"{r.gen_cpu_us_per_io:>10.1f}{r.errors:>5}")
         lines.append(line)
     lines.append("physical limit on this machine (µs per call; net of a 1-byte call):")
@@ -370,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = DEFAULT_JOBS
     if args.jobs:
         wanted = set(args.jobs.split(","))
-        jobs = [j for j in DEFAULT_JOBS if j[0] in wanted]
+        jobs = [j for j in DEFAULT_JOBS + MORE_JOBS if j[0] in wanted]
         if not jobs:
             print(f"nvme-emu bench: no job among {sorted(wanted)}", file=sys.stderr)
             return 2
@@ -441,7 +496,7 @@ def _run_path(args: argparse.Namespace, jobs: list[tuple[str, int, int, int]], p
         results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
                            1, args.lba_size, ns_lbas,
                            cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1,
-                           batch=args.batch, irq_wait=args.irq_wait)
+                           batch=args.batch, irq_wait=args.irq_wait, bs=job_bytes(name), sgl=args.sgl)
                    for name, opc, nq, qd in jobs]
         host.close()
         for r in results:

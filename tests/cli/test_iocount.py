@@ -155,3 +155,15 @@ def test_hops_cuts_qd1_cycles_from_syscall_events() -> None:
     assert [round(1e6 * (cyc[0][b] - cyc[0][a])) for a, b, _l in hops.HOPS] == [50, 100, 50, 100, 400, 700]
     assert round(1e6 * (cyc[1]["got"] - cyc[1]["send"])) == 20  # already awake: recvmsg
     assert "2 complete QD1 cycles" in hops.report(text)
+
+
+def test_bench_128k_jobs_with_prp_lists_and_sgls() -> None:
+    import json
+    for sgl in ("0", "1", "2"):
+        out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--seconds", "0.2", "--size", "8MiB",
+                              "--jobs", "128k-read-qd4,128k-write-qd4", "--sgl", sgl, "--json"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        jobs = json.loads(out.stdout)["jobs"]
+        assert [j["name"] for j in jobs] == ["128k-read-qd4", "128k-write-qd4"]
+        assert all(j["ios"] > 0 and j["errors"] == 0 for j in jobs)
