@@ -25,6 +25,7 @@ runs ``nvme-emu serve`` with counters wrapped around the layers an I/O passes
   DMA_WRITEs or unsealed memory), ``cq_held``, ``cq_full``, ``path_off``, ...);
   ``sgl.list_entries.N``: SGL commands whose DPTR points to a list of N descriptors;
   ``admin.opcode.XX`` for admin commands;
+- ``gc.collections.N``: runs of Python's garbage collector, generation N;
 - ``dbbuf.arm_sq`` (SQ EventIdx := the processed tail, barrier, re-check),
   ``dbbuf.arm_sq_raced`` (the re-check found a new tail),
   ``dbbuf.shadow_cq_read``: shadow doorbell work.
@@ -37,6 +38,7 @@ counts per I/O of each guest job.
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 import weakref
 from collections import Counter
@@ -263,7 +265,10 @@ def snapshot() -> dict[str, Any]:
             "sgl_commands": ctrl.stats.get("sgl_commands", 0),
             "fast_completed": dict(ctrl.fast.completed),
         })
-    return {"path": fastpath.PATH, "counts": dict(COUNTS), "controllers": ctrls}
+    counts = dict(COUNTS)
+    for gen, st in enumerate(gc.get_stats()):  # Python's garbage collector runs, per generation
+        counts[f"gc.collections.{gen}"] = st["collections"]
+    return {"path": fastpath.PATH, "counts": counts, "controllers": ctrls}
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
