@@ -189,6 +189,7 @@ def install() -> None:
     def fast_run(orig: Callable[..., Any]) -> Callable[..., Any]:
         def w(self: FastPath, sq: Any, limit: int | None) -> int:
             _CONTROLLERS.add(self.ctrl)
+            _WHY.pop(id(self.ctrl), None)  # a reason is for the command right after this call only
             n = orig(self, sq, limit)
             if sq.qid:
                 c["io.fast_calls"] += 1
