@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,33 +20,43 @@ from emulator.nvme.spec import IoOpcode
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_counts_doorbells_interrupts_and_why_commands_left_the_fast_path() -> None:
+def _serve_and_drive(extra: list[str], drive: Any, sealed: bool = True) -> tuple[dict[str, int], dict[str, Any]]:
+    """`nvme-emu serve` under iocount; ``drive(host)`` does I/O; the counters' change and
+    the last snapshot."""
     d = Path(tempfile.mkdtemp(prefix="ne-ioc-"))
     cfg = {"state_dir": str(d), "namespaces": [{"nsid": 1, "size": "8MiB", "lba_size": 512}],
            "controllers": [{"cntlid": 1, "socket": "c.sock"}]}
     (d / "c.yaml").write_text(yaml.safe_dump(cfg))
     p = subprocess.Popen([sys.executable, "-m", "emulator.bench.iocount", "serve", str(d / "c.yaml"),
-                          "--log-level", "WARNING"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                          "--log-level", "WARNING", *extra], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None
         line = p.stdout.readline().strip()
         assert line.startswith("listening on "), line
-        host = connect(line[len("listening on "):], queues=1, qsize=64)
+        host = connect(line[len("listening on "):], queues=1, qsize=64, sealed=sealed)
         with ControlClient(str(d / "control.sock")) as c:
             before = c.call("debug.iocount")["counts"]
-            data = bytes(range(256)) * 16
-            for slba in (0, 8, 16):
-                assert host.write(1, slba, data, check=True).ok
-                assert host.read(1, slba, 8, check=True).ok
-            # an SGL Data Block (PSDT 01b) and a Write with FUA: both left to the normal path
-            assert host.command(1, IoOpcode.READ, nsid=1, read_len=4096, cdw10=0, cdw12=7, sgl=1).ok
-            assert host.command(1, IoOpcode.WRITE, nsid=1, data=data, cdw10=0, cdw12=7 | iocount.FUA).ok
+            drive(host)
             snap = c.call("debug.iocount")
         host.close()
     finally:
         p.terminate()
         p.wait(30)
-    n = iocount.delta(snap["counts"], before)
+    return iocount.delta(snap["counts"], before), snap
+
+
+def test_counts_doorbells_interrupts_and_why_commands_left_the_fast_path() -> None:
+    data = bytes(range(256)) * 16
+
+    def drive(host: Any) -> None:
+        for slba in (0, 8, 16):
+            assert host.write(1, slba, data, check=True).ok
+            assert host.read(1, slba, 8, check=True).ok
+        # an SGL Data Block (PSDT 01b) and a Write with FUA: both left to the normal path
+        assert host.command(1, IoOpcode.READ, nsid=1, read_len=4096, cdw10=0, cdw12=7, sgl=1).ok
+        assert host.command(1, IoOpcode.WRITE, nsid=1, data=data, cdw10=0, cdw12=7 | iocount.FUA).ok
+
+    n, snap = _serve_and_drive([], drive)
     assert n["io.fast"] + n["io.normal"] == 8
     assert n["io.normal"] >= 2 and n["normal.sgl.data_block"] == 1 and n["normal.fua"] == 1
     assert n["write.sqdb.io"] == 8  # the host driver rings once per command, no shadow doorbells
@@ -55,6 +66,15 @@ def test_counts_doorbells_interrupts_and_why_commands_left_the_fast_path() -> No
     assert per["write.sqdb.io"] == 1.0
     (ctrl,) = snap["controllers"]
     assert ctrl["cntlid"] == 1 and ctrl["shadow_doorbells"] is False and ctrl["sgl_commands"] >= 1
+
+
+def test_unsealed_memory_keeps_commands_off_the_fast_path() -> None:
+    def drive(host: Any) -> None:
+        assert host.write(1, 0, bytes(4096), check=True).ok
+        assert host.read(1, 0, 8, check=True).ok
+
+    n, _snap = _serve_and_drive([], drive, sealed=False)  # guarded memory: no direct region
+    assert n.get("io.fast", 0) == 0 and n["io.normal"] == 2 and n["normal.other"] == 2
 
 
 def test_offsets_and_command_fields_are_classified() -> None:
