@@ -74,9 +74,17 @@ struct ioq_batch {
     uint32_t nlat;
     uint32_t lat_bucket[24];
     uint64_t lat_count[24];
+    /* out, for one cffi unpack instead of a field access each: done, writes,
+     * read_bytes, write_bytes, bitmap flags (bit 0 some ns dirty, bit 1 some
+     * ns stale), nlat, then nlat (bucket, count) pairs; 6 + 2 * 24 words */
+    uint64_t *out;
 };
 
 int ioq_run(struct ioq_batch *b);
+/* ioq_run with the ring state as arguments (no per-call field stores from
+ * Python): the new SQ head, CQ tail and phase follow from the count returned */
+int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t cq_head,
+              uint32_t cq_tail, uint32_t cq_phase, uint32_t limit);
 /* END CDEF */
 
 /* why a batch stopped (ioq_batch.stop) */
@@ -417,5 +425,33 @@ int ioq_run(struct ioq_batch *b)
         }
         b->lat_count[k]++;
     }
+    if (b->out != NULL) {
+        uint64_t *o = b->out, flags = 0;
+        if (b->writes)
+            for (uint32_t i = 0; i < b->nns; i++)
+                flags |= (b->ns[i].dirty ? 1u : 0u) | (b->ns[i].stale ? 2u : 0u);
+        o[0] = b->done;
+        o[1] = b->writes;
+        o[2] = b->read_bytes;
+        o[3] = b->write_bytes;
+        o[4] = flags;
+        o[5] = b->nlat;
+        for (uint32_t i = 0; i < b->nlat; i++) {
+            o[6 + 2 * i] = b->lat_bucket[i];
+            o[7 + 2 * i] = b->lat_count[i];
+        }
+    }
     return (int)b->done;
+}
+
+int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t cq_head,
+              uint32_t cq_tail, uint32_t cq_phase, uint32_t limit)
+{
+    b->sq_head = sq_head;
+    b->sq_tail = sq_tail;
+    b->cq_head = cq_head;
+    b->cq_tail = cq_tail;
+    b->cq_phase = cq_phase;
+    b->limit = limit;
+    return ioq_run(b);
 }

@@ -16,7 +16,11 @@ markers of ioq.c (read from there, so it is declared once):
 ``ioq_run(batch)`` serves Read/Write commands from the SQ head until the SQ
 is empty, the limit is reached, the CQ is full or a command needs Python
 (``emulator/nvme/fastpath.py`` says which); it never consumes a command it
-did not complete.  ``LIB`` is None when the module did not build or
+did not complete.  ``ioq_serve(batch, sq_head, sq_tail, cq_head, cq_tail,
+cq_phase, limit)`` is the same with the ring state as arguments (the fast
+path keeps one batch struct per SQ, so a call stores no field from Python);
+the new SQ head, CQ tail and phase follow from the count it returns, and the
+counters come back in ``batch.out`` (one ``ffi.unpack``).  ``LIB`` is None when the module did not build or
 ``NVME_EMU_NO_CBIND`` is set (``build.why["ioq"]`` says why).
 """
 from __future__ import annotations

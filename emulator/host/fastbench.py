@@ -25,8 +25,14 @@ from emulator.nvme.spec import SQE_SIZE, IoOpcode, pack_sqe
 
 
 def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
-                          size: str = "64MiB") -> dict[str, dict[str, float]]:
-    """{path: {"read": µs, "write": µs}}: the best of ``rounds`` full-SQ passes."""
+                          size: str = "64MiB", per_call: int = 0,
+                          fill: bool = False) -> dict[str, dict[str, float]]:
+    """{path: {"read": µs, "write": µs}}: the best of ``rounds`` full-SQ passes.  With
+    ``per_call`` N, each ``run_sq`` call sees only N new commands (the tail moves by N per
+    call, as N doorbells would: N=1 is the QD1 shape), else one call serves all ``count``.
+    ``fill`` writes the whole namespace first (through the fast path), so that the passes
+    find its blocks allocated and in the page cache, as ``nvme-emu bench --fill`` does;
+    without it a Read of a hole and a first Write into the sparse file cost the kernel more."""
     from emulator.subsystem.config import parse_config
     from emulator.subsystem.runtime import RuntimeThread
     from emulator.vfio_user.client import VfioUserClient
@@ -45,6 +51,8 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
         nsze = int.from_bytes(host.identify(cns=0, nsid=1)[0:8], "little")
         bufs = [mem.alloc(PAGE) for _ in range(count)]
         rng = random.Random(1)
+        if fill:
+            _fill(rt, host, ctrl, bufs, nsze)
         out: dict[str, dict[str, float]] = {}
         for path in paths:
             fastpath.set_path(path)
@@ -52,7 +60,7 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
             for name, opc in (("write", IoOpcode.WRITE), ("read", IoOpcode.READ)):
                 best = float("inf")
                 for _ in range(rounds):
-                    best = min(best, _one_pass(rt, host, ctrl, opc, bufs, nsze, rng))
+                    best = min(best, _one_pass(rt, host, ctrl, opc, bufs, nsze, rng, per_call))
                 out[path][name] = best
         host.close()
         return out
@@ -63,8 +71,35 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
         shutil.rmtree(state, ignore_errors=True)
 
 
+def _fill(rt: Any, host: NvmeHost, ctrl: Any, bufs: list[int], nsze: int) -> None:
+    """Write every 4 KiB of the namespace, a queue's worth per run_sq call."""
+    q = host.queues[1]
+    for start in range(0, nsze, 8 * len(bufs)):
+        slbas = range(start, min(nsze, start + 8 * len(bufs)), 8)
+        for i, (b, slba) in enumerate(zip(bufs, slbas)):
+            host.mem.write(q.sq_iova + q.sq_tail * SQE_SIZE,
+                           pack_sqe(IoOpcode.WRITE, cid=i, nsid=1, prp1=b, cdw10=slba, cdw12=7))
+            q.sq_tail = (q.sq_tail + 1) % q.size
+
+        def serve() -> int:
+            sq, cq = ctrl.sqs[1], ctrl.cqs[1]
+            sq.tail = q.sq_tail
+            n = 0
+            while sq.head != sq.tail:
+                n += ctrl.run_sq(sq, None)[0]
+                cq.head = cq.tail
+            ctrl.flush_interrupts()
+            return n
+
+        n = rt.call(serve)
+        for _ in range(n):
+            q.cq_head += 1
+            if q.cq_head == q.cq_size:
+                q.cq_head, q.phase = 0, q.phase ^ 1
+
+
 def _one_pass(rt: Any, host: NvmeHost, ctrl: Any, opc: int, bufs: list[int], nsze: int,
-              rng: random.Random) -> float:
+              rng: random.Random, per_call: int = 0) -> float:
     q = host.queues[1]
     for i, b in enumerate(bufs):
         slba = rng.randrange(nsze // 8) * 8
@@ -74,9 +109,19 @@ def _one_pass(rt: Any, host: NvmeHost, ctrl: Any, opc: int, bufs: list[int], nsz
 
     def serve() -> tuple[int, float]:
         sq, cq = ctrl.sqs[1], ctrl.cqs[1]
-        sq.tail = q.sq_tail  # as the doorbell would, without its message
+        if per_call:  # the tails N doorbells would write, one run_sq call each
+            tails, pos = [], sq.head
+            for _ in range(0, len(bufs), per_call):
+                pos = (pos + min(per_call, len(bufs) - len(tails) * per_call)) % q.size
+                tails.append(pos)
+        else:
+            tails = [q.sq_tail]  # as the doorbell would, without its message
+        run_sq = ctrl.run_sq
+        n = 0
         t = time.thread_time()
-        n, _more = ctrl.run_sq(sq, None)
+        for tail in tails:
+            sq.tail = tail
+            n += run_sq(sq, None)[0]
         dt = time.thread_time() - t
         cq.head = cq.tail  # the host consumed them (we never look at the CQEs here)
         ctrl.flush_interrupts()

@@ -446,15 +446,21 @@ def run(args: argparse.Namespace) -> int:
         doc: dict[str, Any] = {"jobs": [asdict(r) for r in results], "limits": limits}
         if args.inproc:
             from emulator.host.fastbench import run_sq_us_per_command
-            doc["run_sq_us"] = run_sq_us_per_command(_available(PATH_SETS["all"]))
+            inproc_paths = _available(PATH_SETS["all"])
+            doc["run_sq_us"] = run_sq_us_per_command(inproc_paths, fill=args.fill)
+            doc["run_sq_us_qd1"] = run_sq_us_per_command(inproc_paths, per_call=1, fill=args.fill)
         if args.json:
             print(json.dumps(doc, indent=1))
         else:
             print(_format(results, limits))
             if args.inproc:
                 print("the fast path alone: Controller.run_sq on 256 queued 4 KiB commands, "
-                      "no messages (thread CPU µs per command, best of 20):")
+                      "no messages (thread CPU µs per command, best of 20"
+                      + (", namespace filled first" if args.fill else "") + "):")
                 for path, r in doc["run_sq_us"].items():
+                    print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
+                print("the same, one command per run_sq call (the QD1 shape):")
+                for path, r in doc["run_sq_us_qd1"].items():
                     print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
         return 1 if any(r.errors for r in results) else 0
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from emulator.memory import DmaError, GuestMemory
-from emulator.nvme import aer, dbbuf, features, sanitize
+from emulator.nvme import aer, dbbuf, fastgen, features, sanitize
 from emulator.nvme import queues as q
 from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
@@ -440,7 +440,10 @@ class Controller:
 
     def note_posted(self, cqid: int, posted: int) -> None:
         """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
-        self._irq.setdefault(cqid, _IrqState()).pending += posted
+        st = self._irq.get(cqid)  # (no _IrqState made just to be thrown away: once per doorbell)
+        if st is None:
+            st = self._irq[cqid] = _IrqState()
+        st.pending += posted
 
     def fatal(self, why: str) -> None:
         """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
@@ -606,6 +609,7 @@ class Controller:
 
     def restore(self, state: ControllerState) -> None:
         self.state = state
+        fastgen.bump()  # the I/O fast path works its cached conditions out again
         self.sqs = {s.qid: s for s in state.sqs}
         self.cqs = {c.qid: c for c in state.cqs}
         self._irq.clear()

@@ -37,6 +37,7 @@ Conditions checked on every call, any one of which leaves the work to the
 normal path (each condition's source in brackets):
 
 Controller and memory, for the whole call:
+  * the admin SQ (its opcodes are not NVM ones: 02h is Get Log Page);
   * guest memory whose ``direct()`` is None: write observers registered
     (host-memory dirty tracking, TP4159 Track Send SEL 1h, memtrack.py),
     visible writes in mode ``all``, or DMA_WRITE messages still pending
@@ -55,6 +56,21 @@ Controller and memory, for the whole call:
   * a sanitize operation in progress in the subsystem (the normal path aborts
     I/O commands other than Flush with Sanitize In Progress, Base 2.1 §8.1.24);
   (Suspended (TP4159), not ready, no memory: run_sq does not fetch at all.)
+
+How they are checked (each call is a doorbell; at QD1 every command pays this): the
+ones that are costly to work out are worked out by ``FastPath._conditions`` and kept
+until ``fastgen.value`` moves (emulator/nvme/fastgen.py lists the places that bump it):
+which on_write observers are active (a UDMQ logging this controller), a sanitize in
+progress, the attached namespaces that are plain (attached, open, no Write
+Uncorrectable marks, geometry, bitmap; the C namespace table).  What no bump can see is
+compared on every call, cheaply: the on_write observer list (a copy of it), the size of
+each attached namespace's instance dict (a data method set on it), the data methods of
+the class, the I/O table's Read/Write handlers, ``direct()``, the region generation,
+GDE, the CQ.  Per SQ, the ring places (Python) or the C batch struct are kept while the
+SQState/CQState objects, the region table, the namespace table, CC and MDTS are the same.
+A missed bump where a condition stops holding only keeps the fast path aside longer; so
+every bump that matters is where a condition starts to hold (tests/controller/
+test_fastpath_cache.py changes each between two calls on one controller).
 
 The region table is rebuilt whenever the controller's memory changes (the
 on_memory hook: attach, detach, DMA map) or its region list does
@@ -83,13 +99,15 @@ import bisect
 import logging
 import os
 import sys
+from bisect import bisect_right
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from cbind import ioq
 from cbind.prp import merge_entries
-from emulator.nvme import allocation, io_cmds, sanitize
+from emulator.nvme import allocation, fastgen, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
+from emulator.nvme.fastpath_c import CPath
 from emulator.nvme.migration import cdq, udlog
 from emulator.nvme.namespace import Namespace
 from emulator.nvme.spec import CQE, SQE, IoOpcode
@@ -136,6 +154,9 @@ def set_path(path: str) -> str:
 # an instance (tests inject faults that way), or a subclass, and the fast path stays away.
 _NS_METHODS = ("read_into", "write_from", "_transfer")
 _NS_ORIGINAL = tuple(getattr(Namespace, m) for m in _NS_METHODS)
+_READ_INTO, _WRITE_FROM, _TRANSFER = _NS_ORIGINAL
+_READ_HANDLER, _WRITE_HANDLER = io_cmds.read, io_cmds.write  # the handlers the fast path repeats
+_UNPACK_SQE, _PACK_CQE = SQE.unpack_from, CQE.pack
 
 
 def _plain(ns: Namespace) -> bool:
@@ -161,21 +182,6 @@ def _gde_set(ctrl: "Controller") -> bool:
     return record is not None and bool(record[0] & sanitize.SSTAT_GDE)
 
 
-# The on_write observers the fast path knows, and when each one would do something for a
-# plain Write; any other observer (vfio-user migration dirty logging, ...) sends every
-# command to the normal path.
-_OBSERVERS = {udlog.on_write: _udlog_active, sanitize.on_write: _gde_set}
-
-
-def _logging_active(ctrl: "Controller") -> bool:
-    """True when an on_write observer must see this controller's writes."""
-    for hook in ctrl.observers.on_write:
-        active = _OBSERVERS.get(hook)
-        if active is None or active(ctrl):
-            return True
-    return False
-
-
 class _Regions:
     """The direct regions of one MappedMemory generation, for lookups."""
     __slots__ = ("memory", "generation", "starts", "ends", "mems", "writable", "ctable", "n")
@@ -199,11 +205,16 @@ class _Regions:
 
     def ring(self, addr: int, length: int, write: bool) -> memoryview | None:
         """A view of [addr, addr+length) inside one region, or None."""
+        p = self.place(addr, length, write)
+        return None if p is None else p[0][p[1]:p[2]]
+
+    def place(self, addr: int, length: int, write: bool) -> tuple[memoryview, int, int] | None:
+        """(region view, offset, end offset) of [addr, addr+length) inside one region, or None."""
         i = bisect.bisect_right(self.starts, addr) - 1
         if i < 0 or addr + length > self.ends[i] or (write and not self.writable[i]):
             return None
         off = addr - self.starts[i]
-        return self.mems[i][off:off + length]
+        return self.mems[i], off, off + length
 
     def views(self, addr: int, n: int, write: bool, out: list[memoryview]) -> bool:
         """Append views of [addr, addr+n) (region by region, like MappedMemory.views)."""
@@ -230,11 +241,18 @@ class FastPath:
         self.ctrl = ctrl
         self.regions: _Regions | None = None
         self._bitmaps: dict[int, tuple[Any, memoryview, memoryview]] = {}  # id(map) -> (map, words, bytes)
-        self._ns_key: tuple[Any, ...] | None = None
-        self._ns_c: Any = None
-        self._ns_maps: list[Any] = []
-        self._batch: Any = ioq.FFI.new("struct ioq_batch *") if ioq.LIB is not None else None
-        self._static: tuple[Any, ...] = ()  # what the batch's rarely changing fields were set from
+        # The conditions of a call, worked out again when fastgen.value moves (module text):
+        self._gen = -1
+        self._hooks: list[Any] = [object()]  # the on_write observers they were worked out with
+        self._ok = False  # no observer that must see the writes, no sanitize in progress
+        self._gde = False  # sanitize.on_write registered: GDE is looked at on every call
+        # nsid -> (fd, lba_shift, nsze, map, TLBAAG, granules, the map's words)
+        self._nss: dict[int, tuple[Any, ...]] = {}
+        self._watch: list[tuple[dict[str, Any], int]] = []  # (vars(ns), its size): methods set on it
+        self.c = CPath(log) if ioq.LIB is not None else None  # the C implementation's tables
+        self._rings: dict[int, tuple[Any, ...]] = {}  # sqid -> the Python path's ring places
+        self._memory: Any = None
+        self._direct: Any = None
         self._failed = False
         self.completed = {"c": 0, "python": 0}  # commands completed, by implementation
         ctrl.observers.on_memory.append(self._memory_changed)
@@ -243,67 +261,104 @@ class FastPath:
         """A client attached, detached or mapped memory: drop the cached views of the old
         regions, so that the mappings the memory closed are not kept alive by them."""
         self.regions = None
-        self._static = ()
+        if self.c is not None:
+            self.c.batches.clear()
+        self._rings.clear()
 
     # ------------------------------------------------------------------ entry
     def run(self, sq: "SQState", limit: int | None) -> int:
-        """Serve common commands at ``sq``'s head (at most ``limit``); how many completed."""
+        """Serve common commands at ``sq``'s head (at most ``limit``); how many completed.
+
+        Paid on every doorbell, so kept short: what rarely changes is worked out in
+        :meth:`_conditions`, :meth:`_ring_py` and ``CPath.run`` (per SQ), and checked here
+        with a comparison or two."""
         path = PATH
-        if path == "off":
+        if path == "off" or not sq.qid:  # admin opcodes are not NVM ones (02h: Get Log Page)
             return 0
+        ctrl = self.ctrl
         try:
-            return self._run(sq, limit, path)
+            memory = ctrl.memory
+            if memory is not self._memory:
+                self._memory = memory
+                self._direct = getattr(memory, "direct", None)
+            direct = self._direct
+            d = direct() if direct is not None else None
+            if d is None:
+                return 0
+            mm, min_write = d
+            regions = self.regions
+            if regions is None or regions.memory is not mm or regions.generation != mm.generation:
+                regions = self.regions = _Regions(mm)
+            io = ctrl.tables.io
+            if (io.get(READ) is not _READ_HANDLER or io.get(WRITE) is not _WRITE_HANDLER
+                    or Namespace.read_into is not _READ_INTO or Namespace.write_from is not _WRITE_FROM
+                    or Namespace._transfer is not _TRANSFER):
+                return 0  # replaced (tests inject faults that way)
+            if self._gen != fastgen.value or ctrl.observers.on_write != self._hooks:
+                self._conditions()
+            else:
+                for d_, n in self._watch:
+                    if len(d_) != n:  # an attribute set on a namespace: a data method replaced?
+                        self._conditions()
+                        break
+            if not self._ok or (self._gde and _gde_set(ctrl)):
+                return 0
+            cq = ctrl.cqs.get(sq.cqid)
+            if cq is None or cq.held:
+                return 0
+            lim = _UNLIMITED if limit is None else limit
+            if path == "c" and self.c is not None and regions.ctable is not None and _LITTLE:
+                n, writes, rbytes, wbytes = self.c.run(ctrl, sq, cq, lim, regions, min_write)
+                if n:
+                    self._account(cq, n - writes, writes, rbytes, wbytes, n)
+            else:
+                path = "python"
+                n = self._run_py(sq, cq, lim, regions, min_write)
+            if n:
+                completed = self.completed
+                if not completed[path]:
+                    log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
+                completed[path] += n
+            return n
         except Exception:  # a bug here must not stop the controller: the normal path goes on
             if not self._failed:
-                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
+                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", ctrl.cntlid)
             self._failed = True
             return 0
 
-    def _run(self, sq: "SQState", limit: int | None, path: str) -> int:
-        ctrl = self.ctrl
-        memory = ctrl.memory
-        direct = getattr(memory, "direct", None)
-        d = direct() if direct is not None else None
-        if d is None:
-            return 0
-        mm, min_write = d
-        regions = self.regions
-        if regions is None or regions.memory is not mm or regions.generation != mm.generation:
-            regions = self.regions = _Regions(mm)
-        io = ctrl.tables.io
-        if io.get(READ) is not io_cmds.read or io.get(WRITE) is not io_cmds.write:
-            return 0
-        if ctrl.observers.on_write and _logging_active(ctrl):
-            return 0
-        if sanitize.running(ctrl) is not None:  # I/O aborted with Sanitize In Progress
-            return 0
-        cq = ctrl.cqs.get(sq.cqid)
-        if cq is None or cq.held:
-            return 0
-        lim = _UNLIMITED if limit is None else limit
-        if path == "c" and regions.ctable is not None:
-            n = self._run_c(sq, cq, lim, regions, min_write)  # checks the rings itself
-        else:
-            # Views made per call, never kept: a kept view would keep the region's mapping
-            # alive after a DMA unmap (MappedMemory cannot close an mmap that has exports).
-            sqv = regions.ring(sq.base, sq.size * 64, False)
-            cqv = regions.ring(cq.base, cq.size * 16, True)
-            if sqv is None or cqv is None or cq.base < min_write:
-                return 0
-            path = "python"
-            n = self._run_py(sq, cq, lim, regions, min_write, sqv, cqv)
-        if n and not self.completed[path]:
-            log.info("ctrl %d: I/O fast path (%s) serves Reads and Writes", ctrl.cntlid, path)
-        self.completed[path] += n
-        return n
-
     # ------------------------------------------------------------------ shared
-    def _namespace(self, nsid: int) -> "Namespace | None":
+    def _conditions(self) -> None:
+        """Work out again what the per-call checks use (fastgen.value moved, the on_write
+        observers changed, or a namespace got an attribute)."""
         ctrl = self.ctrl
-        if nsid not in ctrl.subsystem.attached(ctrl.cntlid):
-            return None
-        ns = ctrl.subsystem.namespaces.get(nsid)
-        return ns if ns is not None and _plain(ns) else None
+        gen = fastgen.value  # read first: a change while we look bumps it again
+        hooks = list(ctrl.observers.on_write)
+        ok, gde = True, False
+        for hook in hooks:
+            if hook is sanitize.on_write:
+                gde = True  # GDE changes on every first Write after a sanitize: looked at per call
+            elif hook is not udlog.on_write or _udlog_active(ctrl):
+                ok = False  # an observer that must see the writes
+        if sanitize.running(ctrl) is not None:  # I/O aborted with Sanitize In Progress
+            ok = False
+        sub = ctrl.subsystem
+        nss = sub.namespaces
+        eligible = []
+        watch = []
+        for nsid in sorted(sub.attached(ctrl.cntlid)):
+            ns = nss.get(nsid)
+            if ns is None:
+                continue
+            watch.append((vars(ns), len(vars(ns))))  # all of them: a method set, then removed
+            if _plain(ns):
+                amap = ns.allocation
+                eligible.append((nsid, ns, amap, ns.fd, ns.lba_shift, ns.nsze, amap.sidecar_fd))
+        self._nss = {e[0]: (e[3], e[4], e[5], e[2], e[2].tlbaag, e[2].granules,
+                            self._bitmap(e[2])[0] if _LITTLE else None) for e in eligible}
+        self._watch = watch
+        if self.c is not None:
+            self.c.namespaces(eligible)
+        self._hooks, self._ok, self._gde, self._gen = hooks, ok, gde, gen
 
     def _bitmap(self, amap: Any) -> tuple[memoryview, memoryview]:
         got = self._bitmaps.get(id(amap))
@@ -335,19 +390,42 @@ class FastPath:
         ctrl.note_posted(cq.qid, posted)
 
     # ------------------------------------------------------------------ Python
-    def _run_py(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int,
-                sqv: memoryview, cqv: memoryview) -> int:
+    def _ring_py(self, sq: "SQState", cq: "CQState", regions: _Regions, min_write: int) -> tuple[Any, ...]:
+        """Where the rings are (region view, offset, end), page size and MDTS: per SQ,
+        worked out again when the queue objects, the regions or CC change."""
         ctrl = self.ctrl
-        unpack_sqe = SQE.unpack_from
-        pack_cqe = CQE.pack
-        preadv, pwritev = os.preadv, os.pwritev
-        views_of = regions.views
-        r = ctrl.state.regs
-        ps = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
+        cc, mdts = ctrl.state.regs.cc, ctrl.config.mdts
+        got = self._rings.get(sq.qid)
+        if (got is not None and got[0] is sq and got[1] is cq and got[2] is regions
+                and got[3] == cc and got[4] == mdts and got[5] == min_write):
+            return got
+        sqp = regions.place(sq.base, sq.size * 64, False)
+        cqp = regions.place(cq.base, cq.size * 16, True)
+        ok = sqp is not None and cqp is not None and cq.base >= min_write
+        got = (sq, cq, regions, cc, mdts, min_write, ok, sqp, cqp,
+               1 << (12 + ((cc >> 7) & 0xF)),  # CC.MPS (Base 2.1 §3.1.4.5)
+               ctrl.max_transfer, regions.starts, regions.ends, regions.mems, regions.writable)
+        self._rings[sq.qid] = got
+        return got
+
+    def _run_py(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int) -> int:
+        ring = self._ring_py(sq, cq, regions, min_write)
+        if not ring[6]:
+            return 0  # a ring not inside one direct region (writable for the CQ)
+        # Views made per call, never kept: a kept view would keep the region's mapping
+        # alive after a DMA unmap (MappedMemory cannot close an mmap that has exports).
+        _s, _c, _r, _cc, _m, _w, _ok, (mem, off, end), cqp, ps, mdts, starts, ends, mems, writable = ring
+        sqv = mem[off:end]
+        mem, off, end = cqp
+        cqv = mem[off:end]
         mask = ps - 1
-        mdts = ctrl.max_transfer
+        ctrl = self.ctrl
+        unpack_sqe = _UNPACK_SQE
+        pack_cqe = _PACK_CQE
+        preadv, pwritev = os.preadv, os.pwritev  # looked up per call: tests may replace them
+        views_of = regions.views
         latency = ctrl.cmd_stats.io.latency
-        nss: dict[int, Any] = {}
+        nss = self._nss
         head, tail, qsize, sqid = sq.head, sq.tail, sq.size, sq.qid
         ctail, chead, csize, phase = cq.tail, cq.head, cq.size, cq.phase
         done = reads = writes = rbytes = wbytes = 0
@@ -362,12 +440,8 @@ class FastPath:
                     break
                 nsi = nss.get(nsid)
                 if nsi is None:
-                    ns = self._namespace(nsid)
-                    if ns is None:
-                        break
-                    amap = ns.allocation
-                    nsi = nss[nsid] = (ns.fd, ns.lba_shift, ns.nsze, amap)
-                fd, shift, nsze, amap = nsi
+                    break  # not attached, or not plain (_conditions)
+                fd, shift, nsze, amap, tlbaag, granules, words = nsi
                 slba = cdw10 | (cdw11 << 32)
                 nlb = (cdw12 & 0xFFFF) + 1
                 length = nlb << shift
@@ -377,20 +451,29 @@ class FastPath:
                 to_host = opc == READ
                 if to_host and prp1 < min_write:
                     break
-                vs: list[memoryview] = []
+                vs: list[memoryview]
                 first = ps - (prp1 & mask)
                 if prp1 & 3:
                     break
-                if length <= first:
-                    if not views_of(prp1, length, to_host, vs):
-                        break
+                if length <= first:  # one piece, mostly inside one region: no call
+                    i = bisect_right(starts, prp1) - 1
+                    if i >= 0 and prp1 + length <= ends[i] and (writable[i] or not to_host):
+                        o = prp1 - starts[i]
+                        vs = [mems[i][o:o + length]]
+                    else:
+                        vs = []
+                        if not views_of(prp1, length, to_host, vs):
+                            break
                 elif length - first <= ps:
                     if prp2 & mask or (to_host and prp2 < min_write):
                         break
+                    vs = []
                     if not views_of(prp1, first, to_host, vs) or not views_of(prp2, length - first, to_host, vs):
                         break
-                elif not self._prp_list(regions, prp1, first, prp2, length, ps, to_host, min_write, vs):
-                    break
+                else:
+                    vs = []
+                    if not self._prp_list(regions, prp1, first, prp2, length, ps, to_host, min_write, vs):
+                        break
                 if len(vs) > IOV_MAX:
                     break
                 try:
@@ -403,7 +486,16 @@ class FastPath:
                     reads += 1
                     rbytes += length
                 else:
-                    self._mark_allocated(amap, slba, nlb)
+                    # AllocationMap.mark_allocated; granules already allocated (one word) inline
+                    g0 = slba // tlbaag
+                    g1 = (slba + nlb - 1) // tlbaag + 1
+                    w = g0 >> 6
+                    if words is None or g1 > granules or w != (g1 - 1) >> 6:
+                        self._mark_allocated(amap, slba, nlb)
+                    else:
+                        m = ((1 << (g1 - g0)) - 1) << (g0 & 63)
+                        if words[w] & m != m:
+                            self._mark_allocated(amap, slba, nlb)
                     writes += 1
                     wbytes += length
                 nhead = head + 1 if head + 1 < qsize else 0
@@ -493,69 +585,3 @@ class FastPath:
         except OSError:
             pass
         amap._write_through(w0, w1 + 1)  # retries; logs and marks the bitmap stale if it fails
-
-    # ------------------------------------------------------------------ C
-    def _ns_table(self) -> Any:
-        """The C namespace table of the attached namespaces in a simple state."""
-        ctrl = self.ctrl
-        nss = ctrl.subsystem.namespaces
-        eligible = []
-        for nsid in ctrl.subsystem.attached(ctrl.cntlid):
-            ns = nss.get(nsid)
-            if ns is not None and _plain(ns):
-                amap = ns.allocation
-                eligible.append((nsid, ns, amap, ns.fd, ns.lba_shift, ns.nsze, amap.sidecar_fd))
-        key = tuple(eligible)
-        if key != self._ns_key:
-            t = ioq.FFI.new("struct ioq_ns[]", max(1, len(eligible)))
-            maps = []
-            for i, (nsid, ns, amap, fd, shift, nsze, _sfd) in enumerate(eligible):
-                e = t[i]
-                e.nsid, e.fd, e.lba_shift, e.nsze = nsid, fd, shift, nsze
-                e.words = ioq.FFI.cast("uint64_t *", amap.words.ctypes.data)
-                e.granules, e.tlbaag = amap.granules, amap.tlbaag
-                e.sidecar_fd, e.sidecar_off = amap.sidecar_fd, _SIDE
-                maps.append(amap)
-            self._ns_key, self._ns_c, self._ns_maps = key, t, maps
-        return self._ns_c
-
-    def _run_c(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int) -> int:
-        if not _LITTLE:
-            return 0
-        ctrl = self.ctrl
-        b = self._batch
-        nst = self._ns_table()
-        r = ctrl.state.regs
-        static = (regions, nst, sq.qid, sq.base, sq.size, cq.base, cq.size, r.cc, ctrl.config.mdts,
-                  min_write)
-        if static != self._static:  # the fields that rarely change: set only then
-            b.regions, b.nregions = regions.ctable, regions.n
-            b.ns, b.nns = nst, len(self._ns_maps)
-            b.sq_base, b.sq_size, b.sqid = sq.base, sq.size, sq.qid
-            b.cq_base, b.cq_size = cq.base, cq.size
-            b.page_size = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
-            b.max_transfer, b.min_write = ctrl.max_transfer, min_write
-            self._static = static
-        b.sq_head, b.sq_tail, b.cq_head, b.cq_tail, b.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
-        b.limit = lim
-        done: int = ioq.LIB.ioq_run(b)
-        if done:
-            sq.head, cq.tail, cq.phase = b.sq_head, b.cq_tail, b.cq_phase
-            latency = ctrl.cmd_stats.io.latency
-            for i in range(b.nlat):
-                latency[b.lat_bucket[i]] += b.lat_count[i]
-            writes = b.writes
-            if writes:
-                for i, amap in enumerate(self._ns_maps):
-                    e = nst[i]
-                    if e.dirty:
-                        e.dirty = 0
-                        amap.dirty = True
-                    if e.stale:
-                        e.stale = 0
-                        if not amap.stale:
-                            log.error("%s: bitmap update not stored; rewriting it at the next flush",
-                                      amap.sidecar)
-                        amap.stale = True
-            self._account(cq, b.reads, writes, b.read_bytes, b.write_bytes, done)
-        return done

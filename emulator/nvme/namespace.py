@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from cbind import fileops
 from emulator.memory import DmaError
-from emulator.nvme import offload, persist
+from emulator.nvme import fastgen, offload, persist
 from emulator.nvme.allocation import AllocationMap
 from emulator.nvme.config import NamespaceConfig
 from emulator.nvme.spec import Generic, generic
@@ -107,6 +107,7 @@ class Namespace:
         self.allocation = AllocationMap.open(self.path, self.nsze, config.tlbaag, self.fd,
                                              config.lba_size)
         self.uncorrectable = UncorrectableMarks(UncorrectableMarks.sidecar(self.path), self.nsze)
+        fastgen.bump()  # the I/O fast path's namespace tables hold fd, geometry and bitmap
 
     def reformat(self, lba_size: int) -> None:
         """Format NVM (Base 2.1 §5.1.10): every LBA deallocated (reads as zeroes),
@@ -233,6 +234,7 @@ class Namespace:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+                fastgen.bump()
                 self.allocation.close()
 
     def destroy(self) -> None:

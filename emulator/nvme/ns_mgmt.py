@@ -27,7 +27,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING, Iterable
 
-from emulator.nvme import aer
+from emulator.nvme import aer, fastgen
 from emulator.nvme.features import AEC_NS_ATTRIBUTE_NOTICES
 from emulator.nvme.tables import Result
 from emulator.nvme.config import LBA_FORMATS, NamespaceConfig, default_tlbaag
@@ -163,6 +163,7 @@ def create_namespace(ctrl: "Controller", cmd: Command) -> int:
                              shared=bool(data[OFF_NMIC] & 0x1))
     try:
         sub.namespaces[nsid] = Namespace(config, sub.nqn)
+        fastgen.bump()
     except (OSError, ValueError) as e:  # larger than the file system allows (EFBIG), no space, ...
         Namespace.remove_stale(path)
         raise specific(CommandSpecific.NS_INSUFFICIENT_CAPACITY, f"{path}: {e}") from e
@@ -176,6 +177,7 @@ def delete_namespace(sub: "Subsystem", nsid: int) -> None:
     for cntlid in holders:
         sub.attached(cntlid).discard(nsid)
     ns = sub.namespaces.pop(nsid)
+    fastgen.bump()  # the fast path's namespace tables
     ns.destroy()
     log.info("namespace %d deleted", nsid)
     notify_changed(sub, holders, nsid)
@@ -213,6 +215,7 @@ def namespace_attachment(ctrl: "Controller", cmd: Command) -> Result:
         ns.flush()
         for cntlid in ids:
             sub.attached(cntlid).discard(nsid)
+    fastgen.bump()  # the fast path's namespace tables
     log.info("namespace %d %s controllers %s", nsid, "attached to" if sel == SEL_ATTACH
              else "detached from", ids)
     notify_changed(sub, ids, nsid)

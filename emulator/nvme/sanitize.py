@@ -41,6 +41,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from emulator.nvme import fastgen
 from emulator.nvme.tables import Result
 from emulator.nvme.namespace import file_errors
 from emulator.nvme.offload import offload
@@ -134,6 +135,7 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
     run = SanitizeRun(cmd.cdw10, passes * size)
     for c in sub.controllers.values():
         _runs[c] = run
+    fastgen.bump()  # the I/O fast path steps aside (Sanitize In Progress)
 
     def erase() -> None:  # on a worker thread: file operations and ``run`` only
         try:
@@ -169,6 +171,7 @@ def sanitize(ctrl: "Controller", cmd: Command) -> Result:
             c.state.vendor[VENDOR_KEY] = [sstat, cmd.cdw10]
             if _runs.get(c) is run:
                 del _runs[c]
+        fastgen.bump()
         for sync in syncs:
             sync()
         return 0, 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import errno
 
+from emulator.nvme import fastgen
 from emulator.nvme.persist import atomic_write_json, read_json, reserve_spare
 from emulator.nvme.spec import Generic, generic
 
@@ -104,6 +105,7 @@ class UncorrectableMarks:
         """Store the marks.  A full file system that refuses them fails the command with Capacity
         Exceeded (the marks stay changed in memory; the next change stores them all)."""
         self.generation += 1
+        fastgen.bump()  # the I/O fast path serves only namespaces without marks
         if self.path is not None:
             try:
                 atomic_write_json(self.path, {"nsze": self.nsze,

@@ -246,12 +246,14 @@ def test_user_data_logging_falls_back(emu: Any, path: str) -> None:
     assert g.write(1, 0, os.urandom(512)).ok  # not logging: fast
     before = served(e)[path]
     assert before >= 1
-    assert m.log_start(q.cdqid).ok
+    assert m.log_start(q.cdqid).ok  # between two calls on the same controller
     assert g.write(1, 100, os.urandom(16 * 512)).ok
+    assert served(e)[path] == before
     assert m.log_stop(q.cdqid).ok
+    assert g.write(1, 200, os.urandom(512)).ok  # fast again, and not logged
+    assert served(e)[path] == before + 1
     got = m.drain(q)
     assert [(x.nsid, x.slba, x.nlb) for x in got[1:-1]] == [(1, 100, 16)]
-    assert served(e)[path] == before
 
 
 def test_admin_commands_and_resets_between_fast_batches(emu: Any, path: str) -> None:

@@ -12,7 +12,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from emulator.memory import DmaError
-from emulator.nvme import aer
+from emulator.nvme import aer, fastgen
 from emulator.nvme.migration import wire
 from emulator.nvme.migration.model import CdqState, mmc_state
 from emulator.nvme.migration.targets import migratable, mmcs
@@ -124,6 +124,7 @@ def delete_cdq(ctrl: "Controller", q: CdqState) -> None:
     """Delete a CDQ; logging into it ends with it (Base 2.1 §5.1.4, Delete)."""
     q.logging = False
     mmc_state(ctrl).cdqs.pop(q.cdqid, None)
+    fastgen.bump()  # the I/O fast path (udlog)
     discard_events(ctrl, q.cdqid, (wire.AEI_CDQ_TAIL_POINTER, wire.AEI_CDQ_FULL))
     log.info("MMC %d: CDQ %d deleted", ctrl.cntlid, q.cdqid)
 

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from emulator.nvme import fastgen
+
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
 
@@ -89,6 +91,7 @@ class MmcState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MmcState":
+        fastgen.bump()  # restored CDQs: a UDMQ may be logging (the I/O fast path's udlog check)
         return cls(
             cdqs={int(k): CdqState(**v) for k, v in d.get("cdqs", {}).items()},
             tracks={int(k): MemTrackState(**{**v, "dirty": bytearray(v["dirty"])})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from emulator.nvme import fastgen
 from emulator.nvme.migration import cdq, wire
 from emulator.nvme.migration.model import CdqState, mmc_state
 from emulator.nvme.migration.wire import Esa, Lbacir
@@ -59,6 +60,7 @@ def track_send_ludc(ctrl: "Controller", cmd: Command) -> tuple[int, int]:
         if q.full():
             raise specific(CommandSpecific.CONTROLLER_DATA_QUEUE_FULL, f"CDQ {q.cdqid} full")
         q.logging = True
+        fastgen.bump()  # the I/O fast path steps aside for a logged controller
         # A successful Track Send discards a pending CDQ Full event (NVM CS §5.6).
         cdq.discard_events(ctrl, q.cdqid, (wire.AEI_CDQ_FULL,))
         post_marker(ctrl, q, Esa.FIRST)
@@ -68,6 +70,7 @@ def track_send_ludc(ctrl: "Controller", cmd: Command) -> tuple[int, int]:
         if q.logging:  # stopping a stopped log is accepted silently
             post_marker(ctrl, q, Esa.LAST_STOPPED)
             q.logging = False
+            fastgen.bump()
     return 0, 0
 
 
