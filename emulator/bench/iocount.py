@@ -102,10 +102,10 @@ def call_why(fp: Any, sq: Any) -> str | None:
     io = ctrl.tables.io
     if io.get(fastpath.READ) is not io_cmds.read or io.get(fastpath.WRITE) is not io_cmds.write:
         return "handlers_replaced"
-    if ctrl.observers.on_write and fastpath._logging_active(ctrl):
-        return "write_observer"
     if sanitize.running(ctrl) is not None:
         return "sanitize"
+    if ctrl.observers.on_write and not getattr(fp, "_ok", True):
+        return "write_observer"  # user-data change logging, vfio-user dirty logging, ...
     cq = ctrl.cqs.get(sq.cqid)
     if cq is None:
         return "no_cq"
