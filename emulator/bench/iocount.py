@@ -16,7 +16,8 @@ runs ``nvme-emu serve`` with counters wrapped around the layers an I/O passes
   configuration space), ``region.N`` (any other region);
 - ``irq.*``: ``irq.fire`` (the controller signalled a vector),
   ``irq.eventfd`` (an eventfd write), ``irq.masked`` (held as pending);
-- ``loop.readable`` (socket-readable callbacks), ``sys.recvmsg``;
+- ``loop.readable`` (socket-readable callbacks), ``sys.recvmsg``, ``sys.fionread``
+  (the server asks whether more waits before reading on);
 - ``io.fast`` (I/O commands the fast path completed, emulator/nvme/fastpath.py),
   ``io.fast_calls``, ``io.normal`` (I/O commands through ``Controller.execute``)
   and ``normal.WHY``: which fast-path condition sent each of those to the
@@ -246,6 +247,7 @@ def install() -> None:
     _wrap(Controller, "execute", execute)
     _wrap(server.VfioUserServer, "_on_readable", counted("loop.readable"))
     _wrap(server, "recv_chunk", counted("sys.recvmsg"))
+    _wrap(server, "bytes_waiting", counted("sys.fionread"))
     _wrap(dbbuf, "arm_sq_event_idx", arm)
     _wrap(dbbuf, "refresh_cq_head", counted("dbbuf.shadow_cq_read"))
     _wrap(ControlServer, "__init__", control_init)

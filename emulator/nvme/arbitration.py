@@ -45,9 +45,37 @@ class Arbiter:
 
     def ready(self, qid: int) -> None:
         """SQ ``qid`` may have work: run a pass now unless one runs or is due."""
-        self._ready[qid] = None
-        if not self._in_pass and not self._scheduled:
-            self._pass()
+        if self._in_pass or self._scheduled or self._ready:
+            self._ready[qid] = None
+            if not self._in_pass and not self._scheduled:
+                self._pass()
+            return
+        # Only this SQ has work and no pass runs or is due: the pass's first burst,
+        # inline (a doorbell at low queue depth); the rest of the pass as usual.
+        ctrl = self.ctrl
+        sq = ctrl.sqs.get(qid)
+        if sq is None:
+            return
+        self._in_pass = True
+        ready = self._ready
+        ready[qid] = None  # (as in a pass: still listed if run_sq raises)
+        deadline = time.monotonic() + TURN_SECONDS
+        try:
+            x0 = ctrl.xfer_bytes
+            per = self._per_command.get(qid, TURN_BYTES)  # _burst(qid, TURN_COMMANDS, TURN_BYTES)
+            done, more = ctrl.run_sq(sq, max(1, min(ARB_BURST, TURN_BYTES // per)) if per else ARB_BURST)
+            moved = ctrl.xfer_bytes - x0
+            if done:
+                self._per_command[qid] = moved // done
+            ready.pop(qid, None)
+            if more:
+                ready[qid] = None
+            if ready:
+                self._rounds(TURN_COMMANDS - done, TURN_BYTES - moved, deadline)
+        finally:
+            self._in_pass = False
+        if ready:
+            self._schedule()
 
     def clear(self) -> None:
         self._ready.clear()
@@ -59,32 +87,39 @@ class Arbiter:
         return max(1, min(ARB_BURST, commands, nbytes // per if per else ARB_BURST))
 
     def _pass(self) -> None:
-        ctrl = self.ctrl
         self._scheduled = False
         self._in_pass = True
-        commands, nbytes = TURN_COMMANDS, TURN_BYTES
-        deadline = time.monotonic() + TURN_SECONDS
         try:
-            while self._ready and commands > 0 and nbytes > 0 and time.monotonic() < deadline:
-                for qid in list(self._ready):
-                    sq = ctrl.sqs.get(qid)
-                    if sq is None:
-                        self._ready.pop(qid, None)
-                        continue
-                    x0 = ctrl.xfer_bytes
-                    done, more = ctrl.run_sq(sq, self._burst(qid, commands, nbytes))
-                    moved = ctrl.xfer_bytes - x0
-                    if done:
-                        self._per_command[qid] = moved // done
-                    commands -= done
-                    nbytes -= moved
-                    self._ready.pop(qid, None)
-                    if more:
-                        self._ready[qid] = None  # to the end: the next burst is the next SQ's
-                    if commands <= 0 or nbytes <= 0 or time.monotonic() >= deadline:
-                        break
+            self._rounds(TURN_COMMANDS, TURN_BYTES, time.monotonic() + TURN_SECONDS)
         finally:
             self._in_pass = False
+        self._schedule()
+
+    def _rounds(self, commands: int, nbytes: int, deadline: float) -> None:
+        """Bursts round robin over the ready SQs until none is left or the budget is spent."""
+        ctrl = self.ctrl
+        while self._ready and commands > 0 and nbytes > 0 and time.monotonic() < deadline:
+            for qid in list(self._ready):
+                sq = ctrl.sqs.get(qid)
+                if sq is None:
+                    self._ready.pop(qid, None)
+                    continue
+                x0 = ctrl.xfer_bytes
+                done, more = ctrl.run_sq(sq, self._burst(qid, commands, nbytes))
+                moved = ctrl.xfer_bytes - x0
+                if done:
+                    self._per_command[qid] = moved // done
+                commands -= done
+                nbytes -= moved
+                self._ready.pop(qid, None)
+                if more:
+                    self._ready[qid] = None  # to the end: the next burst is the next SQ's
+                if commands <= 0 or nbytes <= 0 or time.monotonic() >= deadline:
+                    break
+
+    def _schedule(self) -> None:
+        """SQs left with work: the pass continues in a later loop turn."""
+        ctrl = self.ctrl
         if self._ready and not self._scheduled and ctrl.scheduler is not None:
             self._scheduled = True
             ctrl.scheduler.call_soon(self._continue)

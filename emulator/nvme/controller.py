@@ -15,9 +15,10 @@ import dataclasses
 import logging
 import struct
 import time
+from functools import partial
 from time import perf_counter_ns
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import aer, dbbuf, fastgen, features, sanitize
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvme.ctrl")
 
 _REGS = struct.Struct("<QIIIIIIIIQQ")
+_FID_COALESCING = int(FID.INTERRUPT_COALESCING)
 
 @dataclass
 class _IrqState:
@@ -66,6 +68,7 @@ class Controller:
         self.sqs: dict[int, SQState] = {}
         self.cqs: dict[int, CQState] = {}
         self._irq: dict[int, _IrqState] = {}
+        self._irq_due = False  # some _IrqState may have a pending count (flush_interrupts has work)
         self._intx_pending = 0
         self.arbiter = Arbiter(self)  # bounded round-robin passes over the SQs with work
         self.resets = 0
@@ -240,37 +243,69 @@ class Controller:
         self._intx_pending = 0
 
     # ------------------------------------------------------------------ doorbells
+    def mmio_writer(self, offset: int, size: int) -> Callable[[int], None] | None:
+        """A prepared handler for ``size``-byte writes at BAR0 ``offset`` (the optional
+        MmioDevice hook): for a 4-byte doorbell, the SQ tail or CQ head doorbell of its
+        queue bound to the queue id, taking the value written; None for anything else
+        (mmio_write then).  It does exactly what mmio_write does for that write; it
+        depends on nothing but the offset, so a caller may keep it for the device's life."""
+        if size != 4 or offset < DOORBELL_BASE or offset & 3:
+            return None
+        idx = (offset - DOORBELL_BASE) >> 2  # CAP.DSTRD = 0 (Base 2.1 §3.1.4.1)
+        return partial(self._cq_doorbell if idx & 1 else self._sq_doorbell, idx >> 1)
+
     def _doorbell(self, offset: int, value: int) -> None:
         idx = offset >> 2  # CAP.DSTRD = 0
-        qid, is_cq = idx >> 1, bool(idx & 1)
-        if is_cq:
-            cq = self.cqs.get(qid)
-            if cq is None or value >= cq.size:
-                self._doorbell_error(0x00 if cq is None else 0x01)
-                return
-            cq.head = value
-            if qid:  # with shadow doorbells the buffer holds the newest head
-                dbbuf.refresh_cq_head(self, cq, arm=False)
-            self.post_held(cq)
-            if qid == 0 or dbbuf.config(self) is not None or any(
-                    sq.cqid == qid and sq.head != sq.tail for sq in self.sqs.values()):
-                self.kick()  # SQs that waited for CQ space (or AERs, or shadow tails) can go on
-            else:
-                self.flush_interrupts()  # for what post_held posted
+        if idx & 1:
+            self._cq_doorbell(idx >> 1, value)
+        else:
+            self._sq_doorbell(idx >> 1, value)
+
+    def _cq_doorbell(self, qid: int, value: int) -> None:
+        """CQ y Head Doorbell (Base 2.1 §3.1.4.22)."""
+        cq = self.cqs.get(qid)
+        if cq is None or value >= cq.size:
+            self._doorbell_error(0x00 if cq is None else 0x01)
             return
+        cq.head = value
+        if qid and not cq.held and not self.state.vendor.get(dbbuf.KEY):
+            # The common case, an I/O CQ with nothing held and no shadow doorbells: what
+            # the general case below does then (refresh_cq_head and post_held do nothing).
+            for sq in self.sqs.values():
+                if sq.cqid == qid and sq.head != sq.tail:
+                    self.kick()  # an SQ of this CQ has commands left: it waited for CQ space
+                    return
+            self.flush_interrupts()
+            return
+        if qid:  # with shadow doorbells the buffer holds the newest head
+            dbbuf.refresh_cq_head(self, cq, arm=False)
+        self.post_held(cq)
+        if qid == 0 or dbbuf.config(self) is not None or any(
+                sq.cqid == qid and sq.head != sq.tail for sq in self.sqs.values()):
+            self.kick()  # SQs that waited for CQ space (or AERs, or shadow tails) can go on
+        else:
+            self.flush_interrupts()  # for what post_held posted
+
+    def _sq_doorbell(self, qid: int, value: int) -> None:
+        """SQ y Tail Doorbell (Base 2.1 §3.1.4.21)."""
         sq = self.sqs.get(qid)
         if sq is None or value >= sq.size:
             self._doorbell_error(0x00 if sq is None else 0x01)
             return
         sq.tail = value
-        if qid:
+        if qid and self.state.vendor.get(dbbuf.KEY):
             # With shadow doorbells the MMIO write is only a notification: a
             # posted write can arrive after the shadow tail moved on, and its
             # older value must not move the tail back (Base 2.1 §5.1.7).
             dbbuf.take_shadow_sq_tail(self, sq)
-        self.process_sq(sq)
-        if qid and not self.state.suspended:
-            dbbuf.after_sq_doorbell(self, sq)
+        if self.scheduler is None:  # process_sq, inline
+            self.run_sq(sq, None)
+        else:
+            self.arbiter.ready(qid)
+        if qid:
+            state = self.state  # (looked up again: the commands may have changed it)
+            if not state.suspended and state.vendor.get(dbbuf.KEY):
+                dbbuf.after_sq_doorbell(self, sq)
         self.flush_interrupts()
 
     def _doorbell_error(self, aei: int) -> None:
@@ -444,6 +479,7 @@ class Controller:
         if st is None:
             st = self._irq[cqid] = _IrqState()
         st.pending += posted
+        self._irq_due = True
 
     def fatal(self, why: str) -> None:
         """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
@@ -513,9 +549,10 @@ class Controller:
     # ------------------------------------------------------------------ interrupts
     def flush_interrupts(self) -> None:
         """Signal the vectors of CQs that got entries, honouring coalescing (FID 08h/09h)."""
-        if not self._irq:
-            return
-        coalesce = self.state.features.get(FID.INTERRUPT_COALESCING, 0)
+        if not self._irq_due:
+            return  # no CQ has a pending count: nothing to decide
+        self._irq_due = due = False
+        coalesce = self.state.features.get(_FID_COALESCING, 0)
         thr, atime = (coalesce & 0xFF) + 1, (coalesce >> 8) & 0xFF
         for cqid, st in self._irq.items():
             if not st.pending:
@@ -534,14 +571,19 @@ class Controller:
                 if st.timer:
                     st.timer.cancel()
                     st.timer = None
-            elif st.timer is None:
-                st.timer = self.scheduler.call_later(atime * 100e-6, self._coalesce_timeout, cqid)
+            else:
+                due = True  # still pending: decided again at the next flush
+                if st.timer is None:
+                    st.timer = self.scheduler.call_later(atime * 100e-6, self._coalesce_timeout, cqid)
+        if due:
+            self._irq_due = True
 
     def rearm_interrupts(self) -> None:
         """Signal every CQ holding entries the host has not consumed (TP4159 Resume)."""
         for cq in self.cqs.values():
             if cq.tail != cq.head:
                 self._irq.setdefault(cq.qid, _IrqState()).pending += 1
+                self._irq_due = True
         self.flush_interrupts()
 
     def _coalesce_timeout(self, cqid: int) -> None:
@@ -557,7 +599,7 @@ class Controller:
     def _fire(self, vector: int) -> None:
         if self.irq is None or self.state.suspended:
             return
-        if not self.irq.msix_enabled() and self.state.regs.intms & (1 << vector):
+        if self.state.regs.intms & (1 << vector) and not self.irq.msix_enabled():
             self._intx_pending |= 1 << vector  # masked by INTMS: hold it
             return
         self.irq.fire(vector)

@@ -25,3 +25,8 @@ class MmioDevice(Protocol):
     def set_memory(self, memory: GuestMemory | None) -> None:
         """DMA becomes possible (bus master on, client attached) or impossible."""
         ...
+
+    # Optional: ``mmio_writer(offset, size) -> Callable[[int], None] | None`` -- a handler
+    # prepared once for ``size``-byte writes at ``offset`` (a doorbell), taking the value; it
+    # must do what ``mmio_write(offset, size, value)`` does and stay valid for the device's
+    # life.  The function asks once per offset and calls it instead of mmio_write.

@@ -51,6 +51,8 @@ _MMIO_SIZES = (8, 4, 2, 1)
 _MSIX_CTRL = MSIX_CAP_OFFSET + r.PCI_MSIX_FLAGS
 _PMCSR = PM_CAP_OFFSET + r.PCI_PM_CTRL
 _DEVCTL = PCIE_CAP_OFFSET + r.PCI_EXP_DEVCTL
+_MSIX_ENABLE = int(r.PCI_MSIX_FLAGS_ENABLE)
+_MSIX_MASKALL = int(r.PCI_MSIX_FLAGS_MASKALL)
 
 
 def split_access(offset: int, count: int) -> list[tuple[int, int]]:
@@ -82,8 +84,14 @@ class NvmePciFunction:
         self.layout = Bar0Layout(msix_vectors)
         self._defaults = build_config_space(self.identity, self.layout)
         self.config = self._defaults.copy()
+        # The MSI-X Message Control word, read on every interrupt: a copy of the config
+        # space's, taken again after every change of the config space (_config_changed_locked).
+        self._msix_ctrl = self.config.get(_MSIX_CTRL, 2)
         self.msix = MsixTable(msix_vectors)
         self._device = device
+        # BAR0 offset -> the device's prepared handler of 4-byte writes there (False: none);
+        # filled on first use, emptied when another device is bound (MmioDevice.mmio_writer)
+        self._writers: dict[int, Callable[[int], None] | bool] = {}
         self.mig_features: object | None = None  # vfio-user migration v2, set by the subsystem wiring
         self._memory: MappedMemory | None = None
         self._irqs: IrqLines | None = None
@@ -108,6 +116,7 @@ class NvmePciFunction:
     def bind(self, device: MmioDevice) -> None:
         """Attach the NVMe controller behind BAR0."""
         self._device = device
+        self._writers.clear()  # the prepared handlers were the previous device's
         if self._memory is not None:
             device.set_memory(self._memory)
 
@@ -156,6 +165,14 @@ class NvmePciFunction:
             self._config_write(offset, bytes(data))
         elif index == PCI_BAR0_REGION_INDEX:
             n, device = len(data), self._device
+            if n == 4:
+                # The hottest path (a doorbell): the device's prepared handler for this offset.
+                writer = self._writers.get(offset)
+                if writer is None and device is not None and 0 <= offset <= NVME_WINDOW_SIZE - 4:
+                    writer = self._prepare_writer(device, offset)
+                if writer:
+                    writer(int.from_bytes(data, "little"))
+                    return
             if (n == 4 or n == 8) and device is not None and 0 <= offset <= NVME_WINDOW_SIZE - n:
                 # The hot path (a doorbell): what _bar0_access does for one whole access
                 # inside the NVMe window, without building the area list.
@@ -164,6 +181,14 @@ class NvmePciFunction:
             self._bar0_access(offset, n, bytes(data))
         else:
             raise ValueError(f"region {index} is not writable")
+
+    def _prepare_writer(self, device: MmioDevice, offset: int) -> Callable[[int], None] | bool:
+        """Ask the device once for its handler of 4-byte writes at ``offset`` of the NVMe
+        window (its optional ``mmio_writer``); False (kept too) when it has none."""
+        ask = getattr(device, "mmio_writer", None)
+        writer = (ask(offset, 4) if ask is not None else None) or False
+        self._writers[offset] = writer
+        return writer
 
     def _config_write(self, offset: int, data: bytes) -> None:
         with self._lock:
@@ -179,10 +204,15 @@ class NvmePciFunction:
             flr = bool(self.config.get(_DEVCTL, 2) & r.PCI_EXP_DEVCTL_BCR_FLR)
             if flr:
                 self.config.set_bits(_DEVCTL, 2, r.PCI_EXP_DEVCTL_BCR_FLR, False)
-            else:
+            self._config_changed_locked()
+            if not flr:
                 self._deliver_pending_locked()
         if flr:
             self.function_level_reset()
+
+    def _config_changed_locked(self) -> None:
+        """The config space changed (a write, a reset, a loaded state): refresh what is cached of it."""
+        self._msix_ctrl = self.config.get(_MSIX_CTRL, 2)
 
     def _bar0_access(self, offset: int, count: int, data: bytes | None) -> bytes:
         """Read (``data`` None) or write BAR0, area by area; returns the bytes read."""
@@ -230,22 +260,22 @@ class NvmePciFunction:
 
     # -- InterruptSink --------------------------------------------------------------------
     def msix_enabled(self) -> bool:
-        return bool(self.config.get(_MSIX_CTRL, 2) & r.PCI_MSIX_FLAGS_ENABLE)
+        return bool(self._msix_ctrl & _MSIX_ENABLE)
 
     def msix_function_masked(self) -> bool:
-        return bool(self.config.get(_MSIX_CTRL, 2) & r.PCI_MSIX_FLAGS_MASKALL)
+        return bool(self._msix_ctrl & _MSIX_MASKALL)
 
     def fire(self, vector: int) -> None:
         with self._lock:
-            ctrl = self.config.get(_MSIX_CTRL, 2)
-            if ctrl & r.PCI_MSIX_FLAGS_ENABLE:
+            ctrl = self._msix_ctrl
+            if ctrl & _MSIX_ENABLE:
                 if not 0 <= vector < self.layout.vectors:
                     log.warning("interrupt on vector %d outside the %d-entry MSI-X table",
                                 vector, self.layout.vectors)
                     return
                 # what _msix_send_locked does, inline (once per completion batch)
                 irqs = self._irqs
-                if ctrl & r.PCI_MSIX_FLAGS_MASKALL or irqs is None or not irqs.trigger(PCI_MSIX_IRQ_INDEX, vector):
+                if ctrl & _MSIX_MASKALL or irqs is None or not irqs.trigger(PCI_MSIX_IRQ_INDEX, vector):
                     self.msix.set_pending(vector)
                 elif self.msix.pba[vector >> 3]:
                     self.msix.set_pending(vector, False)
@@ -326,6 +356,7 @@ class NvmePciFunction:
         with self._lock:
             # COMMAND 0, MSI-X disabled and unmasked, PM D0, BARs 0, INTx idle.
             self.config.reset_to(self._defaults, keep_flr_bits)
+            self._config_changed_locked()
             self.msix.reset()
             self._intx_pending = self._intx_asserted = False
         if self._device is not None:
@@ -362,6 +393,7 @@ class NvmePciFunction:
                 raise ValueError(f"saved function differs from this one at config 0x{off:x}")
         with self._lock:
             self.config.data[:] = state.config
+            self._config_changed_locked()
             self.msix.table[:] = state.msix_table
             self.msix.pba[:] = state.msix_pba
             self._intx_pending = state.intx_pending

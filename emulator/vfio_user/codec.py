@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import enum
 import os
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
@@ -84,6 +85,7 @@ _POSTED = p.TYPE_COMMAND | p.FLAG_NO_REPLY
 _REGION_ACCESS = p.REGION_ACCESS
 _SMALL_WRITE_HEAD = p.HEADER_SIZE + p.REGION_ACCESS.size
 _SMALL_WRITE = _SMALL_WRITE_HEAD + 8
+_SMALL_WRITE_UNPACK = struct.Struct(p.HEADER.format + p.REGION_ACCESS.format.lstrip("<=")).unpack_from
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -236,17 +238,17 @@ class Connection:
                 self._discard()  # a partial message and its fds
                 return CLOSED
             return NEED_DATA
-        msg_id, command, _, flags, err = p.HEADER.unpack_from(buf, pos)
         end = pos + size
-        if command == _REGION_WRITE and flags == _POSTED and size <= _SMALL_WRITE and self._posted \
-                and not self._fds:
-            offset, region, count = _REGION_ACCESS.unpack_from(buf, pos + p.HEADER_SIZE)
-            if count and count == size - _SMALL_WRITE_HEAD:  # else the general path rejects it
-                self._pos, self._size = end, 0
+        if _SMALL_WRITE_HEAD < size <= _SMALL_WRITE and self._posted and not self._fds:
+            # maybe a posted write of 1-8 bytes: header and access in one unpack
+            _, command, _, flags, _, offset, region, count = _SMALL_WRITE_UNPACK(buf, pos)
+            if command == _REGION_WRITE and flags == _POSTED and count == size - _SMALL_WRITE_HEAD:
+                self._pos, self._size = end, 0  # (else the general path decides, or rejects it)
                 if len(buf) - end >= p.HEADER_SIZE:
                     self._parse_header()
                 data = buf[end - count:end]
                 return region, offset, data if type(data) is bytes else bytes(data)
+        msg_id, command, _, flags, err = p.HEADER.unpack_from(buf, pos)
         if type(buf) is bytes:
             payload = memoryview(buf)[pos + p.HEADER_SIZE:end]  # no copy: bytes never change
         else:

@@ -42,7 +42,7 @@ from emulator.vfio_user.dmawrite import Mode
 from emulator.vfio_user.listener import accept_or_back_off
 from emulator.vfio_user.messages import Message
 from emulator.vfio_user.session import HandoverState, Session
-from emulator.vfio_user.sockio import ancillary_size, recv_chunk, send_chunk, send_parts
+from emulator.vfio_user.sockio import ancillary_size, bytes_waiting, recv_chunk, send_chunk, send_parts
 
 
 MAX_WAITING = 4  # connections waiting for the attached client to leave
@@ -254,8 +254,9 @@ class VfioUserServer:
         if c is None or not c.reading:
             return
         conn = c.conn
-        sock, ancsize = c.sock, self._ancsize
+        sock, fd, ancsize = c.sock, c.fd, self._ancsize
         left = self._budget
+        first = True
         try:
             while True:
                 left = self._process(c, left)
@@ -263,6 +264,15 @@ class VfioUserServer:
                     if not left:  # budget spent: more may be buffered, come back soon
                         self.loop.call_soon(self._on_readable)
                     return
+                # Read on until the socket is empty even after a short read: a message that
+                # arrived while these were handled (the second of a doorbell pair) costs a
+                # recvmsg here, and a whole loop wakeup otherwise.  After the first read,
+                # FIONREAD says whether one waits: a recvmsg failing with EAGAIN costs
+                # several times more.  (The end of the stream or an error reads as 0 there:
+                # the loop reports the socket readable again and the recvmsg sees it.)
+                if not first and not bytes_waiting(fd):
+                    return
+                first = False
                 size = conn.next_read_size()
                 if size < READ_SIZE:
                     size = READ_SIZE
@@ -271,9 +281,6 @@ class VfioUserServer:
                 except (BlockingIOError, InterruptedError):
                     return
                 conn.receive_data(data, fds, truncated)
-                # Read on (until EAGAIN) even after a short read: a message that arrived
-                # while these were handled (the second of a doorbell pair) costs a
-                # recvmsg here, and a whole loop wakeup otherwise.
         except Exception as e:  # fatal protocol error, socket error, or a bug: drop this client only
             self._drop(c, e)
 

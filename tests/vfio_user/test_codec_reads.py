@@ -219,3 +219,8 @@ def test_posted_writes_that_do_not_fit_the_fast_path_take_the_general_one(efds: 
     assert got[3] == replied
     assert isinstance(got[4], InvalidMessage) and not got[4].needs_reply  # fds on a write: refused
     assert not is_open(efds[0])
+    # Shorter than a REGION_WRITE's access header, and the last bytes received: refused,
+    # nothing read past the message.
+    short = head(51, p.Command.REGION_WRITE, 24, p.FLAG_NO_REPLY, 0) + bytes(8)
+    got = events(Connection(Role.SERVER, posted_writes=True), [(short, [])])
+    assert len(got) == 1 and isinstance(got[0], InvalidMessage) and not got[0].needs_reply
