@@ -1,4 +1,4 @@
-"""The I/O fast path: NVM Read and Write with PRPs, from SQE fetch to CQE post.
+"""The I/O fast path: NVM Read and Write with PRPs or SGLs, from SQE fetch to CQE post.
 
 ``Controller.run_sq`` asks :meth:`FastPath.run` first.  It serves the
 commands at the SQ head, in order, as long as each one is *common*, and
@@ -17,7 +17,10 @@ CQE is posted; its data transfer is idempotent, so one that stops half way
 (a short or failed ``preadv``/``pwritev``) is simply run again.
 
 What a completed fast command does, as io_cmds.read/write would: LBA range
-and MDTS checks, PRP walk (PRP lists and chains too, Base 2.1 §4.1.1),
+and MDTS checks, PRP walk (PRP lists and chains too, Base 2.1 §4.1.1) or SGL
+walk (Base 2.1 §4.3.2, the shapes Linux sends: SGL1 a Data Block descriptor,
+or a Last Segment descriptor whose segment holds only Data Blocks; the
+``sgl_commands`` counter as Controller.data_segments keeps it),
 ``preadv``/``pwritev`` straight between the backing file and guest memory,
 on a write the allocation bitmap update with its write-through to the
 sidecar (AllocationMap.mark_allocated, TP4165), the SMART counters
@@ -81,7 +84,7 @@ unmapped region or a gone client's memfd mapped.
 
 Per command (the command and all after it go to the normal path):
   * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
-    fused commands; PSDT other than PRPs (SGLs);
+    fused commands; PSDT 10b (SGL, MPTR a descriptor) or 11b;
   * a namespace not attached, or with Write Uncorrectable marks (a read must
     fail, a write heals them), or whose data methods (read_into, write_from,
     _transfer) are replaced on the instance or the class, or a subclass;
@@ -91,6 +94,14 @@ Per command (the command and all after it go to the normal path):
     without an fd, *guarded* (a memfd not sealed against shrinking: its
     loads and stores go through emulator/memory/safecopy.py), read-only for
     a Read's data; a Read's data below the lowest directly writable address;
+  * an SGL other than a Data Block (sub type 0h) in SGL1 or a Last Segment in
+    SGL1 whose segment holds only Data Blocks: Segment descriptors (chains),
+    Bit Bucket, Keyed and Transport descriptors, other sub types; a segment
+    of 0 bytes, not a multiple of 16, or of MAX_DESCRIPTORS descriptors or
+    more; Data Block lengths that do not add up to the transfer exactly (the
+    normal path fails both a shorter and a longer list: Data SGL Length
+    Invalid); a segment not inside one direct region, data outside them, as
+    for PRPs (sgl.py's statuses come from the normal path);
   * more than IOV_MAX (1024) pieces; a short or failed ``preadv``/``pwritev``.
 """
 from __future__ import annotations
@@ -109,6 +120,7 @@ from emulator.nvme import allocation, fastgen, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
 from emulator.nvme.migration import cdq, udlog
 from emulator.nvme.namespace import Namespace
+from emulator.nvme.sgl import DATA_BLOCK, LAST_SEGMENT, MAX_DESCRIPTORS, SGL_DESCRIPTOR
 from emulator.nvme.spec import CQE, SQE, IoOpcode
 
 if TYPE_CHECKING:
@@ -125,6 +137,9 @@ IOV_MAX = 1024
 _UNLIMITED = 1 << 30
 _SIDE = allocation.SIDECAR_WORDS_OFFSET
 _LITTLE = sys.byteorder == "little"  # the bitmap words are little-endian
+# SGL Identifiers (Base 2.1 Figure 116: type 7:4, sub type 3:0 = 0h, address)
+_SGL_DATA_BLOCK, _SGL_LAST_SEGMENT = DATA_BLOCK << 4, LAST_SEGMENT << 4
+_SGL_ENTRIES = SGL_DESCRIPTOR.iter_unpack
 
 
 def _default_path() -> str:
@@ -253,7 +268,7 @@ class FastPath:
         self._ns_maps: list[Any] = []
         self._ns_version = 0  # moves when the C namespace table is rebuilt
         self._batches: dict[int, tuple[Any, ...]] = {}  # sqid -> (batch, what its fields were set from)
-        self._out: Any = ioq.FFI.new("uint64_t[]", 6 + 2 * LAT_BUCKETS) if ioq.LIB is not None else None
+        self._out: Any = ioq.FFI.new("uint64_t[]", 7 + 2 * LAT_BUCKETS) if ioq.LIB is not None else None
         self._rings: dict[int, tuple[Any, ...]] = {}  # sqid -> the Python path's ring places
         self._memory: Any = None
         self._direct: Any = None
@@ -382,10 +397,15 @@ class FastPath:
         return got[1], got[2]
 
     def _account(self, cq: "CQState", reads: int, writes: int, rbytes: int, wbytes: int,
-                 posted: int) -> None:
-        """SMART counters, xfer_bytes, cmd_stats opcodes, pending interrupts."""
+                 posted: int, sgls: int) -> None:
+        """SMART counters, xfer_bytes, cmd_stats opcodes, pending interrupts; the SGL
+        commands counted as Controller.data_segments counts them."""
         ctrl = self.ctrl
         st = ctrl.stats
+        if sgls:
+            if not st.get("sgl_commands"):
+                log.info("ctrl %d: the host uses SGLs", ctrl.cntlid)
+            st["sgl_commands"] = st.get("sgl_commands", 0) + sgls
         ops = ctrl.cmd_stats.io.ops
         for opc, n, nbytes, commands, units in (
                 (READ, reads, rbytes, "host_read_commands", "data_units_read"),
@@ -440,7 +460,7 @@ class FastPath:
         nss = self._nss
         head, tail, qsize, sqid = sq.head, sq.tail, sq.size, sq.qid
         ctail, chead, csize, phase = cq.tail, cq.head, cq.size, cq.phase
-        done = reads = writes = rbytes = wbytes = 0
+        done = reads = writes = rbytes = wbytes = sgls = 0
         try:
             while head != tail and done < lim:
                 if (ctail + 1) % csize == chead:
@@ -448,8 +468,8 @@ class FastPath:
                 t0 = perf_counter_ns()
                 (opc, flags, cid, nsid, _c2, _c3, _mptr, prp1, prp2, cdw10, cdw11, cdw12,
                  _c13, _c14, _c15) = unpack_sqe(sqv, head << 6)
-                if flags & 0xC3 or not (opc == READ or (opc == WRITE and not cdw12 & FUA)):
-                    break
+                if flags & 0x83 or not (opc == READ or (opc == WRITE and not cdw12 & FUA)):
+                    break  # fused; PSDT 10b or 11b (bit 6 alone: SGL, MPTR an address)
                 nsi = nss.get(nsid)
                 if nsi is None:
                     break  # not attached, or not plain (_conditions)
@@ -459,15 +479,19 @@ class FastPath:
                 length = nlb << shift
                 if slba + nlb > nsze or length > mdts:
                     break
-                # PRPs (Base 2.1 §4.1.1), the common shapes inline
                 to_host = opc == READ
-                if to_host and prp1 < min_write:
-                    break
                 vs: list[memoryview]
-                first = ps - (prp1 & mask)
-                if prp1 & 3:
+                sgl = flags & 0x40  # PSDT 01b: SGL1 in DPTR (Base 2.1 §4.3.2); CDW0 bits 13:10 reserved
+                if sgl:
+                    vs = []
+                    if not self._sgl(regions, prp1, prp2, length, to_host, min_write, vs):
+                        break
+                # PRPs (Base 2.1 §4.1.1), the common shapes inline
+                elif to_host and prp1 < min_write:
                     break
-                if length <= first:  # one piece, mostly inside one region: no call
+                elif prp1 & 3:
+                    break
+                elif length <= (first := ps - (prp1 & mask)):  # one piece, mostly in one region: no call
                     i = bisect_right(starts, prp1) - 1
                     if i >= 0 and prp1 + length <= ends[i] and (writable[i] or not to_host):
                         o = prp1 - starts[i]
@@ -494,6 +518,8 @@ class FastPath:
                     break  # the normal path redoes it and reports the status
                 if got != length:
                     break
+                if sgl:
+                    sgls += 1
                 if to_host:
                     reads += 1
                     rbytes += length
@@ -527,7 +553,7 @@ class FastPath:
         finally:
             if done:
                 sq.head, cq.tail, cq.phase = head, ctail, phase
-                self._account(cq, reads, writes, rbytes, wbytes, done)
+                self._account(cq, reads, writes, rbytes, wbytes, done, sgls)
         return done
 
     @staticmethod
@@ -563,6 +589,33 @@ class FastPath:
             if (to_host and addr < min_write) or not regions.views(addr, n, to_host, vs):
                 return False
         return True
+
+    @staticmethod
+    def _sgl(regions: _Regions, addr: int, dw: int, length: int, to_host: bool, min_write: int,
+             vs: list[memoryview]) -> bool:
+        """SGL1 (address ``addr``, PRP2 bits ``dw``: Length, SGL Identifier) of a ``length``-byte
+        transfer: the walk of emulator/nvme/sgl.py for the two shapes Linux sends, a Data
+        Block descriptor or a Last Segment descriptor whose segment holds only Data Blocks;
+        False for anything else and for everything sgl_segments would refuse."""
+        ident, n = dw >> 56, dw & 0xFFFF_FFFF  # byte 15; bytes 11:8 (14:12 reserved)
+        if ident == _SGL_DATA_BLOCK:
+            return n == length and not (to_host and addr < min_write) and regions.views(addr, n, to_host, vs)
+        if ident != _SGL_LAST_SEGMENT or not n or n % 16 or n // 16 >= MAX_DESCRIPTORS:
+            return False  # Segment (a chain), Bit Bucket, Keyed, sub types; malformed segments
+        raw = regions.ring(addr, n, False)
+        if raw is None:
+            return False
+        total = 0
+        views = regions.views
+        for a, k, d in _SGL_ENTRIES(raw):
+            if d != _SGL_DATA_BLOCK:
+                return False  # any other descriptor in a Last Segment: an error or a Bit Bucket
+            if k:  # a zero-length Data Block is skipped (its address unused), as in sgl.py
+                total += k
+                if (total > length or (to_host and a < min_write) or not views(a, k, to_host, vs)
+                        or len(vs) > IOV_MAX):
+                    return False
+        return total == length
 
     def _mark_allocated(self, amap: Any, slba: int, nlb: int) -> None:
         """AllocationMap.mark_allocated without numpy scalars (same bits, same write-through)."""
@@ -630,16 +683,16 @@ class FastPath:
             cq.tail, cq.phase = ctail - cq.size, phase ^ 1
         else:
             cq.tail = ctail
-        o = ioq.FFI.unpack(self._out, 8)
-        nlat = o[5]
+        o = ioq.FFI.unpack(self._out, 9)
+        nlat = o[6]
         if nlat > 1:
-            o = ioq.FFI.unpack(self._out, 6 + 2 * nlat)
+            o = ioq.FFI.unpack(self._out, 7 + 2 * nlat)
         latency = ctrl.cmd_stats.io.latency
-        for i in range(6, 6 + 2 * nlat, 2):
+        for i in range(7, 7 + 2 * nlat, 2):
             latency[o[i]] += o[i + 1]
         if o[4]:  # a bitmap written through (dirty) or a write-through that failed (stale)
             self._bitmap_flags()
-        self._account(cq, done - o[1], o[1], o[2], o[3], done)
+        self._account(cq, done - o[1], o[1], o[2], o[3], done, o[5])
         return done
 
     def _bitmap_flags(self) -> None:
