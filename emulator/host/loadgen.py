@@ -52,6 +52,19 @@ DEFAULT_JOBS: list[tuple[str, int, int, int]] = [
     ("4k-read-4q-qd8", IoOpcode.READ, 4, 8),
     ("4k-write-4q-qd8", IoOpcode.WRITE, 4, 8),
 ]
+# Jobs run only when --jobs names them: 128 KiB at QD4, the data buffer described by PRPs
+# (a PRP list), by an SGL Data Block descriptor in SGL1 ("-sgl") or by a Last Segment of
+# two Data Blocks ("-sgl2"): the shapes a Linux guest sends (Base 2.1 §4.3.2).
+MORE_JOBS: list[tuple[str, int, int, int]] = [
+    (f"128k-{op}-qd4{suffix}", opc, 1, 4)
+    for suffix in ("", "-sgl", "-sgl2") for op, opc in (("read", IoOpcode.READ), ("write", IoOpcode.WRITE))]
+
+
+def job_shape(name: str) -> tuple[int, str]:
+    """(bytes per command, "prp", "sgl1" or "sgl2") of job ``name``."""
+    bs = (128 << 10) if name.startswith("128k-") else PAGE
+    kind = "sgl2" if name.endswith("-sgl2") else "sgl1" if name.endswith("-sgl") else "prp"
+    return bs, kind
 
 
 PATHS = ("c", "python", "off")
@@ -122,7 +135,7 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 # ---------------------------------------------------------------------- the driving loop
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
-            seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1) -> JobResult:
+            seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1, kind: str = "prp") -> JobResult:
     """Keep ``depth`` commands outstanding on each queue for ``seconds``.
 
     The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
@@ -130,7 +143,9 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     ``depth`` deep, so the controller never finds its CQ full in between.
     ``batch`` > 1: a queue's finished commands are resubmitted (one SQ doorbell)
     only once at least that many have completed, so each doorbell carries a
-    batch of commands whatever the relative speed of generator and emulator."""
+    batch of commands whatever the relative speed of generator and emulator.  ``kind``
+    describes each buffer with PRPs, an SGL Data Block ("sgl1") or a Last Segment of two
+    Data Blocks ("sgl2")."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client = t.client
@@ -141,11 +156,22 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     nlb = bs // lba_size
     blocks = ns_lbas // nlb
     state: list[tuple[HostQueue, list[int], list[int]]] = []
+    dptrs: dict[int, tuple[int, int, int]] = {}  # buffer -> PRP1/SGL1 address, PRP2/SGL1 rest, PSDT
+    lists: list[tuple[int, int]] = []  # PRP list pages and SGL segments, to free
     for qid in queues:
         q = host.queues[qid]
         if depth >= q.size:
             raise ValueError(f"depth {depth} needs a queue larger than {q.size}")
         bufs = [mem.alloc(bs) for _ in range(depth)]
+        for b in bufs:
+            if kind == "prp":
+                p1, p2, pages = host.build_prps(b, bs)
+                dptrs[b] = (p1, p2, 0)
+                lists += [(page, host.page_size) for page in pages]
+            else:
+                p1, p2, segs = host.build_sgl(b, bs, 1 if kind == "sgl1" else 2)
+                dptrs[b] = (p1, p2, 1 << 6)  # PSDT 01b
+                lists += segs
         state.append((q, bufs, []))
     pack = SQE.pack_into
     unpack = CQE.unpack_from
@@ -154,7 +180,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     def submit(q: HostQueue, bufs: list[int], cid: int) -> None:
         slba = rng.randrange(blocks) * nlb
         off = q.sq_iova - base + q.sq_tail * SQE_SIZE
-        pack(view, off, opc, 0, cid, nsid, 0, 0, 0, bufs[cid], 0,
+        p1, p2, psdt = dptrs[bufs[cid]]
+        pack(view, off, opc, psdt, cid, nsid, 0, 0, 0, p1, p2,
              slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0)
         q.sq_tail = (q.sq_tail + 1) % q.size
 
@@ -220,6 +247,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     for _q, bufs, _free in state:
         for b in bufs:
             mem.free(b, bs)
+    for addr, size in lists:
+        mem.free(addr, size)
     n = max(ios, 1)
     return JobResult(name, ios, elapsed, ios / elapsed, cpu / n * 1e6, gen / n * 1e6, errors)
 
@@ -272,7 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lba-size", type=int, default=512, choices=(512, 4096))
     p.add_argument("--socket", help="attach to a running server's socket instead of starting one")
     p.add_argument("--pid", type=int, help="with --socket: the serving process (for its CPU time)")
-    p.add_argument("--jobs", help="comma-separated job names (default: all)")
+    p.add_argument("--jobs", help="comma-separated job names (default: the 4 KiB ones); also "
+                                  + ", ".join(j[0] for j in MORE_JOBS))
     p.add_argument("--fill", action="store_true",
                    help="write the whole namespace first, so reads hit allocated blocks")
     p.add_argument("--cq-doorbell-every", type=int, default=1, metavar="N",
@@ -289,6 +319,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inproc", action="store_true",
                    help="also the fast path alone: Controller.run_sq on a full SQ in this process, "
                         "no messages (emulator/host/fastbench.py), per path")
+    p.add_argument("--inproc-128k", action="store_true",
+                   help="with --inproc: also 128 KiB commands with PRPs, with an SGL Data Block and "
+                        "with an SGL Last Segment of two Data Blocks (64 queued, best of 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -317,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = DEFAULT_JOBS
     if args.jobs:
         wanted = set(args.jobs.split(","))
-        jobs = [j for j in DEFAULT_JOBS if j[0] in wanted]
+        jobs = [j for j in DEFAULT_JOBS + MORE_JOBS if j[0] in wanted]
         if not jobs:
             print(f"nvme-emu bench: no job among {sorted(wanted)}", file=sys.stderr)
             return 2
@@ -341,6 +374,11 @@ def run(args: argparse.Namespace) -> int:
             inproc_paths = _available(PATH_SETS["all"])
             doc["run_sq_us"] = run_sq_us_per_command(inproc_paths, fill=args.fill)
             doc["run_sq_us_qd1"] = run_sq_us_per_command(inproc_paths, per_call=1, fill=args.fill)
+            if args.inproc_128k:
+                doc["run_sq_us_128k"] = {
+                    shape: run_sq_us_per_command(inproc_paths, count=64, rounds=10, fill=args.fill,
+                                                 shape=shape)
+                    for shape in ("128k-prp", "128k-sgl", "128k-sgl2")}
         if args.json:
             print(json.dumps(doc, indent=1))
         else:
@@ -354,6 +392,10 @@ def run(args: argparse.Namespace) -> int:
                 print("the same, one command per run_sq call (the QD1 shape):")
                 for path, r in doc["run_sq_us_qd1"].items():
                     print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
+                for shape, by_path in doc.get("run_sq_us_128k", {}).items():
+                    print(f"64 queued 128 KiB commands, {shape} (best of 10):")
+                    for path, r in by_path.items():
+                        print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
         return 1 if any(r.errors for r in results) else 0
     finally:
         for d in dirs:
@@ -390,9 +432,9 @@ def _run_path(args: argparse.Namespace, jobs: list[tuple[str, int, int, int]], p
         if args.fill:
             _fill(host, ns_lbas, args.lba_size)
         results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
-                           1, args.lba_size, ns_lbas,
+                           1, args.lba_size, ns_lbas, bs=job_shape(name)[0],
                            cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1,
-                           batch=args.batch)
+                           batch=args.batch, kind=job_shape(name)[1])
                    for name, opc, nq, qd in jobs]
         host.close()
         for r in results:
