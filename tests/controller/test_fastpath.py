@@ -86,6 +86,20 @@ def test_errors_get_the_normal_paths_statuses(emu: Any, path: str) -> None:
     assert served(e)[path] >= 1
 
 
+def _one_doorbell(h: Any, cmds: list[bytes]) -> list[Any]:
+    """Place ``cmds`` on I/O SQ 1, ring its tail doorbell once, take their CQEs."""
+    q = h.queues[1]
+    for raw in cmds:
+        h.mem.write(q.sq_iova + q.sq_tail * 64, raw)
+        q.sq_tail = (q.sq_tail + 1) % q.size
+    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < len(cmds) and time.monotonic() < deadline:
+        got += take_cqes_without_doorbell(h, 1)
+    return got
+
+
 def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) -> None:
     e, h = sealed_host(emu)
     mem = h.mem
@@ -104,14 +118,7 @@ def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) 
         pack_sqe(IoOpcode.READ, cid=7, nsid=1, prp1=mem.alloc(4096), cdw10=104, cdw12=7),
         pack_sqe(IoOpcode.WRITE, cid=8, nsid=1, prp1=buf, cdw10=300, cdw12=7),
     ]
-    for raw in cmds:
-        mem.write(q.sq_iova + q.sq_tail * 64, raw)
-        q.sq_tail = (q.sq_tail + 1) % q.size
-    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
-    got: list[Any] = []
-    deadline = time.monotonic() + 10
-    while len(got) < len(cmds) and time.monotonic() < deadline:
-        got += take_cqes_without_doorbell(h, 1)
+    got = _one_doorbell(h, cmds)
     assert [c.cid for c in got] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [c.sqhd for c in got] == [(i + 1) % q.size for i in range(len(cmds))]
     assert [c.sc for c in got] == [0, 0, 0, 0, Generic.DATA_TRANSFER_ERROR, 0, 0, 0]
@@ -262,14 +269,7 @@ def test_mixed_sgl_commands_complete_in_sq_order(emu: Any, path: str) -> None:
         pack_sqe(IoOpcode.READ, cid=4, nsid=1, prp1=buf, prp2=4096, cdw10=100, cdw12=15, flags=sgl),
         pack_sqe(IoOpcode.READ, cid=5, nsid=1, prp1=rbuf, prp2=8192, cdw10=200, cdw12=15, flags=sgl),
     ]
-    for raw in cmds:
-        mem.write(q.sq_iova + q.sq_tail * 64, raw)
-        q.sq_tail = (q.sq_tail + 1) % q.size
-    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
-    got: list[Any] = []
-    deadline = time.monotonic() + 10
-    while len(got) < len(cmds) and time.monotonic() < deadline:
-        got += take_cqes_without_doorbell(h, 1)
+    got = _one_doorbell(h, cmds)
     assert [c.cid for c in got] == [1, 2, 3, 4, 5]
     assert [c.sc for c in got] == [0, 0, 0, SglStatus.DATA_SGL_LENGTH_INVALID, 0]
     h.t.mmio_write(DOORBELL_BASE + 3 * 4, 4, q.cq_head)
