@@ -17,8 +17,9 @@
  * so a command that stops half way is simply run again by Python.
  *
  * References: NVMe Base 2.1 §3.3 (queues, phase tag), §4.1.1 (PRP entries
- * and lists), §4.3.2 (SGL descriptors, Figure 116), §4.2 (SQE and CQE layouts); NVM Command Set 1.2 §3.3.4 (Read),
- * §3.3.6 (Write); TP4165 allocation tracking (emulator/nvme/allocation.py).
+ * and lists), §4.3.2 (SGL descriptors, Figure 116), §4.2 (SQE and CQE layouts);
+ * NVM Command Set 1.2 §3.3.4 (Read), §3.3.6 (Write); TP4165 allocation
+ * tracking (emulator/nvme/allocation.py).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -94,7 +95,7 @@ int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t 
 #define IOQ_STOP_LIMIT 1     /* the arbiter's per-pass limit */
 #define IOQ_STOP_CQ_FULL 2
 #define IOQ_STOP_COMMAND 3   /* a command Python runs (opcode, flags, namespace, range, MDTS) */
-#define IOQ_STOP_DATA 4      /* PRPs or SGLs Python must walk (errors, other shapes, memory outside the table) */
+#define IOQ_STOP_DATA 4      /* PRPs or SGLs Python must walk (errors, shapes, memory outside the table) */
 #define IOQ_STOP_IO 5        /* preadv/pwritev failed or was short */
 #define IOQ_STOP_SQ_MEMORY 6 /* the SQ ring is not inside one direct region */
 #define IOQ_STOP_CQ_MEMORY 7 /* the CQ ring is not inside one direct writable region */

@@ -116,11 +116,12 @@ from typing import TYPE_CHECKING, Any
 
 from cbind import ioq
 from cbind.prp import merge_entries
-from emulator.nvme import allocation, fastgen, io_cmds, sanitize
+from emulator.nvme import allocation, fastgen, fastsgl, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
+from emulator.nvme.fastpath_c import CPath
 from emulator.nvme.migration import cdq, udlog
 from emulator.nvme.namespace import Namespace
-from emulator.nvme.sgl import DATA_BLOCK, LAST_SEGMENT, MAX_DESCRIPTORS, SGL_DESCRIPTOR
+from emulator.nvme.fastsgl import sgl_views
 from emulator.nvme.spec import CQE, SQE, IoOpcode
 
 if TYPE_CHECKING:
@@ -133,13 +134,10 @@ log = logging.getLogger("nvme.fastpath")
 PATHS = ("c", "python", "off")
 READ, WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 FUA = 1 << 30  # CDW12 bit 30, Force Unit Access (NVM CS 1.2 Figure 48)
-IOV_MAX = 1024
+IOV_MAX = fastsgl.IOV_MAX
 _UNLIMITED = 1 << 30
 _SIDE = allocation.SIDECAR_WORDS_OFFSET
 _LITTLE = sys.byteorder == "little"  # the bitmap words are little-endian
-# SGL Identifiers (Base 2.1 Figure 116: type 7:4, sub type 3:0 = 0h, address)
-_SGL_DATA_BLOCK, _SGL_LAST_SEGMENT = DATA_BLOCK << 4, LAST_SEGMENT << 4
-_SGL_ENTRIES = SGL_DESCRIPTOR.iter_unpack
 
 
 def _default_path() -> str:
@@ -263,12 +261,7 @@ class FastPath:
         # nsid -> (fd, lba_shift, nsze, map, TLBAAG, granules, the map's words)
         self._nss: dict[int, tuple[Any, ...]] = {}
         self._watch: list[tuple[dict[str, Any], int]] = []  # (vars(ns), its size): methods set on it
-        self._ns_key: tuple[Any, ...] | None = None
-        self._ns_c: Any = None
-        self._ns_maps: list[Any] = []
-        self._ns_version = 0  # moves when the C namespace table is rebuilt
-        self._batches: dict[int, tuple[Any, ...]] = {}  # sqid -> (batch, what its fields were set from)
-        self._out: Any = ioq.FFI.new("uint64_t[]", 7 + 2 * LAT_BUCKETS) if ioq.LIB is not None else None
+        self.c = CPath(log) if ioq.LIB is not None else None  # the C implementation's tables
         self._rings: dict[int, tuple[Any, ...]] = {}  # sqid -> the Python path's ring places
         self._memory: Any = None
         self._direct: Any = None
@@ -280,7 +273,8 @@ class FastPath:
         """A client attached, detached or mapped memory: drop the cached views of the old
         regions, so that the mappings the memory closed are not kept alive by them."""
         self.regions = None
-        self._batches.clear()
+        if self.c is not None:
+            self.c.batches.clear()
         self._rings.clear()
 
     # ------------------------------------------------------------------ entry
@@ -288,7 +282,7 @@ class FastPath:
         """Serve common commands at ``sq``'s head (at most ``limit``); how many completed.
 
         Paid on every doorbell, so kept short: what rarely changes is worked out in
-        :meth:`_conditions`, :meth:`_ring_py` and :meth:`_run_c` (per SQ), and checked here
+        :meth:`_conditions`, :meth:`_ring_py` and ``CPath.run`` (per SQ), and checked here
         with a comparison or two."""
         path = PATH
         if path == "off" or not sq.qid:  # admin opcodes are not NVM ones (02h: Get Log Page)
@@ -325,8 +319,10 @@ class FastPath:
             if cq is None or cq.held:
                 return 0
             lim = _UNLIMITED if limit is None else limit
-            if path == "c" and regions.ctable is not None and _LITTLE:
-                n = self._run_c(sq, cq, lim, regions, min_write)  # checks the rings itself
+            if path == "c" and self.c is not None and regions.ctable is not None and _LITTLE:
+                n, writes, rbytes, wbytes, sgls = self.c.run(ctrl, sq, cq, lim, regions, min_write)
+                if n:
+                    self._account(cq, n - writes, writes, rbytes, wbytes, n, sgls)
             else:
                 path = "python"
                 n = self._run_py(sq, cq, lim, regions, min_write)
@@ -372,19 +368,8 @@ class FastPath:
         self._nss = {e[0]: (e[3], e[4], e[5], e[2], e[2].tlbaag, e[2].granules,
                             self._bitmap(e[2])[0] if _LITTLE else None) for e in eligible}
         self._watch = watch
-        key = tuple(eligible)
-        if ioq.LIB is not None and key != self._ns_key:
-            t = ioq.FFI.new("struct ioq_ns[]", max(1, len(eligible)))
-            maps = []
-            for i, (nsid, ns, amap, fd, shift, nsze, _sfd) in enumerate(eligible):
-                e = t[i]
-                e.nsid, e.fd, e.lba_shift, e.nsze = nsid, fd, shift, nsze
-                e.words = ioq.FFI.cast("uint64_t *", amap.words.ctypes.data)
-                e.granules, e.tlbaag = amap.granules, amap.tlbaag
-                e.sidecar_fd, e.sidecar_off = amap.sidecar_fd, _SIDE
-                maps.append(amap)
-            self._ns_key, self._ns_c, self._ns_maps = key, t, maps
-            self._ns_version += 1
+        if self.c is not None:
+            self.c.namespaces(eligible)
         self._hooks, self._ok, self._gde, self._gen = hooks, ok, gde, gen
 
     def _bitmap(self, amap: Any) -> tuple[memoryview, memoryview]:
@@ -484,7 +469,7 @@ class FastPath:
                 sgl = flags & 0x40  # PSDT 01b: SGL1 in DPTR (Base 2.1 §4.3.2); CDW0 bits 13:10 reserved
                 if sgl:
                     vs = []
-                    if not self._sgl(regions, prp1, prp2, length, to_host, min_write, vs):
+                    if not sgl_views(regions, prp1, prp2, length, to_host, min_write, vs):
                         break
                 # PRPs (Base 2.1 §4.1.1), the common shapes inline
                 elif to_host and prp1 < min_write:
@@ -590,33 +575,6 @@ class FastPath:
                 return False
         return True
 
-    @staticmethod
-    def _sgl(regions: _Regions, addr: int, dw: int, length: int, to_host: bool, min_write: int,
-             vs: list[memoryview]) -> bool:
-        """SGL1 (address ``addr``, PRP2 bits ``dw``: Length, SGL Identifier) of a ``length``-byte
-        transfer: the walk of emulator/nvme/sgl.py for the two shapes Linux sends, a Data
-        Block descriptor or a Last Segment descriptor whose segment holds only Data Blocks;
-        False for anything else and for everything sgl_segments would refuse."""
-        ident, n = dw >> 56, dw & 0xFFFF_FFFF  # byte 15; bytes 11:8 (14:12 reserved)
-        if ident == _SGL_DATA_BLOCK:
-            return n == length and not (to_host and addr < min_write) and regions.views(addr, n, to_host, vs)
-        if ident != _SGL_LAST_SEGMENT or not n or n % 16 or n // 16 >= MAX_DESCRIPTORS:
-            return False  # Segment (a chain), Bit Bucket, Keyed, sub types; malformed segments
-        raw = regions.ring(addr, n, False)
-        if raw is None:
-            return False
-        total = 0
-        views = regions.views
-        for a, k, d in _SGL_ENTRIES(raw):
-            if d != _SGL_DATA_BLOCK:
-                return False  # any other descriptor in a Last Segment: an error or a Bit Bucket
-            if k:  # a zero-length Data Block is skipped (its address unused), as in sgl.py
-                total += k
-                if (total > length or (to_host and a < min_write) or not views(a, k, to_host, vs)
-                        or len(vs) > IOV_MAX):
-                    return False
-        return total == length
-
     def _mark_allocated(self, amap: Any, slba: int, nlb: int) -> None:
         """AllocationMap.mark_allocated without numpy scalars (same bits, same write-through)."""
         if not _LITTLE:
@@ -650,61 +608,3 @@ class FastPath:
         except OSError:
             pass
         amap._write_through(w0, w1 + 1)  # retries; logs and marks the bitmap stale if it fails
-
-    # ------------------------------------------------------------------ C
-    def _run_c(self, sq: "SQState", cq: "CQState", lim: int, regions: _Regions, min_write: int) -> int:
-        ctrl = self.ctrl
-        r = ctrl.state.regs
-        got = self._batches.get(sq.qid)
-        # the fields that rarely change, set only when one did: SQState/CQState objects
-        # keep their ring for life (a new queue is a new object), the tables are replaced
-        if (got is None or got[1] is not sq or got[2] is not cq or got[3] is not regions
-                or got[4] != self._ns_version or got[5] != r.cc or got[6] != ctrl.config.mdts
-                or got[7] != min_write):
-            b = ioq.FFI.new("struct ioq_batch *")
-            b.regions, b.nregions = regions.ctable, regions.n
-            b.ns, b.nns = self._ns_c, len(self._ns_maps)
-            b.sq_base, b.sq_size, b.sqid = sq.base, sq.size, sq.qid
-            b.cq_base, b.cq_size = cq.base, cq.size
-            b.page_size = 1 << (12 + ((r.cc >> 7) & 0xF))  # CC.MPS (Base 2.1 §3.1.4.5)
-            b.max_transfer, b.min_write = ctrl.max_transfer, min_write
-            b.out = self._out
-            got = self._batches[sq.qid] = (b, sq, cq, regions, self._ns_version, r.cc,
-                                           ctrl.config.mdts, min_write, self._ns_c)
-        ctail, phase = cq.tail, cq.phase
-        done: int = ioq.LIB.ioq_serve(got[0], sq.head, sq.tail, cq.head, ctail, phase, lim)
-        if not done:
-            return 0
-        # SQ head, CQ tail and phase follow from the count (done < CQ size: one wrap at most)
-        head = sq.head + done
-        sq.head = head if head < sq.size else head - sq.size
-        ctail += done
-        if ctail >= cq.size:
-            cq.tail, cq.phase = ctail - cq.size, phase ^ 1
-        else:
-            cq.tail = ctail
-        o = ioq.FFI.unpack(self._out, 9)
-        nlat = o[6]
-        if nlat > 1:
-            o = ioq.FFI.unpack(self._out, 7 + 2 * nlat)
-        latency = ctrl.cmd_stats.io.latency
-        for i in range(7, 7 + 2 * nlat, 2):
-            latency[o[i]] += o[i + 1]
-        if o[4]:  # a bitmap written through (dirty) or a write-through that failed (stale)
-            self._bitmap_flags()
-        self._account(cq, done - o[1], o[1], o[2], o[3], done, o[5])
-        return done
-
-    def _bitmap_flags(self) -> None:
-        nst = self._ns_c
-        for i, amap in enumerate(self._ns_maps):
-            e = nst[i]
-            if e.dirty:
-                e.dirty = 0
-                amap.dirty = True
-            if e.stale:
-                e.stale = 0
-                if not amap.stale:
-                    log.error("%s: bitmap update not stored; rewriting it at the next flush",
-                              amap.sidecar)
-                amap.stale = True
