@@ -389,7 +389,7 @@ class FastPath:
         st = ctrl.stats
         if sgls:
             if not st.get("sgl_commands"):
-                log.info("ctrl %d: the host uses SGLs", ctrl.cntlid)
+                log.info("ctrl %d: the host uses SGLs (I/O fast path)", ctrl.cntlid)
             st["sgl_commands"] = st.get("sgl_commands", 0) + sgls
         ops = ctrl.cmd_stats.io.ops
         for opc, n, nbytes, commands, units in (
