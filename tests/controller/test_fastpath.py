@@ -159,7 +159,11 @@ def test_sgl_shapes_are_served(emu: Any, path: str) -> None:
                 + struct.pack("<QI3xB", buf + 4096, 8192, 0))
     cid = h.submit(1, IoOpcode.READ, 2, seg, 48 | (0x30 << 56), cdw10=5, cdw12=2, flags=1 << 6)
     assert h.wait(1, cid).ok and h.mem.read(buf, len(data)) == data
-    n += 2
+    # a Last Segment of one Data Block (build_sgl puts a single piece in SGL1 itself)
+    h.mem.write(seg, struct.pack("<QI3xB", buf + 5, 4096, 0))
+    cid = h.submit(1, IoOpcode.READ, 2, seg, 16 | (0x30 << 56), cdw10=6, cdw12=0, flags=1 << 6)
+    assert h.wait(1, cid).ok and h.mem.read(buf + 5, 4096) == data[4096:8192]
+    n += 3
     assert served(e)[path] >= n + 30  # and the PRP reads
     assert _sgl_count(e) == n
 
