@@ -155,3 +155,19 @@ def test_the_sq_head_cq_tail_and_phase_after_many_wraps(emu: Any, path: str) -> 
     assert (sq.head, cq.tail) == (q.sq_tail, q.cq_head) == (24 % 5, 24 % 5)
     assert cq.phase == q.phase
     assert served(e)[path] >= 24 and fastpath.PATH == path
+
+
+def test_a_controller_state_restored_between_two_calls(emu: Any, path: str) -> None:
+    """Controller.restore (a hand-over, a migration) brings new SQ and CQ objects: the
+    per-SQ tables are made again, and the I/O goes on where the rings are."""
+    e, h = sealed_host(emu)
+    data = os.urandom(4096)
+    assert h.write(1, 0, data).ok
+    before = served(e)[path]
+    ctrl = ctrl_of(e)
+    old = e.call(lambda: ctrl.sqs[1])
+    e.call(lambda: ctrl.import_state(ctrl.export_state()))
+    assert e.call(lambda: ctrl.sqs[1]) is not old
+    for _ in range(3):
+        assert h.read(1, 0, 8).data == data
+    assert served(e)[path] == before + 3
