@@ -14,21 +14,32 @@ process: its CPU in % of one core while it served the job, CPU µs per I/O (I/Os
 estimated as rate x (runtime + the 1 s ramp)), and its CPU while the guest ran
 the same job on QEMU's disk (what an idle emulator costs).  Run: ``bash scripts/bench-guest``
 (or ``python -m emulator.guest.bench``).
+
+``--count`` runs the emulator under emulator/bench/iocount.py and prints, per job, what
+each I/O cost in events: vfio-user messages by kind and BAR0 target (SQ tail / CQ head
+doorbells, registers, MSI-X table, config space), eventfd interrupts, ``recvmsg`` calls,
+and the I/O commands the fast path served or left to the normal path, with the reason
+(SGL, FUA, ...).  The wrappers cost CPU: the timing columns of a ``--count`` run are not
+comparable with those of a run without it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
-from emulator.guest.jobcpu import JobCpu
+from emulator.guest.jobcpu import JobCpu, JobSamples
 from emulator.guest.qemu import Guest, GuestSpec, QemuNvme, VfioUserDevice
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
@@ -58,6 +69,7 @@ done
 result filled 1
 fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
     key=$1; fields=$2; shift 2
+    result ${name}_${key}_go_$r 1  # the job starts (the host cuts CPU intervals and attaches tools here)
     fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
         --runtime=@RUNTIME@ --ramp_time=1 --output-format=terse --terse-version=3 "$@" \
         > /tmp/job.out 2>&1
@@ -116,13 +128,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sq-poll-idle-us", type=int, default=None,
                    help="the controller's sq_poll_idle_us (polling of shadow SQ tails; 0: off); "
                         "default: the configuration's default")
+    p.add_argument("--attach", default=None, metavar="COMMAND",
+                   help="a shell command started when each nvme-emu job starts, formatted with {pid} "
+                        "(the emulator), {job}, {seconds} (the job's run time with its ramp) and {workdir}; "
+                        "e.g. 'py-spy record -p {pid} -d {seconds} -r 300 -f raw --nonblocking "
+                        "-o {workdir}/{job}.txt'")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="extra guest kernel command line, for diagnosis only (e.g. nvme.sgl_threshold=0: "
+                        "Linux then never uses SGLs); the product is measured with a stock guest")
+    p.add_argument("--count", action="store_true",
+                   help="count the emulator's messages, interrupts and fast/normal path commands "
+                        "per I/O of each job (emulator/bench/iocount.py; costs CPU)")
 
 
 def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None,
-              sq_poll_idle_us: int | None = None) -> dict[str, float]:
+              sq_poll_idle_us: int | None = None,
+              counts: dict[str, dict[str, float]] | None = None,
+              attach: str | None = None, append: str = "") -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
-    ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds)."""
+    ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
+
+    With ``counts`` (a dict), the emulator runs under emulator/bench/iocount.py and
+    ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
+    ``filled``: boot and fill).  ``attach``, ``append``: see ``--attach``, ``--append``."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -135,21 +164,34 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         cfg["controllers"][0]["sq_poll_idle_us"] = sq_poll_idle_us
     cfg_path = wd / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    module = "emulator.bench.iocount" if counts is not None else "emulator"
     emu = EmulatorProcess(cfg_path, wd / "emu.log", name="emu", cwd=wd,
-                          command=[sys.executable, "-m", "emulator", "serve", "--visible-writes", visible_writes])
+                          command=[sys.executable, "-m", module, "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
         body = BODY.replace("@JOBS@", _job_lines(keys))
         spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
-                         qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)])
+                         qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)],
+                         append=append)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
+            counter = None
+            if counts is not None:
+                counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
+            hooks = None
+            if attach:
+                hooks = _Attach(g.result.results, attach, emu.pid, runtime + 1, wd).start()
             try:
                 res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
             finally:
                 cpu.stop()
+                if hooks is not None:
+                    hooks.stop()
+                if counter is not None:
+                    counter.stop()
+                    counts.update(counter.delta)
     finally:
         emu.stop()
     if not res.ok:
@@ -163,6 +205,96 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class _Attach:
+    """Starts ``command`` (formatted) whenever the guest says an nvme-emu job starts."""
+
+    def __init__(self, results: dict[str, str], command: str, pid: int | None, seconds: int,
+                 workdir: Path) -> None:
+        self.results, self.command, self.pid, self.seconds, self.workdir = results, command, pid, seconds, workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-attach")
+
+    def start(self) -> "_Attach":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for p in self.procs:
+            try:
+                p.wait(self.seconds + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def _run(self) -> None:
+        seen: set[str] = set()
+        while not self._stop.wait(0.01):
+            for k in [k for k in list(self.results) if k not in seen]:
+                seen.add(k)
+                if k.startswith("emu_") and "_go_" in k:
+                    job = k.replace("_go", "")
+                    cmd = self.command.format(pid=self.pid, job=job, seconds=self.seconds, workdir=self.workdir)
+                    self.procs.append(subprocess.Popen(cmd, shell=True))
+
+
+def _iocount(control: Path) -> Callable[[], dict[str, float]]:
+    """A sampler of the emulator's counters (the control method debug.iocount)."""
+    from emulator.control import ControlClient
+
+    def sample() -> dict[str, float]:
+        try:
+            with ControlClient(str(control)) as c:
+                return c.call("debug.iocount")["counts"]
+        except (OSError, ValueError, KeyError):
+            return {}
+    return sample
+
+
+# The counters of the --count table (emulator/bench/iocount.py), per I/O: (label, counters
+# summed; a name ending in "." sums every counter it starts)
+COUNT_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("msgs", ("msg.",)),
+    ("SQdb", ("write.sqdb.io",)),
+    ("CQdb", ("write.cqdb.io",)),
+    ("regs", ("write.bar0.regs", "read.bar0.regs")),
+    ("msix", ("write.bar0.msix_table", "read.bar0.msix_table", "write.bar0.pba", "read.bar0.pba")),
+    ("cfg", ("write.config", "read.config")),
+    ("irq", ("irq.eventfd",)),
+    ("recvmsg", ("sys.recvmsg",)),
+    ("wakeups", ("loop.readable",)),
+    ("fast", ("io.fast",)),
+    ("normal", ("io.normal",)),
+]
+
+
+def report_counts(counts: dict[str, dict[str, float]]) -> str:
+    """Per guest result: the I/O commands and each COUNT_COLUMNS figure per I/O, then
+    why commands took the normal path and which messages were not doorbells."""
+    head = f"{'result':22} {'I/Os':>7}" + "".join(f" {label:>7}" for label, _c in COUNT_COLUMNS)
+    out = [head]
+    notes = []
+    for key, d in counts.items():
+        if "_go_" in key:
+            continue  # between a job's end and the next job's start
+        ios = d.get("io.fast", 0) + d.get("io.normal", 0)
+        if not ios and not any(d.values()):
+            continue
+        line = f"{key:22} {ios:7.0f}"
+        for _label, names in COUNT_COLUMNS:
+            v = sum(n for k, n in d.items() if any(k == c or (c[-1] == "." and k.startswith(c)) for c in names))
+            line += f" {v / ios:7.3f}" if ios else f" {v:7.0f}"
+        out.append(line)
+        extra = {k: v for k, v in d.items() if v and k.startswith(("normal.", "msg.", "admin."))
+                 and k != "msg.posted_write"}
+        if extra:
+            notes.append(f"{key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(extra.items())))
+    out.append("(per I/O; I/Os = I/O commands completed; msgs = vfio-user messages received; "
+               "SQdb/CQdb = I/O queue doorbell writes; irq = eventfd writes)")
+    return "\n".join(out + notes)
 
 
 def report(r: dict[str, float], runtime: int | None = None) -> str:
@@ -194,11 +326,18 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
+    counts: dict[str, dict[str, float]] | None = {} if args.count else None
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
-                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us)
+                  [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts, args.attach,
+                  args.append)
     print(report(r, args.runtime))
+    if counts is not None:
+        print(report_counts(counts))
+        if args.workdir is not None:
+            (args.workdir / "counts.json").write_text(json.dumps(counts, indent=1, sort_keys=True))
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
+          f"{'guest kernel +' + repr(args.append) + '; ' if args.append else ''}"
           f"{time.monotonic() - t0:.0f} s)")
     return 0
 

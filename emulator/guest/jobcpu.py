@@ -6,7 +6,8 @@ CPU time (utime + stime, all threads, ``/proc/PID/stat``) of the processes it
 watches (the emulator, QEMU): the CPU a process spent between two results is
 what the job ending at the second one cost it, start-up and ramp-up included.
 The sampling period bounds the error (default 20 ms, plus the kernel's
-10 ms tick).
+10 ms tick).  ``JobSamples`` does the same for any sampled figures (the
+emulator's I/O counters of emulator/bench/iocount.py, ``bench --count``).
 """
 from __future__ import annotations
 
@@ -28,27 +29,56 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TCK  # fields 14 and 15 of proc(5)
 
 
-class JobCpu:
-    """Per result key: CPU seconds of each watched process and wall seconds since the
-    previous result (``cpu[key][name]``, ``wall[key]``)."""
+class JobSamples:
+    """Per result key: the change of each sampled figure since the previous result
+    (``delta[key][name]``) and the wall seconds in between (``wall[key]``).
 
-    def __init__(self, results: Mapping[str, str], pids: Mapping[str, Callable[[], int | None]],
-                 period: float = 0.02) -> None:
+    ``sample`` returns the figures (name -> value) at one moment.  A name that first
+    appears at a sample counts from ``zero`` (a counter that starts at 0) or, with
+    ``zero`` False, from its first value (the CPU time of a process found late)."""
+
+    def __init__(self, results: Mapping[str, str], sample: Callable[[], Mapping[str, float]],
+                 period: float = 0.02, zero: bool = False) -> None:
         self.results = results
-        self.pids = pids
+        self.sample = sample
         self.period = period
-        self.cpu: dict[str, dict[str, float]] = {}
+        self.zero = zero
+        self.delta: dict[str, dict[str, float]] = {}
         self.wall: dict[str, float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="job-cpu")
+        self._thread = threading.Thread(target=self._run, daemon=True, name="job-samples")
 
-    def start(self) -> "JobCpu":
+    def start(self) -> "JobSamples":
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def _run(self) -> None:
+        seen: set[str] = set(self.results)
+        last, t_last = self.sample(), time.monotonic()
+        while not self._stop.wait(self.period):
+            new = [k for k in list(self.results) if k not in seen]
+            if not new:
+                continue
+            now, t = self.sample(), time.monotonic()
+            for k in new:  # several at once: the first takes the interval, the others nothing
+                seen.add(k)
+                self.delta[k] = {n: now[n] - last.get(n, 0 if self.zero else now[n]) for n in now}
+                self.wall[k] = t - t_last
+                last, t_last = now, t
+
+
+class JobCpu(JobSamples):
+    """CPU seconds of each watched process per result key (``cpu[key][name]``)."""
+
+    def __init__(self, results: Mapping[str, str], pids: Mapping[str, Callable[[], int | None]],
+                 period: float = 0.02) -> None:
+        super().__init__(results, self._sample, period)
+        self.pids = pids
+        self.cpu = self.delta
 
     def _sample(self) -> dict[str, float]:
         out = {}
@@ -58,17 +88,3 @@ class JobCpu:
             if v is not None:
                 out[name] = v
         return out
-
-    def _run(self) -> None:
-        seen: set[str] = set(self.results)
-        last, t_last = self._sample(), time.monotonic()
-        while not self._stop.wait(self.period):
-            new = [k for k in list(self.results) if k not in seen]
-            if not new:
-                continue
-            now, t = self._sample(), time.monotonic()
-            for k in new:  # several at once: the first takes the interval, the others nothing
-                seen.add(k)
-                self.cpu[k] = {n: now[n] - last.get(n, now[n]) for n in now}
-                self.wall[k] = t - t_last
-                last, t_last = now, t

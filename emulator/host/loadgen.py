@@ -27,7 +27,9 @@ import ctypes
 import json
 import os
 import random
+import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -52,19 +54,18 @@ DEFAULT_JOBS: list[tuple[str, int, int, int]] = [
     ("4k-read-4q-qd8", IoOpcode.READ, 4, 8),
     ("4k-write-4q-qd8", IoOpcode.WRITE, 4, 8),
 ]
-# Jobs run only when --jobs names them: 128 KiB at QD4, the data buffer described by PRPs
-# (a PRP list), by an SGL Data Block descriptor in SGL1 ("-sgl") or by a Last Segment of
-# two Data Blocks ("-sgl2"): the shapes a Linux guest sends (Base 2.1 §4.3.2).
+
+
+# More jobs, by name only (--jobs): 128 KiB at QD4, what the guest benchmark's sequential jobs do.
 MORE_JOBS: list[tuple[str, int, int, int]] = [
-    (f"128k-{op}-qd4{suffix}", opc, 1, 4)
-    for suffix in ("", "-sgl", "-sgl2") for op, opc in (("read", IoOpcode.READ), ("write", IoOpcode.WRITE))]
+    ("128k-read-qd4", IoOpcode.READ, 1, 4),
+    ("128k-write-qd4", IoOpcode.WRITE, 1, 4),
+]
 
 
-def job_shape(name: str) -> tuple[int, str]:
-    """(bytes per command, "prp", "sgl1" or "sgl2") of job ``name``."""
-    bs = (128 << 10) if name.startswith("128k-") else PAGE
-    kind = "sgl2" if name.endswith("-sgl2") else "sgl1" if name.endswith("-sgl") else "prp"
-    return bs, kind
+def job_bytes(name: str) -> int:
+    """The transfer size of a job, from its name ("4k-...", "128k-...")."""
+    return int(name.split("k-", 1)[0]) << 10
 
 
 PATHS = ("c", "python", "off")
@@ -82,14 +83,37 @@ class JobResult:
     gen_cpu_us_per_io: float  # this generator's CPU per I/O, for context
     errors: int
     path: str = ""  # the serving child's fast path (c, python, off), "" when attached
+    emu_user_us_per_io: float = 0.0  # the emulator's CPU per I/O, user part
+    emu_sys_us_per_io: float = 0.0  # ... system part
+    emu_sleeps_per_io: float = 0.0  # voluntary context switches of its threads (they slept)
+    emu_preempted_per_io: float = 0.0  # involuntary ones (it was preempted)
 
 
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid`` (proc(5): fields 14 and 15)."""
+    user, system, _v, _n = proc_times(pid)
+    return user + system
+
+
+def proc_times(pid: int) -> tuple[float, float, int, int]:
+    """utime and stime of every thread of ``pid`` in seconds (proc(5): /proc/PID/stat
+    fields 14 and 15), and the voluntary (it slept) and involuntary (it was preempted)
+    context switches of all its threads (/proc/PID/task/*/status)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     fields = raw[raw.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    vol = nonvol = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"voluntary_ctxt_switches:"):
+                        vol += int(line.split(b":")[1])
+                    elif line.startswith(b"nonvoluntary_ctxt_switches:"):
+                        nonvol += int(line.split(b":")[1])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK, vol, nonvol
 
 
 # ---------------------------------------------------------------------- physical limits
@@ -135,7 +159,8 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 # ---------------------------------------------------------------------- the driving loop
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
-            seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1, kind: str = "prp") -> JobResult:
+            seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1,
+            irq_wait: bool = False, sgl: int = 0) -> JobResult:
     """Keep ``depth`` commands outstanding on each queue for ``seconds``.
 
     The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
@@ -143,9 +168,15 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     ``depth`` deep, so the controller never finds its CQ full in between.
     ``batch`` > 1: a queue's finished commands are resubmitted (one SQ doorbell)
     only once at least that many have completed, so each doorbell carries a
-    batch of commands whatever the relative speed of generator and emulator.  ``kind``
-    describes each buffer with PRPs, an SGL Data Block ("sgl1") or a Last Segment of two
-    Data Blocks ("sgl2")."""
+    batch of commands whatever the relative speed of generator and emulator.
+    With shadow doorbells on the host (``NvmeHost.enable_shadow_doorbells``) the
+    doorbells go through the shadow buffer and MMIO only when EventIdx asks, as
+    Linux does.  ``irq_wait``: when a pass finds no completion, sleep on the
+    queues' interrupt eventfds (as QEMU's main loop does for a guest) instead of
+    polling the CQs.  ``sgl`` describes each buffer with an SGL (PSDT 01b, Base 2.1
+    §4.1.2): 1 a Data Block descriptor in DPTR, N > 1 a Last Segment descriptor
+    pointing to a list of N Data Blocks (what Linux sends for 128 KiB); 0 PRPs (with
+    a PRP list past two pages)."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client = t.client
@@ -156,32 +187,57 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     nlb = bs // lba_size
     blocks = ns_lbas // nlb
     state: list[tuple[HostQueue, list[int], list[int]]] = []
-    dptrs: dict[int, tuple[int, int, int]] = {}  # buffer -> PRP1/SGL1 address, PRP2/SGL1 rest, PSDT
-    lists: list[tuple[int, int]] = []  # PRP list pages and SGL segments, to free
     for qid in queues:
         q = host.queues[qid]
         if depth >= q.size:
             raise ValueError(f"depth {depth} needs a queue larger than {q.size}")
         bufs = [mem.alloc(bs) for _ in range(depth)]
-        for b in bufs:
-            if kind == "prp":
-                p1, p2, pages = host.build_prps(b, bs)
-                dptrs[b] = (p1, p2, 0)
-                lists += [(page, host.page_size) for page in pages]
-            else:
-                p1, p2, segs = host.build_sgl(b, bs, 1 if kind == "sgl1" else 2)
-                dptrs[b] = (p1, p2, 1 << 6)  # PSDT 01b
-                lists += segs
         state.append((q, bufs, []))
+    lists: list[int] = []  # PRP or SGL list pages, freed at the end
+    dptr: dict[int, tuple[int, int, int]] = {}  # buffer -> (flags, DPTR low, DPTR high)
+
+    def describe(buf: int) -> tuple[int, int, int]:
+        if sgl == 1:  # one Data Block descriptor: address, length, identifier 00h (Figure 120)
+            return 1 << 6, buf, bs
+        if sgl > 1:  # Last Segment (identifier 30h) -> a list of Data Blocks
+            lp = mem.alloc(PAGE)
+            lists.append(lp)
+            piece = bs // sgl
+            for i in range(sgl):
+                n = piece if i < sgl - 1 else bs - piece * (sgl - 1)
+                struct.pack_into("<QI3xB", view, lp - base + 16 * i, buf + piece * i, n, 0x00)
+            return 1 << 6, lp, (16 * sgl) | (0x30 << 56)
+        if bs <= PAGE:
+            return 0, buf, 0
+        if bs <= 2 * PAGE:
+            return 0, buf, buf + PAGE
+        lp = mem.alloc(PAGE)  # PRP list (Base 2.1 §4.1.1): the pages after the first
+        lists.append(lp)
+        for i in range(1, (bs + PAGE - 1) // PAGE):
+            struct.pack_into("<Q", view, lp - base + 8 * (i - 1), buf + PAGE * i)
+        return 0, buf, lp
+
+    for _q, bufs, _f in state:
+        for b in bufs:
+            dptr[b] = describe(b)
     pack = SQE.pack_into
     unpack = CQE.unpack_from
     ios = errors = 0
+    shadow = host.shadow is not None
+    efds = [t.eventfds[q.vector] for q, _b, _f in state if q.vector < len(t.eventfds)] if irq_wait else []
+
+    def ring(q: HostQueue, cq: bool, value: int) -> None:
+        if shadow:
+            host._doorbell(2 * q.qid + cq, value)  # shadow store, MMIO only when EventIdx asks
+        else:
+            client.region_write(BAR0, DOORBELL_BASE + (2 * q.qid + cq) * 4, value.to_bytes(4, "little"),
+                                posted=True)
 
     def submit(q: HostQueue, bufs: list[int], cid: int) -> None:
         slba = rng.randrange(blocks) * nlb
         off = q.sq_iova - base + q.sq_tail * SQE_SIZE
-        p1, p2, psdt = dptrs[bufs[cid]]
-        pack(view, off, opc, psdt, cid, nsid, 0, 0, 0, p1, p2,
+        flags, dp1, dp2 = dptr[bufs[cid]]
+        pack(view, off, opc, flags, cid, nsid, 0, 0, 0, dp1, dp2,
              slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0)
         q.sq_tail = (q.sq_tail + 1) % q.size
 
@@ -189,9 +245,8 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     for q, bufs, _free in state:
         for cid in range(depth):
             submit(q, bufs, cid)
-        client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
-                            q.sq_tail.to_bytes(4, "little"), posted=True)
-    cpu0, gen0, t0 = proc_cpu_seconds(pid), time.process_time(), time.perf_counter()
+        ring(q, False, q.sq_tail)
+    times0, gen0, t0 = proc_times(pid), time.process_time(), time.perf_counter()
     deadline = t0 + seconds
     draining = False
     outstanding = depth * len(state)
@@ -200,6 +255,7 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
         now = time.perf_counter()
         if not draining and now >= deadline:
             draining = True
+        found = 0
         for q, bufs, free in state:
             got = 0
             while True:
@@ -228,10 +284,10 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
                     free.append(cid)
             if got:
                 ios += got
+                found += got
                 batches += 1
                 if draining or batches % cq_doorbell_every == 0:
-                    client.region_write(BAR0, DOORBELL_BASE + (2 * q.qid + 1) * 4,
-                                        q.cq_head.to_bytes(4, "little"), posted=True)
+                    ring(q, True, q.cq_head)
             if draining and free:
                 outstanding -= len(free)  # finished, never resubmitted
                 free.clear()
@@ -239,18 +295,27 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
                 for cid in free:
                     submit(q, bufs, cid)
                 free.clear()
-                client.region_write(BAR0, DOORBELL_BASE + 2 * q.qid * 4,
-                                    q.sq_tail.to_bytes(4, "little"), posted=True)
+                ring(q, False, q.sq_tail)
+        if efds and not found and outstanding:
+            ready, _w, _x = select.select(efds, [], [], 1.0)
+            for fd in ready:
+                try:
+                    os.read(fd, 8)
+                except BlockingIOError:
+                    pass
     elapsed = time.perf_counter() - t0
-    cpu = proc_cpu_seconds(pid) - cpu0
+    times = [b - a for a, b in zip(times0, proc_times(pid))]
+    cpu = times[0] + times[1]
     gen = time.process_time() - gen0
     for _q, bufs, _free in state:
         for b in bufs:
             mem.free(b, bs)
-    for addr, size in lists:
-        mem.free(addr, size)
+    for lp in lists:
+        mem.free(lp, PAGE)
     n = max(ios, 1)
-    return JobResult(name, ios, elapsed, ios / elapsed, cpu / n * 1e6, gen / n * 1e6, errors)
+    return JobResult(name, ios, elapsed, ios / elapsed, cpu / n * 1e6, gen / n * 1e6, errors,
+                     emu_user_us_per_io=times[0] / n * 1e6, emu_sys_us_per_io=times[1] / n * 1e6,
+                     emu_sleeps_per_io=times[2] / n, emu_preempted_per_io=times[3] / n)
 
 
 # ---------------------------------------------------------------------- the serving child
@@ -301,8 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lba-size", type=int, default=512, choices=(512, 4096))
     p.add_argument("--socket", help="attach to a running server's socket instead of starting one")
     p.add_argument("--pid", type=int, help="with --socket: the serving process (for its CPU time)")
-    p.add_argument("--jobs", help="comma-separated job names (default: the 4 KiB ones); also "
-                                  + ", ".join(j[0] for j in MORE_JOBS))
+    p.add_argument("--jobs", help="comma-separated job names (default: the 4 KiB ones; also "
+                                  "128k-read-qd4, 128k-write-qd4)")
     p.add_argument("--fill", action="store_true",
                    help="write the whole namespace first, so reads hit allocated blocks")
     p.add_argument("--cq-doorbell-every", type=int, default=1, metavar="N",
@@ -311,6 +376,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="resubmit a queue's finished commands only once N have completed "
                         "(one SQ doorbell per N commands; capped at the queue depth)")
+    p.add_argument("--shadow-doorbells", action="store_true",
+                   help="configure shadow doorbells (Doorbell Buffer Config) and ring as Linux does: "
+                        "MMIO only when EventIdx asks (the guest's doorbell traffic)")
+    p.add_argument("--irq-wait", action="store_true",
+                   help="sleep on the interrupt eventfds when no completion is there, instead of "
+                        "polling the CQs (the emulator then wakes its peer for every completion, "
+                        "as with QEMU)")
+    p.add_argument("--sgl", type=int, default=0, metavar="N",
+                   help="describe the data with SGLs: 1 one Data Block descriptor, N > 1 a Last Segment "
+                        "list of N Data Blocks (0: PRPs)")
     p.add_argument("--unsealed", action="store_true",
                    help="host memory not sealed against shrinking (the guarded copy path)")
     p.add_argument("--path", choices=sorted(PATH_SETS), default="c",
@@ -330,14 +405,17 @@ def _format(results: list[JobResult], limits: dict[str, float]) -> str:
     head = f"{'job':<18}"
     for p in paths:
         label = f" [{p}]" if p else ""
-        head += f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'gen µs/IO':>10}{'err':>5}"
+        head += (f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'usr/sys':>10}{'sleep/pre':>10}"
+                 f"{'gen µs/IO':>10}{'err':>5}")
     lines = [head]
     by = {(r.path, r.name): r for r in results}
     for name in dict.fromkeys(r.name for r in results):
         line = f"{name:<18}"
         for p in paths:
             r = by[(p, name)]
-            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}"
+            split = f"{r.emu_user_us_per_io:.0f}/{r.emu_sys_us_per_io:.0f}"
+            switches = f"{r.emu_sleeps_per_io:.2f}/{r.emu_preempted_per_io:.2f}"
+            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}{split:>10}{switches:>10}"
                      f"{r.gen_cpu_us_per_io:>10.1f}{r.errors:>5}")
         lines.append(line)
     lines.append("physical limit on this machine (µs per call; net of a 1-byte call):")
@@ -431,10 +509,12 @@ def _run_path(args: argparse.Namespace, jobs: list[tuple[str, int, int, int]], p
         ns_lbas = int.from_bytes(idns[0:8], "little")
         if args.fill:
             _fill(host, ns_lbas, args.lba_size)
+        if args.shadow_doorbells and not host.enable_shadow_doorbells().ok:
+            raise RuntimeError("Doorbell Buffer Config failed")
         results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
-                           1, args.lba_size, ns_lbas, bs=job_shape(name)[0],
+                           1, args.lba_size, ns_lbas,
                            cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1,
-                           batch=args.batch, kind=job_shape(name)[1])
+                           batch=args.batch, irq_wait=args.irq_wait, bs=job_bytes(name), sgl=args.sgl)
                    for name, opc, nq, qd in jobs]
         host.close()
         for r in results:

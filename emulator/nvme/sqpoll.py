@@ -48,6 +48,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
+from cbind import timerslack
 from emulator.nvme import dbbuf
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ POLL = 0xFFFFFFFF  # the SQ EventIdx while polling: the host rings only at a wra
 # (docs/performance.md); a nap keeps it a sleeper that the scheduler wakes promptly.
 # Socket messages wait at most one nap per polling controller.
 NAP_SECONDS = 20e-6
+# Linux lets a sleep end late by the thread's timer slack (50 us by default), which made
+# the 20 us nap last 70-100 us.  The loop thread's slack becomes 1 us once it polls
+# (cbind/timerslack.py: prctl PR_SET_TIMERSLACK; `python -m emulator.bench.naps`).
+NAP_SLACK_NS = 1000
 
 
 class SqPoller:
@@ -113,6 +118,7 @@ class SqPoller:
         self.polled[sq.qid], self.seen[sq.qid] = self.clock(), sq.tail
         if not self.announced:  # once per controller: polling is in use
             self.announced = True
+            timerslack.set_ns(NAP_SLACK_NS)  # the loop thread's naps end on time (NAP_SLACK_NS)
             log.info("ctrl %d: polling shadow SQ tails while busy (idle spell %d us)",
                      self.ctrl.cntlid, self.idle_ns // 1000)
         dbbuf.set_sq_event_idx(self.ctrl, sq, POLL)

@@ -101,6 +101,27 @@ def test_busy_sq_is_polled_and_submissions_need_no_mmio() -> None:
     assert r.poller.found == 40 - 41 // 16
 
 
+def test_polling_shortens_the_loop_threads_timer_slack() -> None:
+    """The nap between empty poll turns ends on time: the thread's slack is NAP_SLACK_NS."""
+    import threading
+
+    from cbind import timerslack
+    if timerslack.get_ns() is None:
+        pytest.skip("no cffi: the slack cannot be read (pip install cffi)")
+    out: list[tuple[int | None, int | None]] = []
+
+    def body() -> None:  # its own thread: the slack is per thread (and inherited)
+        timerslack.set_ns(50_000)  # Linux's default
+        before = timerslack.get_ns()
+        test_busy_sq_is_polled_and_submissions_need_no_mmio()
+        out.append((before, timerslack.get_ns()))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert out and out[0][0] != sqpoll.NAP_SLACK_NS and out[0][1] == sqpoll.NAP_SLACK_NS
+
+
 def test_idle_spell_rearms_and_the_next_submission_rings() -> None:
     r = Rig()
     r.submit()
