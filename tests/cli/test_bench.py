@@ -40,21 +40,13 @@ def test_bench_paths_side_by_side_and_the_fast_path_alone() -> None:
     assert all(set(v) == {"read", "write"} for v in r["run_sq_us"].values())
 
 
-def test_bench_128k_jobs_with_prps_and_sgls() -> None:
-    """The 128 KiB jobs with an SGL Data Block and with an SGL Last Segment of two (the
-    fast path serves both): every command completes without error, end to end and in
-    process."""
-    from emulator.host.fastbench import run_sq_us_per_command
-    for sgl in ("1", "2"):
-        out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--seconds", "0.3",
-                              "--size", "8MiB", "--jobs", "128k-read-qd4,128k-write-qd4", "--sgl", sgl,
-                              "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        r = json.loads(out.stdout)
-        assert [j["name"] for j in r["jobs"]] == ["128k-read-qd4", "128k-write-qd4"]
-        assert all(j["ios"] > 0 and j["errors"] == 0 for j in r["jobs"])
-    got = run_sq_us_per_command(["python"], count=4, rounds=1, size="8MiB", shape="128k-sgl2")
-    assert set(got["python"]) == {"read", "write"}
+def test_inproc_128k_shapes() -> None:
+    """--inproc-128k's command shapes (PRPs, an SGL Data Block, a Last Segment of two) run
+    (the end-to-end 128 KiB jobs: tests/cli/test_iocount.py)."""
+    from emulator.host.fastbench import SHAPES, run_sq_us_per_command
+    for shape in SHAPES:
+        got = run_sq_us_per_command(["python"], count=4, rounds=1, size="8MiB", shape=shape)
+        assert set(got["python"]) == {"read", "write"}
 
 
 def test_bench_unknown_job_is_an_error() -> None:
