@@ -1,7 +1,8 @@
 /*
  * The I/O fast path of emulator/nvme/fastpath.py in C: a batch of NVM Read (02h)
- * and Write (01h) commands with PRPs, from SQE fetch to CQE post, straight
- * between guest memory and the namespace's backing file.
+ * and Write (01h) commands with PRPs or SGLs (a Data Block descriptor, or a Last
+ * Segment of Data Blocks), from SQE fetch to CQE post, straight between guest
+ * memory and the namespace's backing file.
  *
  * The Python side (cbind/ioq.py, emulator/nvme/fastpath.py) decides whether
  * the controller is in a state the fast path may serve at all and hands over
@@ -9,15 +10,16 @@
  * the namespaces (fd, geometry, allocation bitmap).  This code never reports
  * an error status: anything it cannot finish exactly as the Python path would
  * (an opcode or flag it does not handle, an LBA range or MDTS violation, a PRP
- * it cannot follow, memory outside its region table, a short or failed
+ * or SGL it cannot follow, memory outside its region table, a short or failed
  * preadv/pwritev, a full CQ) stops the batch *before* that command is
  * consumed, and Python runs it.  A command is consumed (SQ head advanced)
  * only once its CQE is posted.  Reads and writes of the data are idempotent,
  * so a command that stops half way is simply run again by Python.
  *
  * References: NVMe Base 2.1 §3.3 (queues, phase tag), §4.1.1 (PRP entries
- * and lists), §4.2 (SQE and CQE layouts); NVM Command Set 1.2 §3.3.4 (Read),
- * §3.3.6 (Write); TP4165 allocation tracking (emulator/nvme/allocation.py).
+ * and lists), §4.3.2 (SGL descriptors, Figure 116), §4.2 (SQE and CQE layouts);
+ * NVM Command Set 1.2 §3.3.4 (Read), §3.3.6 (Write); TP4165 allocation
+ * tracking (emulator/nvme/allocation.py).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -74,9 +76,10 @@ struct ioq_batch {
     uint32_t nlat;
     uint32_t lat_bucket[24];
     uint64_t lat_count[24];
+    uint64_t sgls;         /* commands with SGLs among them */
     /* out, for one cffi unpack instead of a field access each: done, writes,
      * read_bytes, write_bytes, bitmap flags (bit 0 some ns dirty, bit 1 some
-     * ns stale), nlat, then nlat (bucket, count) pairs; 6 + 2 * 24 words */
+     * ns stale), sgls, nlat, then nlat (bucket, count) pairs; 7 + 2 * 24 words */
     uint64_t *out;
 };
 
@@ -92,7 +95,7 @@ int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t 
 #define IOQ_STOP_LIMIT 1     /* the arbiter's per-pass limit */
 #define IOQ_STOP_CQ_FULL 2
 #define IOQ_STOP_COMMAND 3   /* a command Python runs (opcode, flags, namespace, range, MDTS) */
-#define IOQ_STOP_DATA 4      /* PRPs Python must walk (errors, memory outside the table) */
+#define IOQ_STOP_DATA 4      /* PRPs or SGLs Python must walk (errors, shapes, memory outside the table) */
 #define IOQ_STOP_IO 5        /* preadv/pwritev failed or was short */
 #define IOQ_STOP_SQ_MEMORY 6 /* the SQ ring is not inside one direct region */
 #define IOQ_STOP_CQ_MEMORY 7 /* the CQ ring is not inside one direct writable region */
@@ -102,6 +105,11 @@ int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t 
 #define OPC_WRITE 0x01
 #define OPC_READ 0x02
 #define CDW12_FUA (1u << 30)
+#define PSDT_SGL 0x40           /* CDW0 bits 15:14 = 01b: SGL, MPTR an address */
+#define SGL_DESC_SIZE 16
+#define SGL_DATA_BLOCK 0x00     /* SGL Identifier: type 0h, sub type 0h (address) */
+#define SGL_LAST_SEGMENT 0x30   /* type 3h, sub type 0h */
+#define SGL_MAX_DESCRIPTORS (1u << 16) /* emulator/nvme/sgl.py MAX_DESCRIPTORS */
 #define IOQ_IOV_MAX 1024
 #define LAT_BUCKETS 24
 
@@ -248,6 +256,42 @@ static int prp_iovs(const struct ioq_batch *b, uint64_t prp1, uint64_t prp2, uin
     return 0;
 }
 
+/* SGL1 (Base 2.1 §4.3.2) of a transfer of ``length`` bytes to iovecs: address
+ * ``addr``, ``dw`` the PRP2 bytes (Length 11:8, SGL Identifier 15).  Served:
+ * a Data Block descriptor, or a Last Segment descriptor whose segment (inside
+ * the region table) holds only Data Block descriptors; zero-length Data
+ * Blocks are skipped.  The lengths must add up to the transfer exactly.
+ * Everything else, and anything emulator/nvme/sgl.py would refuse, is -1. */
+static int sgl_iovs(const struct ioq_batch *b, uint64_t addr, uint64_t dw, uint64_t length,
+                    int write, struct iovs *io)
+{
+    const unsigned ident = (unsigned)(dw >> 56);
+    const uint64_t n = dw & 0xFFFFFFFFu;
+    io->n = 0;
+    io->total = 0;
+    if (ident == SGL_DATA_BLOCK)
+        return n == length ? add_piece(b, io, addr, n, write) : -1;
+    if (ident != SGL_LAST_SEGMENT || n == 0 || n % SGL_DESC_SIZE
+        || n / SGL_DESC_SIZE >= SGL_MAX_DESCRIPTORS)
+        return -1; /* a Segment (chain), Bit Bucket, Keyed, a sub type; a malformed segment */
+    const unsigned char *raw = xlate(b, addr, n, 0);
+    if (raw == NULL)
+        return -1;
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < n; i += SGL_DESC_SIZE) {
+        const unsigned char *d = raw + i;
+        if (d[15] != SGL_DATA_BLOCK)
+            return -1;
+        uint64_t k = le32(d + 8);
+        if (k == 0)
+            continue;
+        total += k;
+        if (total > length || add_piece(b, io, le64(d), k, write))
+            return -1;
+    }
+    return total == length ? 0 : -1;
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -316,7 +360,7 @@ int ioq_run(struct ioq_batch *b)
     unsigned char *cq = xlate(b, b->cq_base, (uint64_t)b->cq_size * CQE_SIZE, 1);
     b->done = 0;
     b->nlat = 0;
-    b->reads = b->writes = b->read_bytes = b->write_bytes = 0;
+    b->reads = b->writes = b->read_bytes = b->write_bytes = b->sgls = 0;
     if (sq == NULL) {
         b->stop = IOQ_STOP_SQ_MEMORY;
         return 0;
@@ -352,10 +396,11 @@ int ioq_run(struct ioq_batch *b)
             b->stop = IOQ_STOP_COMMAND;
             break;
         }
-        if (flags & 0xC3) { /* FUSE (bits 1:0) or PSDT (bits 7:6): SGLs, fused */
+        if (flags & 0x83) { /* FUSE (bits 1:0), PSDT (bits 7:6) 10b or 11b */
             b->stop = IOQ_STOP_COMMAND;
             break;
         }
+        const int sgl = flags & PSDT_SGL;
         struct ioq_ns *ns = NULL;
         for (uint32_t i = 0; i < b->nns; i++) {
             if (b->ns[i].nsid == nsid) {
@@ -375,7 +420,9 @@ int ioq_run(struct ioq_batch *b)
             break;
         }
         /* a read stores into guest memory: the data buffer must be writable */
-        if (prp_iovs(b, prp1, prp2, length, !write, &io) || io.total != length) {
+        if ((sgl ? sgl_iovs(b, prp1, prp2, length, !write, &io)
+                 : prp_iovs(b, prp1, prp2, length, !write, &io))
+            || io.total != length) {
             b->stop = IOQ_STOP_DATA;
             break;
         }
@@ -385,6 +432,8 @@ int ioq_run(struct ioq_batch *b)
             b->stop = IOQ_STOP_IO; /* Python redoes it and reports what it finds */
             break;
         }
+        if (sgl)
+            b->sgls++;
         if (write) {
             mark_allocated(ns, slba, nlb);
             b->writes++;
@@ -435,10 +484,11 @@ int ioq_run(struct ioq_batch *b)
         o[2] = b->read_bytes;
         o[3] = b->write_bytes;
         o[4] = flags;
-        o[5] = b->nlat;
+        o[5] = b->sgls;
+        o[6] = b->nlat;
         for (uint32_t i = 0; i < b->nlat; i++) {
-            o[6 + 2 * i] = b->lat_bucket[i];
-            o[7 + 2 * i] = b->lat_count[i];
+            o[7 + 2 * i] = b->lat_bucket[i];
+            o[8 + 2 * i] = b->lat_count[i];
         }
     }
     return (int)b->done;

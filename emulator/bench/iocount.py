@@ -21,7 +21,9 @@ runs ``nvme-emu serve`` with counters wrapped around the layers an I/O passes
 - ``io.fast`` (I/O commands the fast path completed, emulator/nvme/fastpath.py),
   ``io.fast_calls``, ``io.normal`` (I/O commands through ``Controller.execute``)
   and ``normal.WHY``: which fast-path condition sent each of those to the
-  normal path (``sgl.data_block``, ``sgl.segment``, ``fua``, ``opcode.XX``,
+  normal path (``sgl.TYPE``: the SGL type in DPTR, e.g. ``sgl.segment``, a chain the
+  fast path leaves aside, or ``sgl.data_block`` / ``sgl.last_segment``, shapes it serves
+  that failed there or that it could not reach; ``fua``, ``opcode.XX``,
   ``memory_not_direct`` (write observers, visible writes ``all``, pending
   DMA_WRITEs or unsealed memory), ``cq_held``, ``cq_full``, ``path_off``, ...);
   ``sgl.list_entries.N``: SGL commands whose DPTR points to a list of N descriptors;

@@ -344,9 +344,10 @@ class NvmeHost:
                 read_len: int = 0, cdw10: int = 0, cdw11: int = 0, cdw12: int = 0,
                 cdw13: int = 0, cdw14: int = 0, cdw15: int = 0, prp1: int | None = None,
                 prp2: int | None = None, buf_offset: int = 0, check: bool = False,
-                timeout: float | None = None, sgl: int = 0) -> Completion:
+                timeout: float | None = None, sgl: int = 0, sgl_per_segment: int = 4) -> Completion:
         """Run one command synchronously, with an optional data buffer either way.
-        ``sgl`` > 0 describes the buffer with an SGL of that many Data Blocks (PSDT 01b)."""
+        ``sgl`` > 0 describes the buffer with an SGL of that many Data Blocks (PSDT 01b),
+        ``sgl_per_segment`` of them per segment (:meth:`build_sgl`)."""
         length = len(data) if data is not None else read_len
         buf = None
         list_pages: list[int] = []
@@ -358,7 +359,7 @@ class NvmeHost:
             if data is not None:
                 self.mem.write(buf + buf_offset, data)
             if sgl:
-                p1, p2, sgl_allocs = self.build_sgl(buf + buf_offset, length, sgl)
+                p1, p2, sgl_allocs = self.build_sgl(buf + buf_offset, length, sgl, sgl_per_segment)
             else:
                 p1, p2, list_pages = self.build_prps(buf + buf_offset, length)
         if prp1 is not None:

@@ -8,6 +8,9 @@ filled with ``count`` 4 KiB commands at random LBAs and one ``run_sq`` call on
 the event-loop thread serves them all.  The figure is that thread's CPU time
 per command: decode, PRP, ``preadv``/``pwritev``, bitmap, CQE, counters,
 without the doorbell message, the event loop and the interrupt around them.
+``shape`` picks other commands: 128 KiB with PRPs (a PRP list), with an SGL
+Data Block descriptor in SGL1, or with a Last Segment of two Data Blocks (the
+shapes a Linux guest sends, Base 2.1 §4.3.2).
 """
 from __future__ import annotations
 
@@ -23,10 +26,14 @@ from emulator.host.transport import VfioUserTransport
 from emulator.nvme import fastpath
 from emulator.nvme.spec import SQE_SIZE, IoOpcode, pack_sqe
 
+# shape -> (bytes per command, how its data buffer is described)
+SHAPES = {"4k": (PAGE, "prp"), "128k-prp": (128 << 10, "prp"), "128k-sgl": (128 << 10, "sgl1"),
+          "128k-sgl2": (128 << 10, "sgl2")}
+
 
 def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
                           size: str = "64MiB", per_call: int = 0,
-                          fill: bool = False) -> dict[str, dict[str, float]]:
+                          fill: bool = False, shape: str = "4k") -> dict[str, dict[str, float]]:
     """{path: {"read": µs, "write": µs}}: the best of ``rounds`` full-SQ passes.  With
     ``per_call`` N, each ``run_sq`` call sees only N new commands (the tail moves by N per
     call, as N doorbells would: N=1 is the QD1 shape), else one call serves all ``count``.
@@ -43,8 +50,9 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
                         "controllers": [{"cntlid": 1, "type": "io"}]}, state)
     rt = RuntimeThread(cfg).start()  # type: ignore[arg-type]
     old = fastpath.PATH
+    nbytes, kind = SHAPES[shape]
     try:
-        mem = HostMemory(count * PAGE + (16 << 20), sealed=True)
+        mem = HostMemory(count * (PAGE + nbytes + PAGE) + (16 << 20), sealed=True)
         host = NvmeHost(VfioUserTransport(VfioUserClient(rt.socket(1)), mem))
         host.init(io_queues=1, qsize=count + 1)
         ctrl = rt.runtime.subsystem.controllers[1]
@@ -53,6 +61,9 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
         rng = random.Random(1)
         if fill:
             _fill(rt, host, ctrl, bufs, nsze)
+        if nbytes != PAGE or kind != "prp":
+            bufs = [mem.alloc(nbytes) for _ in range(count)]
+        dptrs = [_dptr(host, b, nbytes, kind) for b in bufs]
         out: dict[str, dict[str, float]] = {}
         for path in paths:
             fastpath.set_path(path)
@@ -60,7 +71,8 @@ def run_sq_us_per_command(paths: list[str], count: int = 256, rounds: int = 20,
             for name, opc in (("write", IoOpcode.WRITE), ("read", IoOpcode.READ)):
                 best = float("inf")
                 for _ in range(rounds):
-                    best = min(best, _one_pass(rt, host, ctrl, opc, bufs, nsze, rng, per_call))
+                    best = min(best, _one_pass(rt, host, ctrl, opc, dptrs, nbytes // 512, nsze, rng,
+                                               per_call))
                 out[path][name] = best
         host.close()
         return out
@@ -98,21 +110,32 @@ def _fill(rt: Any, host: NvmeHost, ctrl: Any, bufs: list[int], nsze: int) -> Non
                 q.cq_head, q.phase = 0, q.phase ^ 1
 
 
-def _one_pass(rt: Any, host: NvmeHost, ctrl: Any, opc: int, bufs: list[int], nsze: int,
-              rng: random.Random, per_call: int = 0) -> float:
+def _dptr(host: NvmeHost, buf: int, nbytes: int, kind: str) -> tuple[int, int, int]:
+    """(PRP1 or SGL1 address, PRP2 or SGL1 length and identifier, PSDT flags) of one
+    command's buffer; the PRP or SGL list it needs is written once and kept."""
+    if kind == "prp":
+        p1, p2, _pages = host.build_prps(buf, nbytes)
+        return p1, p2, 0
+    a, dw, _lists = host.build_sgl(buf, nbytes, 1 if kind == "sgl1" else 2)
+    return a, dw, 1 << 6  # PSDT 01b
+
+
+def _one_pass(rt: Any, host: NvmeHost, ctrl: Any, opc: int, dptrs: list[tuple[int, int, int]],
+              nlb: int, nsze: int, rng: random.Random, per_call: int = 0) -> float:
     q = host.queues[1]
-    for i, b in enumerate(bufs):
-        slba = rng.randrange(nsze // 8) * 8
+    for i, (p1, p2, flags) in enumerate(dptrs):
+        slba = rng.randrange(nsze // nlb) * nlb
         host.mem.write(q.sq_iova + q.sq_tail * SQE_SIZE,
-                       pack_sqe(opc, cid=i, nsid=1, prp1=b, cdw10=slba, cdw12=7))
+                       pack_sqe(opc, cid=i, nsid=1, prp1=p1, prp2=p2, cdw10=slba, cdw12=nlb - 1,
+                                flags=flags))
         q.sq_tail = (q.sq_tail + 1) % q.size
 
     def serve() -> tuple[int, float]:
         sq, cq = ctrl.sqs[1], ctrl.cqs[1]
         if per_call:  # the tails N doorbells would write, one run_sq call each
             tails, pos = [], sq.head
-            for _ in range(0, len(bufs), per_call):
-                pos = (pos + min(per_call, len(bufs) - len(tails) * per_call)) % q.size
+            for _ in range(0, len(dptrs), per_call):
+                pos = (pos + min(per_call, len(dptrs) - len(tails) * per_call)) % q.size
                 tails.append(pos)
         else:
             tails = [q.sq_tail]  # as the doorbell would, without its message

@@ -394,6 +394,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inproc", action="store_true",
                    help="also the fast path alone: Controller.run_sq on a full SQ in this process, "
                         "no messages (emulator/host/fastbench.py), per path")
+    p.add_argument("--inproc-128k", action="store_true",
+                   help="with --inproc: also 128 KiB commands with PRPs, with an SGL Data Block and "
+                        "with an SGL Last Segment of two Data Blocks (64 queued, best of 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -449,6 +452,11 @@ def run(args: argparse.Namespace) -> int:
             inproc_paths = _available(PATH_SETS["all"])
             doc["run_sq_us"] = run_sq_us_per_command(inproc_paths, fill=args.fill)
             doc["run_sq_us_qd1"] = run_sq_us_per_command(inproc_paths, per_call=1, fill=args.fill)
+            if args.inproc_128k:
+                doc["run_sq_us_128k"] = {
+                    shape: run_sq_us_per_command(inproc_paths, count=64, rounds=10, fill=args.fill,
+                                                 shape=shape)
+                    for shape in ("128k-prp", "128k-sgl", "128k-sgl2")}
         if args.json:
             print(json.dumps(doc, indent=1))
         else:
@@ -462,6 +470,10 @@ def run(args: argparse.Namespace) -> int:
                 print("the same, one command per run_sq call (the QD1 shape):")
                 for path, r in doc["run_sq_us_qd1"].items():
                     print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
+                for shape, by_path in doc.get("run_sq_us_128k", {}).items():
+                    print(f"64 queued 128 KiB commands, {shape} (best of 10):")
+                    for path, r in by_path.items():
+                        print(f"  {path:<8} read {r['read']:6.2f}   write {r['write']:6.2f}")
         return 1 if any(r.errors for r in results) else 0
     finally:
         for d in dirs:

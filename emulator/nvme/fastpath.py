@@ -1,4 +1,4 @@
-"""The I/O fast path: NVM Read and Write with PRPs, from SQE fetch to CQE post.
+"""The I/O fast path: NVM Read and Write with PRPs or SGLs, from SQE fetch to CQE post.
 
 ``Controller.run_sq`` asks :meth:`FastPath.run` first.  It serves the
 commands at the SQ head, in order, as long as each one is *common*, and
@@ -17,7 +17,10 @@ CQE is posted; its data transfer is idempotent, so one that stops half way
 (a short or failed ``preadv``/``pwritev``) is simply run again.
 
 What a completed fast command does, as io_cmds.read/write would: LBA range
-and MDTS checks, PRP walk (PRP lists and chains too, Base 2.1 §4.1.1),
+and MDTS checks, PRP walk (PRP lists and chains too, Base 2.1 §4.1.1) or SGL
+walk (Base 2.1 §4.3.2, the shapes Linux sends: SGL1 a Data Block descriptor,
+or a Last Segment descriptor whose segment holds only Data Blocks; the
+``sgl_commands`` counter as Controller.data_segments keeps it),
 ``preadv``/``pwritev`` straight between the backing file and guest memory,
 on a write the allocation bitmap update with its write-through to the
 sidecar (AllocationMap.mark_allocated, TP4165), the SMART counters
@@ -81,7 +84,7 @@ unmapped region or a gone client's memfd mapped.
 
 Per command (the command and all after it go to the normal path):
   * an opcode other than Read (02h) / Write (01h); FUA on a Write (a flush);
-    fused commands; PSDT other than PRPs (SGLs);
+    fused commands; PSDT 10b (SGL, MPTR a descriptor) or 11b;
   * a namespace not attached, or with Write Uncorrectable marks (a read must
     fail, a write heals them), or whose data methods (read_into, write_from,
     _transfer) are replaced on the instance or the class, or a subclass;
@@ -91,6 +94,14 @@ Per command (the command and all after it go to the normal path):
     without an fd, *guarded* (a memfd not sealed against shrinking: its
     loads and stores go through emulator/memory/safecopy.py), read-only for
     a Read's data; a Read's data below the lowest directly writable address;
+  * an SGL other than a Data Block (sub type 0h) in SGL1 or a Last Segment in
+    SGL1 whose segment holds only Data Blocks: Segment descriptors (chains),
+    Bit Bucket, Keyed and Transport descriptors, other sub types; a segment
+    of 0 bytes, not a multiple of 16, or of MAX_DESCRIPTORS descriptors or
+    more; Data Block lengths that do not add up to the transfer exactly (the
+    normal path fails both a shorter and a longer list: Data SGL Length
+    Invalid); a segment not inside one direct region, data outside them, as
+    for PRPs (sgl.py's statuses come from the normal path);
   * more than IOV_MAX (1024) pieces; a short or failed ``preadv``/``pwritev``.
 """
 from __future__ import annotations
@@ -105,11 +116,12 @@ from typing import TYPE_CHECKING, Any
 
 from cbind import ioq
 from cbind.prp import merge_entries
-from emulator.nvme import allocation, fastgen, io_cmds, sanitize
+from emulator.nvme import allocation, fastgen, fastsgl, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
 from emulator.nvme.fastpath_c import CPath
 from emulator.nvme.migration import cdq, udlog
 from emulator.nvme.namespace import Namespace
+from emulator.nvme.fastsgl import sgl_views
 from emulator.nvme.spec import CQE, SQE, IoOpcode
 
 if TYPE_CHECKING:
@@ -122,7 +134,7 @@ log = logging.getLogger("nvme.fastpath")
 PATHS = ("c", "python", "off")
 READ, WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 FUA = 1 << 30  # CDW12 bit 30, Force Unit Access (NVM CS 1.2 Figure 48)
-IOV_MAX = 1024
+IOV_MAX = fastsgl.IOV_MAX
 _UNLIMITED = 1 << 30
 _SIDE = allocation.SIDECAR_WORDS_OFFSET
 _LITTLE = sys.byteorder == "little"  # the bitmap words are little-endian
@@ -308,9 +320,9 @@ class FastPath:
                 return 0
             lim = _UNLIMITED if limit is None else limit
             if path == "c" and self.c is not None and regions.ctable is not None and _LITTLE:
-                n, writes, rbytes, wbytes = self.c.run(ctrl, sq, cq, lim, regions, min_write)
+                n, writes, rbytes, wbytes, sgls = self.c.run(ctrl, sq, cq, lim, regions, min_write)
                 if n:
-                    self._account(cq, n - writes, writes, rbytes, wbytes, n)
+                    self._account(cq, n - writes, writes, rbytes, wbytes, n, sgls)
             else:
                 path = "python"
                 n = self._run_py(sq, cq, lim, regions, min_write)
@@ -370,10 +382,15 @@ class FastPath:
         return got[1], got[2]
 
     def _account(self, cq: "CQState", reads: int, writes: int, rbytes: int, wbytes: int,
-                 posted: int) -> None:
-        """SMART counters, xfer_bytes, cmd_stats opcodes, pending interrupts."""
+                 posted: int, sgls: int) -> None:
+        """SMART counters, xfer_bytes, cmd_stats opcodes, pending interrupts; the SGL
+        commands counted as Controller.data_segments counts them."""
         ctrl = self.ctrl
         st = ctrl.stats
+        if sgls:
+            if not st.get("sgl_commands"):
+                log.info("ctrl %d: the host uses SGLs (I/O fast path)", ctrl.cntlid)
+            st["sgl_commands"] = st.get("sgl_commands", 0) + sgls
         ops = ctrl.cmd_stats.io.ops
         for opc, n, nbytes, commands, units in (
                 (READ, reads, rbytes, "host_read_commands", "data_units_read"),
@@ -428,7 +445,7 @@ class FastPath:
         nss = self._nss
         head, tail, qsize, sqid = sq.head, sq.tail, sq.size, sq.qid
         ctail, chead, csize, phase = cq.tail, cq.head, cq.size, cq.phase
-        done = reads = writes = rbytes = wbytes = 0
+        done = reads = writes = rbytes = wbytes = sgls = 0
         try:
             while head != tail and done < lim:
                 if (ctail + 1) % csize == chead:
@@ -436,8 +453,8 @@ class FastPath:
                 t0 = perf_counter_ns()
                 (opc, flags, cid, nsid, _c2, _c3, _mptr, prp1, prp2, cdw10, cdw11, cdw12,
                  _c13, _c14, _c15) = unpack_sqe(sqv, head << 6)
-                if flags & 0xC3 or not (opc == READ or (opc == WRITE and not cdw12 & FUA)):
-                    break
+                if flags & 0x83 or not (opc == READ or (opc == WRITE and not cdw12 & FUA)):
+                    break  # fused; PSDT 10b or 11b (bit 6 alone: SGL, MPTR an address)
                 nsi = nss.get(nsid)
                 if nsi is None:
                     break  # not attached, or not plain (_conditions)
@@ -447,15 +464,19 @@ class FastPath:
                 length = nlb << shift
                 if slba + nlb > nsze or length > mdts:
                     break
-                # PRPs (Base 2.1 §4.1.1), the common shapes inline
                 to_host = opc == READ
-                if to_host and prp1 < min_write:
-                    break
                 vs: list[memoryview]
-                first = ps - (prp1 & mask)
-                if prp1 & 3:
+                sgl = flags & 0x40  # PSDT 01b: SGL1 in DPTR (Base 2.1 §4.3.2); CDW0 bits 13:10 reserved
+                if sgl:
+                    vs = []
+                    if not sgl_views(regions, prp1, prp2, length, to_host, min_write, vs):
+                        break
+                # PRPs (Base 2.1 §4.1.1), the common shapes inline
+                elif to_host and prp1 < min_write:
                     break
-                if length <= first:  # one piece, mostly inside one region: no call
+                elif prp1 & 3:
+                    break
+                elif length <= (first := ps - (prp1 & mask)):  # one piece, mostly in one region: no call
                     i = bisect_right(starts, prp1) - 1
                     if i >= 0 and prp1 + length <= ends[i] and (writable[i] or not to_host):
                         o = prp1 - starts[i]
@@ -482,6 +503,8 @@ class FastPath:
                     break  # the normal path redoes it and reports the status
                 if got != length:
                     break
+                if sgl:
+                    sgls += 1
                 if to_host:
                     reads += 1
                     rbytes += length
@@ -515,7 +538,7 @@ class FastPath:
         finally:
             if done:
                 sq.head, cq.tail, cq.phase = head, ctail, phase
-                self._account(cq, reads, writes, rbytes, wbytes, done)
+                self._account(cq, reads, writes, rbytes, wbytes, done, sgls)
         return done
 
     @staticmethod

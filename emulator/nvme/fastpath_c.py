@@ -34,7 +34,7 @@ class CPath:
         self.ns_maps: list[Any] = []
         self.ns_version = 0  # moves when the namespace table is rebuilt
         self.batches: dict[int, tuple[Any, ...]] = {}  # sqid -> (batch, what its fields were set from)
-        self.out: Any = ioq.FFI.new("uint64_t[]", 6 + 2 * LAT_BUCKETS)
+        self.out: Any = ioq.FFI.new("uint64_t[]", 7 + 2 * LAT_BUCKETS)
 
     def namespaces(self, eligible: list[tuple[Any, ...]]) -> None:
         """The table of the plain attached namespaces, each (nsid, ns, map, fd, lba_shift,
@@ -55,9 +55,10 @@ class CPath:
         self.ns_version += 1
 
     def run(self, ctrl: "Controller", sq: "SQState", cq: "CQState", lim: int, regions: Any,
-            min_write: int) -> tuple[int, int, int, int]:
+            min_write: int) -> tuple[int, int, int, int, int]:
         """One ``ioq_serve`` call: (commands done, of them Writes, bytes read, bytes
-        written).  SQ head, CQ tail and phase, latency buckets and bitmap flags are updated."""
+        written, of them with SGLs).  SQ head, CQ tail and phase, latency buckets and
+        bitmap flags are updated."""
         r = ctrl.state.regs
         got = self.batches.get(sq.qid)
         # the fields that rarely change, set only when one did: SQState/CQState objects
@@ -78,7 +79,7 @@ class CPath:
         ctail, phase = cq.tail, cq.phase
         done: int = ioq.LIB.ioq_serve(got[0], sq.head, sq.tail, cq.head, ctail, phase, lim)
         if not done:
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0
         # SQ head, CQ tail and phase follow from the count (done < CQ size: one wrap at most)
         head = sq.head + done
         sq.head = head if head < sq.size else head - sq.size
@@ -87,16 +88,16 @@ class CPath:
             cq.tail, cq.phase = ctail - cq.size, phase ^ 1
         else:
             cq.tail = ctail
-        o = ioq.FFI.unpack(self.out, 8)
-        nlat = o[5]
+        o = ioq.FFI.unpack(self.out, 9)  # the layout of ioq_batch.out (cbind/ioq.c)
+        nlat = o[6]
         if nlat > 1:
-            o = ioq.FFI.unpack(self.out, 6 + 2 * nlat)
+            o = ioq.FFI.unpack(self.out, 7 + 2 * nlat)
         latency = ctrl.cmd_stats.io.latency
-        for i in range(6, 6 + 2 * nlat, 2):
+        for i in range(7, 7 + 2 * nlat, 2):
             latency[o[i]] += o[i + 1]
         if o[4]:  # a bitmap written through (dirty) or a write-through that failed (stale)
             self._bitmap_flags()
-        return done, o[1], o[2], o[3]
+        return done, o[1], o[2], o[3], o[5]
 
     def _bitmap_flags(self) -> None:
         nst = self.ns_c

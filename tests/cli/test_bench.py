@@ -40,6 +40,15 @@ def test_bench_paths_side_by_side_and_the_fast_path_alone() -> None:
     assert all(set(v) == {"read", "write"} for v in r["run_sq_us"].values())
 
 
+def test_inproc_128k_shapes() -> None:
+    """--inproc-128k's command shapes (PRPs, an SGL Data Block, a Last Segment of two) run
+    (the end-to-end 128 KiB jobs: tests/cli/test_iocount.py)."""
+    from emulator.host.fastbench import SHAPES, run_sq_us_per_command
+    for shape in SHAPES:
+        got = run_sq_us_per_command(["python"], count=4, rounds=1, size="8MiB", shape=shape)
+        assert set(got["python"]) == {"read", "write"}
+
+
 def test_bench_unknown_job_is_an_error() -> None:
     out = subprocess.run([sys.executable, "-m", "emulator", "bench", "--jobs", "nope"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -52,13 +52,14 @@ def test_counts_doorbells_interrupts_and_why_commands_left_the_fast_path() -> No
         for slba in (0, 8, 16):
             assert host.write(1, slba, data, check=True).ok
             assert host.read(1, slba, 8, check=True).ok
-        # an SGL Data Block (PSDT 01b) and a Write with FUA: both left to the normal path
-        assert host.command(1, IoOpcode.READ, nsid=1, read_len=4096, cdw10=0, cdw12=7, sgl=1).ok
+        # SGL Segments chained (PSDT 01b, 5 Data Blocks, 4 per segment) and a Write with FUA:
+        # both left to the normal path
+        assert host.command(1, IoOpcode.READ, nsid=1, read_len=4096, cdw10=0, cdw12=7, sgl=5).ok
         assert host.command(1, IoOpcode.WRITE, nsid=1, data=data, cdw10=0, cdw12=7 | iocount.FUA).ok
 
     n, snap = _serve_and_drive([], drive)
     assert n["io.fast"] + n["io.normal"] == 8
-    assert n["io.normal"] >= 2 and n["normal.sgl.data_block"] == 1 and n["normal.fua"] == 1
+    assert n["io.normal"] >= 2 and n["normal.sgl.segment"] == 1 and n["normal.fua"] == 1
     assert n["write.sqdb.io"] == 8  # the host driver rings once per command, no shadow doorbells
     assert n["msg.posted_write"] >= n["write.sqdb.io"] + n.get("write.cqdb.io", 0)
     assert n["irq.eventfd"] >= 1 and n["sys.recvmsg"] >= 1

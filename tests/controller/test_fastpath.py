@@ -4,6 +4,7 @@ path (``off``) where both can be compared."""
 from __future__ import annotations
 
 import os
+import random
 import struct
 import time
 from typing import Any, Iterator
@@ -14,6 +15,7 @@ from cbind import build, ioq
 from emulator.host.driver import DOORBELL_BASE
 from emulator.host.memory import HostMemory
 from emulator.nvme import fastpath
+from emulator.nvme.sgl import SglStatus
 from emulator.nvme.spec import AdminOpcode, Generic, IoOpcode, pack_sqe
 from lba_status_helpers import scan
 from test_dma_remap import split_ram, take_cqes_without_doorbell
@@ -84,6 +86,20 @@ def test_errors_get_the_normal_paths_statuses(emu: Any, path: str) -> None:
     assert served(e)[path] >= 1
 
 
+def _one_doorbell(h: Any, cmds: list[bytes]) -> list[Any]:
+    """Place ``cmds`` on I/O SQ 1, ring its tail doorbell once, take their CQEs."""
+    q = h.queues[1]
+    for raw in cmds:
+        h.mem.write(q.sq_iova + q.sq_tail * 64, raw)
+        q.sq_tail = (q.sq_tail + 1) % q.size
+    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
+    got: list[Any] = []
+    deadline = time.monotonic() + 10
+    while len(got) < len(cmds) and time.monotonic() < deadline:
+        got += take_cqes_without_doorbell(h, 1)
+    return got
+
+
 def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) -> None:
     e, h = sealed_host(emu)
     mem = h.mem
@@ -102,14 +118,7 @@ def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) 
         pack_sqe(IoOpcode.READ, cid=7, nsid=1, prp1=mem.alloc(4096), cdw10=104, cdw12=7),
         pack_sqe(IoOpcode.WRITE, cid=8, nsid=1, prp1=buf, cdw10=300, cdw12=7),
     ]
-    for raw in cmds:
-        mem.write(q.sq_iova + q.sq_tail * 64, raw)
-        q.sq_tail = (q.sq_tail + 1) % q.size
-    h.t.mmio_write(DOORBELL_BASE + 2 * 4, 4, q.sq_tail)
-    got: list[Any] = []
-    deadline = time.monotonic() + 10
-    while len(got) < len(cmds) and time.monotonic() < deadline:
-        got += take_cqes_without_doorbell(h, 1)
+    got = _one_doorbell(h, cmds)
     assert [c.cid for c in got] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [c.sqhd for c in got] == [(i + 1) % q.size for i in range(len(cmds))]
     assert [c.sc for c in got] == [0, 0, 0, 0, Generic.DATA_TRANSFER_ERROR, 0, 0, 0]
@@ -117,6 +126,160 @@ def test_mixed_fast_and_slow_commands_complete_in_sq_order(emu: Any, path: str) 
     assert h.read(1, 100, 8).data == data[:2048] + bytes(1024) + data[3072:]  # Write Zeroes 104-105
     assert h.read(1, 300, 8).data == data
     assert served(e)[path] >= 4
+
+
+def _sgl_count(e: Any) -> int:
+    return e.call(lambda: e.subsystem.controllers[1].stats.get("sgl_commands", 0))
+
+
+def test_sgl_shapes_are_served(emu: Any, path: str) -> None:
+    """SGL1 a Data Block, or a Last Segment of 1, 2, 3, 64 Data Blocks (Base 2.1 §4.3.2):
+    any byte address (SGLS: no alignment requirement), pieces of any length."""
+    e, h = sealed_host(emu)
+    n = 0
+    for offset in (0, 1, 8, 4093):
+        for length in (512, 4096 + 512, 12288, 128 << 10, (128 << 10) + 1536):
+            for pieces in (1, 2, 3, 64):
+                if pieces > length // 16:
+                    continue
+                data = os.urandom(length)
+                slba = (offset * 7 + length + pieces) % 20000
+                kw = {"sgl": pieces, "sgl_per_segment": pieces, "buf_offset": offset}
+                assert h.write(1, slba, data, **kw).ok
+                assert h.read(1, slba, length // 512).data == data  # PRPs read what SGLs wrote
+                c = h.read(1, slba, length // 512, **dict(kw, buf_offset=(offset + 3) % 4096))
+                assert c.ok and c.data == data
+                n += 2
+    # a 4096-byte LBA namespace, a Last Segment with a zero-length Data Block in it
+    data = os.urandom(3 * 4096)
+    assert h.write(2, 5, data, lba_size=4096, sgl=2, sgl_per_segment=2).ok
+    seg = h.mem.alloc(4096)
+    buf = h.mem.alloc(3 * 4096)
+    h.mem.write(seg, struct.pack("<QI3xB", buf, 4096, 0) + struct.pack("<QI3xB", 1 << 50, 0, 0)
+                + struct.pack("<QI3xB", buf + 4096, 8192, 0))
+    cid = h.submit(1, IoOpcode.READ, 2, seg, 48 | (0x30 << 56), cdw10=5, cdw12=2, flags=1 << 6)
+    assert h.wait(1, cid).ok and h.mem.read(buf, len(data)) == data
+    # a Last Segment of one Data Block (build_sgl puts a single piece in SGL1 itself)
+    h.mem.write(seg, struct.pack("<QI3xB", buf + 5, 4096, 0))
+    cid = h.submit(1, IoOpcode.READ, 2, seg, 16 | (0x30 << 56), cdw10=6, cdw12=0, flags=1 << 6)
+    assert h.wait(1, cid).ok and h.mem.read(buf + 5, 4096) == data[4096:8192]
+    n += 3
+    assert served(e)[path] >= n + 30  # and the PRP reads
+    assert _sgl_count(e) == n
+
+
+def _sgl_step_aside_cases(h: Any) -> list[tuple[Any, ...]]:
+    """Commands the fast path leaves to the normal path, each with a fresh SGL: their
+    (SCT, SC) and the data a Read brought, for comparison with the normal path's."""
+    mem = h.mem
+    rng = random.Random(12)  # the same bytes on both paths
+    data = rng.randbytes(4096)
+    assert h.write(1, 40, data).ok
+    buf = mem.alloc(16384)
+    seg = mem.alloc(4096)
+    seg2 = mem.alloc(4096)
+    desc = lambda a, n, ident: struct.pack("<QI3xB", a, n, ident)  # noqa: E731
+    gapped = mem.alloc(1100 * 1024)  # 1100 pieces of 512 bytes with a gap between each
+    big = mem.alloc(1100 * 16)
+    mem.write(big, b"".join(desc(gapped + i * 1024, 512, 0) for i in range(1100)))
+    # (name, segment contents or None, SGL1 address, SGL1 length, SGL1 identifier, NLB, PSDT)
+    cases = [
+        ("data block shorter", None, buf, 2048, 0x00, 8, 1),
+        ("data block longer", None, buf, 8192, 0x00, 8, 1),
+        ("data block sub type 1h", None, buf, 4096, 0x01, 8, 1),
+        ("bit bucket", None, buf, 4096, 0x10, 8, 1),
+        ("keyed data block", None, buf, 4096, 0x40, 8, 1),
+        ("transport data block", None, buf, 4096, 0x50, 8, 1),
+        ("vendor specific", None, buf, 4096, 0xF0, 8, 1),
+        ("data block outside memory", None, 1 << 50, 4096, 0x00, 8, 1),
+        ("PSDT 10b", None, buf, 4096, 0x00, 8, 2),
+        ("PSDT 11b", None, buf, 4096, 0x00, 8, 3),
+        ("segment chain", [desc(buf, 2048, 0), desc(seg2, 16, 0x30)], seg, 32, 0x20, 8, 1),
+        ("last segment of 24 bytes", [desc(buf, 4096, 0)], seg, 24, 0x30, 8, 1),
+        ("last segment of 0 bytes", [desc(buf, 4096, 0)], seg, 0, 0x30, 8, 1),
+        ("last segment sub type 1h", [desc(buf, 4096, 0)], seg, 16, 0x31, 8, 1),
+        ("segment in a last segment", [desc(buf, 2048, 0), desc(seg2, 16, 0x20)], seg, 32, 0x30, 8, 1),
+        ("last segment in a last segment", [desc(buf, 2048, 0), desc(seg2, 16, 0x30)], seg, 32, 0x30, 8, 1),
+        ("bit bucket in a last segment", [desc(buf, 2048, 0), desc(0, 2048, 0x10)], seg, 32, 0x30, 8, 1),
+        ("sub type 1h in a last segment", [desc(buf, 2048, 0), desc(buf, 2048, 0x01)], seg, 32, 0x30, 8, 1),
+        ("keyed in a last segment", [desc(buf, 4096, 0x40)], seg, 16, 0x30, 8, 1),
+        ("list shorter", [desc(buf, 2048, 0), desc(buf + 4096, 1024, 0)], seg, 32, 0x30, 8, 1),
+        ("list longer", [desc(buf, 2048, 0), desc(buf + 4096, 4096, 0)], seg, 32, 0x30, 8, 1),
+        ("list longer, then a bad type", [desc(buf, 8192, 0), desc(0, 1, 0x10)], seg, 32, 0x30, 8, 1),
+        ("exact, then a bad type", [desc(buf, 4096, 0), desc(0, 1, 0x10)], seg, 32, 0x30, 8, 1),
+        ("list data outside memory", [desc(buf, 2048, 0), desc(1 << 50, 2048, 0)], seg, 32, 0x30, 8, 1),
+        ("list outside memory", None, 1 << 50, 32, 0x30, 8, 1),
+        ("list across the end of memory", None, mem.iova + mem.size - 16, 32, 0x30, 8, 1),
+        ("65536 descriptors", None, seg, 1 << 20, 0x30, 8, 1),
+        ("1100 pieces (IOV_MAX)", None, big, 1100 * 16, 0x30, 1100, 1),
+    ]
+    out = []
+    for name, entries, addr, n, ident, nlb, psdt in cases:
+        for opc in (IoOpcode.READ, IoOpcode.WRITE):
+            if entries is not None:
+                mem.write(seg, b"".join(entries))
+            mem.write(seg2, desc(buf + 2048, 2048, 0))
+            if opc == IoOpcode.WRITE:
+                mem.write(buf, data)
+                mem.write(gapped, rng.randbytes(1100 * 1024))
+            else:
+                mem.write(buf, bytes(16384))
+            cid = h.submit(1, opc, 1, addr, n | (ident << 56), cdw10=40, cdw12=nlb - 1, flags=psdt << 6)
+            c = h.wait(1, cid)
+            out.append((name, opc, c.sct, c.sc, mem.read(buf, 16384), h.read(1, 40, 1100).data))
+    return out
+
+
+def test_sgls_the_normal_path_fails_or_chains_complete_as_on_the_normal_path(emu: Any, path: str) -> None:
+    results = []
+    for p in ("off", path):
+        fastpath.set_path(p)
+        e, h = sealed_host(emu)
+        before = (served(e)[path] if p != "off" else 0)
+        results.append(_sgl_step_aside_cases(h))
+        if p != "off":
+            assert served(e)[path] == before + len(results[-1]) + 1  # only the PRP reads and write
+        e.stop()
+    fastpath.set_path(path)
+    want, got = results
+    assert [r[:4] for r in got] == [r[:4] for r in want]
+    assert got == want
+    statuses = {r[0]: (r[2], r[3]) for r in want}
+    assert statuses["data block longer"] == (0, SglStatus.DATA_SGL_LENGTH_INVALID)
+    assert statuses["list outside memory"] == (0, Generic.DATA_TRANSFER_ERROR)
+    assert statuses["segment chain"] == statuses["PSDT 10b"] == statuses["1100 pieces (IOV_MAX)"] == (0, 0)
+    assert statuses["exact, then a bad type"] == (0, SglStatus.SGL_DESCRIPTOR_TYPE_INVALID)
+
+
+def test_mixed_sgl_commands_complete_in_sq_order(emu: Any, path: str) -> None:
+    e, h = sealed_host(emu)
+    mem = h.mem
+    data = os.urandom(8192)
+    buf, rbuf, rbuf2 = mem.alloc(8192), mem.alloc(8192), mem.alloc(8192)
+    seg, seg2, seg3 = mem.alloc(4096), mem.alloc(4096), mem.alloc(4096)
+    mem.write(buf, data)
+    desc = lambda a, n, ident: struct.pack("<QI3xB", a, n, ident)  # noqa: E731
+    mem.write(seg, desc(buf, 4096, 0) + desc(buf + 4096, 4096, 0))
+    mem.write(seg2, desc(rbuf2, 4096, 0) + desc(seg3, 16, 0x30))  # a chain: normal path
+    mem.write(seg3, desc(rbuf2 + 4096, 4096, 0))
+    q = h.queues[1]
+    sgl = 1 << 6
+    cmds = [
+        pack_sqe(IoOpcode.WRITE, cid=1, nsid=1, prp1=buf, prp2=8192, cdw10=100, cdw12=15, flags=sgl),
+        pack_sqe(IoOpcode.READ, cid=2, nsid=1, prp1=seg2, prp2=32 | (0x20 << 56), cdw10=100, cdw12=15,
+                 flags=sgl),
+        pack_sqe(IoOpcode.WRITE, cid=3, nsid=1, prp1=seg, prp2=32 | (0x30 << 56), cdw10=200, cdw12=15,
+                 flags=sgl),
+        pack_sqe(IoOpcode.READ, cid=4, nsid=1, prp1=buf, prp2=4096, cdw10=100, cdw12=15, flags=sgl),
+        pack_sqe(IoOpcode.READ, cid=5, nsid=1, prp1=rbuf, prp2=8192, cdw10=200, cdw12=15, flags=sgl),
+    ]
+    got = _one_doorbell(h, cmds)
+    assert [c.cid for c in got] == [1, 2, 3, 4, 5]
+    assert [c.sc for c in got] == [0, 0, 0, SglStatus.DATA_SGL_LENGTH_INVALID, 0]
+    h.t.mmio_write(DOORBELL_BASE + 3 * 4, 4, q.cq_head)
+    assert mem.read(rbuf, 8192) == mem.read(rbuf2, 8192) == data
+    assert served(e)[path] == 3
+    assert _sgl_count(e) == 4  # the chain too (the normal path); not the failed one
 
 
 def test_cq_full_with_held_completions(emu: Any, path: str) -> None:
@@ -164,6 +327,9 @@ def _workload(h: Any) -> None:
     assert h.deallocate(1, [(0, 64)]).ok
     for i in range(10):
         assert h.read(1, i * 100, 8).ok
+    for pieces in (1, 2, 3):  # SGLs: a Data Block, a Last Segment of 2 and 3 (sgl_commands)
+        assert h.write(1, 5000 + pieces * 300, os.urandom(128 << 10), sgl=pieces).ok
+        assert h.read(1, 5000 + pieces * 300, 256, sgl=pieces).ok
 
 
 def _observed(e: Any, h: Any) -> tuple[Any, ...]:
@@ -285,6 +451,7 @@ MIRRORED = {
     "emulator.nvme.controller:Controller.complete": "4bf63357051a",
     "emulator.nvme.controller:Controller.data_segments": "ab16193fed02",
     "emulator.nvme.prp:prp_segments": "201bb9a86717",
+    "emulator.nvme.sgl:sgl_segments": "4665a2797ea5",
     "emulator.nvme.queues:cq_post": "45f2612599c8",
     "emulator.nvme.sanitize:on_write": "dbcc03526529",
     "emulator.nvme.migration.udlog:on_write": "999ae6865588",
