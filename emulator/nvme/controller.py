@@ -302,11 +302,16 @@ class Controller:
             self.run_sq(sq, None)
         else:
             self.arbiter.ready(qid)
+        # The interrupt first, the EventIdx bookkeeping after it: the host starts on its
+        # completions while this process re-arms (a racing submission is found by the
+        # re-arm's re-check and gets its own interrupt below).  The eventfd write often
+        # lets the woken VMM thread preempt this one; nothing the host waits for is left.
+        self.flush_interrupts()
         if qid:
             state = self.state  # (looked up again: the commands may have changed it)
             if not state.suspended and state.vendor.get(dbbuf.KEY):
                 dbbuf.after_sq_doorbell(self, sq)
-        self.flush_interrupts()
+                self.flush_interrupts()
 
     def _doorbell_error(self, aei: int) -> None:
         """Invalid Doorbell Register (00h) / Write Value (01h): an Error event (§5.1.2.1)."""
