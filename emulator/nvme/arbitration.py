@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
+    from emulator.nvme.state import SQState
 
 ARB_BURST = 8
 TURN_COMMANDS = 64
@@ -52,29 +53,19 @@ class Arbiter:
             return
         # Only this SQ has work and no pass runs or is due: the pass's first burst,
         # inline (a doorbell at low queue depth); the rest of the pass as usual.
-        ctrl = self.ctrl
-        sq = ctrl.sqs.get(qid)
+        sq = self.ctrl.sqs.get(qid)
         if sq is None:
             return
         self._in_pass = True
-        ready = self._ready
-        ready[qid] = None  # (as in a pass: still listed if run_sq raises)
+        self._ready[qid] = None  # (as in a pass: still listed if run_sq raises)
         deadline = time.monotonic() + TURN_SECONDS
         try:
-            x0 = ctrl.xfer_bytes
-            per = self._per_command.get(qid, TURN_BYTES)  # _burst(qid, TURN_COMMANDS, TURN_BYTES)
-            done, more = ctrl.run_sq(sq, max(1, min(ARB_BURST, TURN_BYTES // per)) if per else ARB_BURST)
-            moved = ctrl.xfer_bytes - x0
-            if done:
-                self._per_command[qid] = moved // done
-            ready.pop(qid, None)
-            if more:
-                ready[qid] = None
-            if ready:
+            done, moved = self._run_burst(qid, sq, TURN_COMMANDS, TURN_BYTES)
+            if self._ready:
                 self._rounds(TURN_COMMANDS - done, TURN_BYTES - moved, deadline)
         finally:
             self._in_pass = False
-        if ready:
+        if self._ready:
             self._schedule()
 
     def clear(self) -> None:
@@ -104,18 +95,26 @@ class Arbiter:
                 if sq is None:
                     self._ready.pop(qid, None)
                     continue
-                x0 = ctrl.xfer_bytes
-                done, more = ctrl.run_sq(sq, self._burst(qid, commands, nbytes))
-                moved = ctrl.xfer_bytes - x0
-                if done:
-                    self._per_command[qid] = moved // done
+                done, moved = self._run_burst(qid, sq, commands, nbytes)
                 commands -= done
                 nbytes -= moved
-                self._ready.pop(qid, None)
-                if more:
-                    self._ready[qid] = None  # to the end: the next burst is the next SQ's
                 if commands <= 0 or nbytes <= 0 or time.monotonic() >= deadline:
                     break
+
+    def _run_burst(self, qid: int, sq: "SQState", commands: int, nbytes: int) -> tuple[int, int]:
+        """One burst of SQ ``qid`` within the budget left: (commands run, bytes moved).
+        It learns the SQ's bytes per command and moves the SQ to the end of the ready list
+        if it has more (the next burst is the next SQ's), or drops it."""
+        ctrl = self.ctrl
+        x0 = ctrl.xfer_bytes
+        done, more = ctrl.run_sq(sq, self._burst(qid, commands, nbytes))
+        moved = ctrl.xfer_bytes - x0
+        if done:
+            self._per_command[qid] = moved // done
+        self._ready.pop(qid, None)
+        if more:
+            self._ready[qid] = None
+        return done, moved
 
     def _schedule(self) -> None:
         """SQs left with work: the pass continues in a later loop turn."""

@@ -268,20 +268,12 @@ class Controller:
             self._doorbell_error(0x00 if cq is None else 0x01)
             return
         cq.head = value
-        if qid and not cq.held and not self.state.vendor.get(dbbuf.KEY):
-            # The common case, an I/O CQ with nothing held and no shadow doorbells: what
-            # the general case below does then (refresh_cq_head and post_held do nothing).
-            for sq in self.sqs.values():
-                if sq.cqid == qid and sq.head != sq.tail:
-                    self.kick()  # an SQ of this CQ has commands left: it waited for CQ space
-                    return
-            self.flush_interrupts()
-            return
-        if qid:  # with shadow doorbells the buffer holds the newest head
+        shadow = qid and self.state.vendor.get(dbbuf.KEY)
+        if shadow:  # with shadow doorbells the buffer holds the newest head
             dbbuf.refresh_cq_head(self, cq, arm=False)
-        self.post_held(cq)
-        if qid == 0 or dbbuf.config(self) is not None or any(
-                sq.cqid == qid and sq.head != sq.tail for sq in self.sqs.values()):
+        if cq.held:
+            self.post_held(cq)
+        if qid == 0 or shadow or any(sq.cqid == qid and sq.head != sq.tail for sq in self.sqs.values()):
             self.kick()  # SQs that waited for CQ space (or AERs, or shadow tails) can go on
         else:
             self.flush_interrupts()  # for what post_held posted
