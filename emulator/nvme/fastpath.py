@@ -116,11 +116,11 @@ from typing import TYPE_CHECKING, Any
 
 from cbind import ioq
 from cbind.prp import merge_entries
-from emulator.nvme import allocation, fastgen, fastsgl, io_cmds, sanitize
+from emulator.nvme import allocation, fastgen, io_cmds, sanitize
 from emulator.nvme.cmdstats import LAT_BUCKETS
 from emulator.nvme.fastpath_c import CPath
 from emulator.nvme.migration import cdq, udlog
-from emulator.nvme.namespace import Namespace
+from emulator.nvme.namespace import IOV_MAX, Namespace
 from emulator.nvme.fastsgl import sgl_views
 from emulator.nvme.spec import CQE, SQE, IoOpcode
 
@@ -134,7 +134,6 @@ log = logging.getLogger("nvme.fastpath")
 PATHS = ("c", "python", "off")
 READ, WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 FUA = 1 << 30  # CDW12 bit 30, Force Unit Access (NVM CS 1.2 Figure 48)
-IOV_MAX = fastsgl.IOV_MAX
 _UNLIMITED = 1 << 30
 _SIDE = allocation.SIDECAR_WORDS_OFFSET
 _LITTLE = sys.byteorder == "little"  # the bitmap words are little-endian

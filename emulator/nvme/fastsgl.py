@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from emulator.nvme.namespace import IOV_MAX  # pieces one preadv/pwritev takes
 from emulator.nvme.sgl import DATA_BLOCK, LAST_SEGMENT, MAX_DESCRIPTORS, SGL_DESCRIPTOR
 
 if TYPE_CHECKING:
     from emulator.nvme.fastpath import _Regions
 
-IOV_MAX = 1024  # pieces one preadv/pwritev takes
 # SGL Identifiers (byte 15: type 7:4, sub type 3:0 = 0h, address)
 _DATA_BLOCK, _LAST_SEGMENT = DATA_BLOCK << 4, LAST_SEGMENT << 4
 _ENTRIES = SGL_DESCRIPTOR.iter_unpack

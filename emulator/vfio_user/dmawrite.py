@@ -154,7 +154,7 @@ class VisibleWrites:
 
     # -- IrqLines -----------------------------------------------------------------------
     def trigger(self, index: int, subindex: int) -> bool:
-        if not (self._queued or self._inflight or self._sent):  # not self.pending (once per interrupt)
+        if not self.pending:
             return self.inner_irqs.trigger(index, subindex)
         if not self.inner_irqs.assigned(index, subindex):
             return False
