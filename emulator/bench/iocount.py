@@ -257,7 +257,7 @@ def install() -> None:
 
 def snapshot() -> dict[str, Any]:
     """The counters, and per controller what decides the doorbell traffic."""
-    from emulator.nvme import dbbuf, fastpath
+    from emulator.nvme import dbbuf, fastpath, sqpoll, sqwait
     from emulator.nvme.spec import FID
     ctrls = []
     for ctrl in list(_CONTROLLERS):
@@ -271,6 +271,20 @@ def snapshot() -> dict[str, Any]:
             "fast_completed": dict(ctrl.fast.completed),
         })
     counts = dict(COUNTS)
+    hubs = set()
+    for ctrl in list(_CONTROLLERS):
+        # the shadow tail poller: Python turns, commands found, re-arms, races at re-arm
+        p = sqpoll.existing(ctrl)
+        if p is not None:
+            for k in ("turns", "found", "rearms", "races"):
+                counts[f"poll.{k}"] = counts.get(f"poll.{k}", 0) + getattr(p, k)
+        hub = sqwait.hub(ctrl)
+        if hub is not None:
+            hubs.add(hub)
+    for hub in hubs:  # its turns in C: waits, ended by timeout / loop event, SQs handed back
+        for k in ("waits", "timeouts", "events", "returns"):
+            counts[f"cwait.{k}"] = counts.get(f"cwait.{k}", 0) + getattr(hub, k)
+        counts["io.cwait"] = counts.get("io.cwait", 0) + hub.served
     for gen, st in enumerate(gc.get_stats()):  # Python's garbage collector runs, per generation
         counts[f"gc.collections.{gen}"] = st["collections"]
     return {"path": fastpath.PATH, "counts": counts, "controllers": ctrls}
@@ -284,7 +298,7 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 def per_io(counts: dict[str, int]) -> dict[str, float]:
     """Every counter divided by the I/O commands completed (fast + normal)."""
-    ios = counts.get("io.fast", 0) + counts.get("io.normal", 0)
+    ios = counts.get("io.fast", 0) + counts.get("io.normal", 0) + counts.get("io.cwait", 0)
     return {k: v / ios for k, v in counts.items()} if ios else {}
 
 

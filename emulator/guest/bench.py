@@ -268,6 +268,12 @@ COUNT_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("wakeups", ("loop.readable",)),
     ("fast", ("io.fast",)),
     ("normal", ("io.normal",)),
+    # the shadow tail poller (--sq-poll-idle-us): commands served by its turns in C, its
+    # waits in C, Python turns, re-arms of the EventIdx
+    ("C turns", ("io.cwait",)),
+    ("waits", ("cwait.waits",)),
+    ("pyturns", ("poll.turns",)),
+    ("rearms", ("poll.rearms",)),
 ]
 
 

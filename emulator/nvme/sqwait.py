@@ -93,7 +93,7 @@ class Hub:
         self.loop = loop
         self.pollers: list["SqPoller"] = []
         # Counters (not state): waits, their outcomes, SQs handed back to Python
-        self.waits = self.timeouts = self.events = self.returns = 0
+        self.waits = self.timeouts = self.events = self.returns = self.served = 0
 
     def add(self, poller: "SqPoller") -> None:
         if poller not in self.pollers:
@@ -165,6 +165,7 @@ class Hub:
                 log.info("ctrl %d: I/O fast path (c) serves Reads and Writes from the shadow SQ "
                          "tail poller", ctrl.cntlid)
             fast.completed["c"] += done
+            self.served += done
         if e.stop:
             self.returns += 1
             idle = e.stop < _STOP_BASE  # idle spell over, or a shadow value out of range

@@ -115,16 +115,3 @@ def test_coalescing_keeps_the_turns_in_python(emu: Any) -> None:
         assert h.read(1, i, 1).ok
     turns, _, _, done = _stats(e)
     assert turns > t0
-
-
-def test_many_bursts_around_the_idle_spell_all_complete(emu: Any) -> None:
-    e = emu(_cfg(idle_us=300))
-    h = e.host(1, qsize=16)
-    assert h.enable_shadow_doorbells().ok
-    buf = h.mem.alloc(4096)
-    for rnd in range(60):
-        cids = [h.submit(1, IoOpcode.READ, nsid=1, prp1=buf) for _ in range(1 + rnd % 7)]
-        for cid in cids:
-            assert h.wait(1, cid, timeout=10).ok
-        if rnd % 3 == 0:
-            time.sleep(300e-6 * (rnd % 7) / 3)
