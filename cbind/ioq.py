@@ -32,19 +32,25 @@ from typing import Any
 from cbind import build
 
 
+# ioq.c, then sqwait.c (the shadow tail poller, built on ioq.c's statics): one module
+FILES = ("ioq.c", "sqwait.c")
+
+
 def _read_source() -> str:
     try:
-        return Path(__file__).with_name("ioq.c").read_text()
+        return "\n".join(Path(__file__).with_name(f).read_text() for f in FILES)
     except OSError as e:
         build.why["ioq"] = f"no C source: {e}"
         return ""
 
 
 SOURCE = _read_source()
-_m = re.search(r"/\* BEGIN CDEF[^\n]*\n(.*?)/\* END CDEF \*/", SOURCE, re.S)
-CDEF = re.sub(r"/\*.*?\*/", "", _m.group(1), flags=re.S) if _m else ""
+_blocks = re.findall(r"/\* BEGIN CDEF[^\n]*\n(.*?)/\* END CDEF \*/", SOURCE, re.S)
+CDEF = "".join(re.sub(r"/\*.*?\*/", "", b, flags=re.S) for b in _blocks)
 # why a batch stopped: name -> ioq_batch.stop value (the IOQ_STOP_ defines of ioq.c)
 STOP = {k.lower(): int(v) for k, v in re.findall(r"#define IOQ_STOP_(\w+) (\d+)", SOURCE)}
+# why an entry left sqw_wait: name -> sqw_entry.stop value (the SQW_ defines of sqwait.c)
+SQW = {k.lower(): int(v) for k, v in re.findall(r"#define SQW_(\w+) (\d+)", SOURCE)}
 
 _built = build.load("ioq", CDEF, SOURCE) if CDEF else None
 FFI: Any = _built[0] if _built is not None else None

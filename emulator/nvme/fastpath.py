@@ -278,35 +278,10 @@ class FastPath:
             return 0
         ctrl = self.ctrl
         try:
-            memory = ctrl.memory
-            if memory is not self._memory:
-                self._memory = memory
-                self._direct = getattr(memory, "direct", None)
-            direct = self._direct
-            d = direct() if direct is not None else None
-            if d is None:
+            ready = self._ready(sq)
+            if ready is None:
                 return 0
-            mm, min_write = d
-            regions = self.regions
-            if regions is None or regions.memory is not mm or regions.generation != mm.generation:
-                regions = self.regions = _Regions(mm)
-            io = ctrl.tables.io
-            if (io.get(READ) is not _READ_HANDLER or io.get(WRITE) is not _WRITE_HANDLER
-                    or Namespace.read_into is not _READ_INTO or Namespace.write_from is not _WRITE_FROM
-                    or Namespace._transfer is not _TRANSFER):
-                return 0  # replaced (tests inject faults that way)
-            if self._gen != fastgen.value or ctrl.observers.on_write != self._hooks:
-                self._conditions()
-            else:
-                for d_, n in self._watch:
-                    if len(d_) != n:  # an attribute set on a namespace: a data method replaced?
-                        self._conditions()
-                        break
-            if not self._ok or (self._gde and _gde_set(ctrl)):
-                return 0
-            cq = ctrl.cqs.get(sq.cqid)
-            if cq is None or cq.held:
-                return 0
+            cq, regions, min_write = ready
             lim = _UNLIMITED if limit is None else limit
             if path == "c" and self.c is not None and regions.ctable is not None and _LITTLE:
                 n, writes, rbytes, wbytes, sgls = self.c.run(ctrl, sq, cq, lim, regions, min_write)
@@ -326,6 +301,58 @@ class FastPath:
                 log.exception("ctrl %d: I/O fast path failed; the normal path takes over", ctrl.cntlid)
             self._failed = True
             return 0
+
+    def _ready(self, sq: "SQState") -> "tuple[CQState, _Regions, int] | None":
+        """(CQ, region table, lowest directly writable address) when the fast path may
+        serve ``sq`` now (the conditions of the module text that hold for a whole call)."""
+        ctrl = self.ctrl
+        memory = ctrl.memory
+        if memory is not self._memory:
+            self._memory = memory
+            self._direct = getattr(memory, "direct", None)
+        direct = self._direct
+        d = direct() if direct is not None else None
+        if d is None:
+            return None
+        mm, min_write = d
+        regions = self.regions
+        if regions is None or regions.memory is not mm or regions.generation != mm.generation:
+            regions = self.regions = _Regions(mm)
+        io = ctrl.tables.io
+        if (io.get(READ) is not _READ_HANDLER or io.get(WRITE) is not _WRITE_HANDLER
+                or Namespace.read_into is not _READ_INTO or Namespace.write_from is not _WRITE_FROM
+                or Namespace._transfer is not _TRANSFER):
+            return None  # replaced (tests inject faults that way)
+        if self._gen != fastgen.value or ctrl.observers.on_write != self._hooks:
+            self._conditions()
+        else:
+            for d_, n in self._watch:
+                if len(d_) != n:  # an attribute set on a namespace: a data method replaced?
+                    self._conditions()
+                    break
+        if not self._ok or (self._gde and _gde_set(ctrl)):
+            return None
+        cq = ctrl.cqs.get(sq.cqid)
+        if cq is None or cq.held:
+            return None
+        return cq, regions, min_write
+
+    def c_batch(self, sq: "SQState") -> "tuple[Any, CQState] | None":
+        """The C batch struct of I/O SQ ``sq`` and its CQ, when the C fast path may serve
+        it now (emulator/nvme/sqwait.py serves it from C while the loop waits); else None."""
+        if PATH != "c" or self.c is None or not sq.qid or not _LITTLE:
+            return None
+        try:
+            ready = self._ready(sq)
+            if ready is None or ready[1].ctable is None:
+                return None
+            cq, regions, min_write = ready
+            return self.c.batch(self.ctrl, sq, cq, regions, min_write), cq
+        except Exception:
+            if not self._failed:
+                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
+            self._failed = True
+            return None
 
     # ------------------------------------------------------------------ shared
     def _conditions(self) -> None:

@@ -54,15 +54,12 @@ class CPath:
         self.ns_key, self.ns_c, self.ns_maps = key, t, maps
         self.ns_version += 1
 
-    def run(self, ctrl: "Controller", sq: "SQState", cq: "CQState", lim: int, regions: Any,
-            min_write: int) -> tuple[int, int, int, int, int]:
-        """One ``ioq_serve`` call: (commands done, of them Writes, bytes read, bytes
-        written, of them with SGLs).  SQ head, CQ tail and phase, latency buckets and
-        bitmap flags are updated."""
+    def batch(self, ctrl: "Controller", sq: "SQState", cq: "CQState", regions: Any, min_write: int) -> Any:
+        """The ``struct ioq_batch`` of ``sq``, its fields that rarely change set only when
+        one did: SQState/CQState objects keep their ring for life (a new queue is a new
+        object), the tables are replaced."""
         r = ctrl.state.regs
         got = self.batches.get(sq.qid)
-        # the fields that rarely change, set only when one did: SQState/CQState objects
-        # keep their ring for life (a new queue is a new object), the tables are replaced
         if (got is None or got[1] is not sq or got[2] is not cq or got[3] is not regions
                 or got[4] != self.ns_version or got[5] != r.cc or got[6] != ctrl.config.mdts
                 or got[7] != min_write):
@@ -76,8 +73,16 @@ class CPath:
             b.out = self.out
             got = self.batches[sq.qid] = (b, sq, cq, regions, self.ns_version, r.cc,
                                           ctrl.config.mdts, min_write, self.ns_c)
+        return got[0]
+
+    def run(self, ctrl: "Controller", sq: "SQState", cq: "CQState", lim: int, regions: Any,
+            min_write: int) -> tuple[int, int, int, int, int]:
+        """One ``ioq_serve`` call: (commands done, of them Writes, bytes read, bytes
+        written, of them with SGLs).  SQ head, CQ tail and phase, latency buckets and
+        bitmap flags are updated."""
+        b = self.batch(ctrl, sq, cq, regions, min_write)
         ctail, phase = cq.tail, cq.phase
-        done: int = ioq.LIB.ioq_serve(got[0], sq.head, sq.tail, cq.head, ctail, phase, lim)
+        done: int = ioq.LIB.ioq_serve(b, sq.head, sq.tail, cq.head, ctail, phase, lim)
         if not done:
             return 0, 0, 0, 0, 0
         # SQ head, CQ tail and phase follow from the count (done < CQ size: one wrap at most)
@@ -96,10 +101,10 @@ class CPath:
         for i in range(7, 7 + 2 * nlat, 2):
             latency[o[i]] += o[i + 1]
         if o[4]:  # a bitmap written through (dirty) or a write-through that failed (stale)
-            self._bitmap_flags()
+            self.bitmap_flags()
         return done, o[1], o[2], o[3], o[5]
 
-    def _bitmap_flags(self) -> None:
+    def bitmap_flags(self) -> None:
         nst = self.ns_c
         for i, amap in enumerate(self.ns_maps):
             e = nst[i]

@@ -25,6 +25,10 @@ class InterruptSink(Protocol):
         """True when MSI-X is in use (INTMS/INTMC then do not apply, NVMe Base 3.1.4)."""
         ...
 
+    # Optional: ``direct_fd(vector) -> int | None``, an eventfd a write of 1 to raises
+    # ``vector`` exactly as ``fire`` would, with nothing else to do, until the next
+    # message of the VMM (emulator/nvme/sqwait.py fires from C with it).
+
 
 class TimerHandle(Protocol):
     def cancel(self) -> None: ...

@@ -49,7 +49,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from cbind import timerslack
-from emulator.nvme import dbbuf
+from emulator.nvme import dbbuf, sqwait
 
 if TYPE_CHECKING:
     from emulator.nvme.controller import Controller
@@ -136,7 +136,41 @@ class SqPoller:
     def _schedule(self) -> None:
         sched = self.ctrl.scheduler
         if self._handle is None and sched is not None:
+            hub = sqwait.hub(self.ctrl)
+            if hub is not None:  # the turns run in C while the loop waits (sqwait.py)
+                hub.add(self)
+                self._handle = hub
+                return
             self._handle = sched.call_soon(self._turn, self._gen) or True
+
+    # -- the C turns (emulator/nvme/sqwait.py) -------------------------------------
+    def shadow(self) -> tuple[int, int] | None:
+        """The Doorbell Buffer Config (shadow buffer, EventIdx buffer), or None."""
+        return dbbuf.config(self.ctrl)
+
+    def python_turn(self) -> None:
+        """The hub cannot run this controller's turns in C now: a Python turn instead."""
+        self._handle = None
+        sched = self.ctrl.scheduler
+        if self.polled and sched is not None:
+            self._handle = sched.call_soon(self._turn, self._gen) or True
+
+    def c_returned(self, sq: "SQState", idle: bool) -> None:
+        """The C turns left ``sq`` to Python: its idle spell is over (or a shadow value
+        was out of range), so arm its EventIdx as a Python turn would; or the command at
+        its head is one for the normal path, so run the SQ."""
+        ctrl = self.ctrl
+        qid = sq.qid
+        if ctrl.sqs.get(qid) is not sq or qid not in self.polled or not ctrl.can_fetch():
+            return  # deleted, stopped, suspended meanwhile: whatever did that decides
+        if idle:
+            self.rearms += 1
+            del self.polled[qid]
+            if self._arm(sq) and qid in ctrl.sqs:
+                self._start(sq)  # a submission raced with the re-arm: still busy
+        else:
+            ctrl.process_sq(sq)
+        ctrl.flush_interrupts()
 
     def stop(self) -> None:
         """Forget every SQ (reset, shadow doorbells off); the EventIdx values stay as they are."""
@@ -144,9 +178,12 @@ class SqPoller:
         self.armed.clear()
         self.seen.clear()
         self._gen += 1
-        cancel = getattr(self._handle, "cancel", None)
-        if cancel is not None:
-            cancel()
+        if isinstance(self._handle, sqwait.Hub):
+            self._handle.remove(self)
+        else:
+            cancel = getattr(self._handle, "cancel", None)
+            if cancel is not None:
+                cancel()
         self._handle = None
 
     # -- the poll turn -----------------------------------------------------------

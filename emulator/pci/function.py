@@ -283,6 +283,18 @@ class NvmePciFunction:
                 self._intx_pending = True
                 self._intx_deliver_locked()
 
+    def direct_fd(self, vector: int) -> int | None:
+        """The eventfd that raises MSI-X ``vector`` as ``fire`` would with nothing else to
+        do: MSI-X on and not function-masked, the vector in the table and not pending,
+        its line assigned and unmasked; None otherwise.  Valid until the next message."""
+        with self._lock:
+            ctrl, irqs = self._msix_ctrl, self._irqs
+            if (not ctrl & _MSIX_ENABLE or ctrl & _MSIX_MASKALL or irqs is None
+                    or not 0 <= vector < self.layout.vectors or self.msix.is_pending(vector)):
+                return None
+            direct = getattr(irqs, "direct_fd", None)
+            return None if direct is None else direct(PCI_MSIX_IRQ_INDEX, vector)
+
     def _msix_send_locked(self, vector: int) -> bool:
         if self.msix_function_masked() or self._irqs is None:
             return False

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from emulator import pollloop
 from emulator.control import ControlServer
 from emulator.nvme.dispatch import new_controller
 from emulator.nvme.namespace import Namespace
@@ -106,7 +107,7 @@ class RuntimeThread:
     def __init__(self, config: SubsystemConfig, visible_writes: Mode = DEFAULT_MODE) -> None:
         self.config = config
         self.visible_writes = visible_writes
-        self.loop = asyncio.new_event_loop()
+        self.loop = pollloop.new_event_loop()  # NVMe shadow tail polling may wait in C
         self._ready: Future[Runtime] = Future()
         self._thread = threading.Thread(target=self._main, name="nvme-emu", daemon=True)
         self.runtime: Runtime | None = None

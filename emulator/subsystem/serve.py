@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from emulator import pollloop
 from emulator.subsystem.config import ConfigError, default_config, load_config
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from emulator.subsystem.runtime import Runtime
 
     _raise_fd_limit()
-    loop = asyncio.new_event_loop()
+    loop = pollloop.new_event_loop()  # NVMe shadow tail polling may wait in C
     asyncio.set_event_loop(loop)
     try:
         runtime = Runtime(config, loop, visible_writes=args.visible_writes)

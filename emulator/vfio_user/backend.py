@@ -48,6 +48,12 @@ class IrqLines(Protocol):
         """True while the client keeps the line masked (INTx MASK/UNMASK)."""
         ...
 
+    def direct_fd(self, index: int, subindex: int) -> int | None:
+        """The eventfd a write of 1 to signals this line exactly as ``trigger`` would,
+        with nothing else to do (assigned, not masked, not automasked, nothing held back),
+        until the next message of the client; None otherwise."""
+        ...
+
 
 class DeviceBackend(Protocol):
     """What a device model implements to be served over vfio-user."""

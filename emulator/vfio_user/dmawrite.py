@@ -165,6 +165,9 @@ class VisibleWrites:
     def assigned(self, index: int, subindex: int) -> bool:
         return self.inner_irqs.assigned(index, subindex)
 
+    def direct_fd(self, index: int, subindex: int) -> int | None:
+        return None if self.pending else self.inner_irqs.direct_fd(index, subindex)
+
     def masked(self, index: int, subindex: int) -> bool:
         return self.inner_irqs.masked(index, subindex)
 

@@ -117,6 +117,16 @@ class IrqTable:
             line.masked[subindex] = True
         return True
 
+    def direct_fd(self, index: int, subindex: int) -> int | None:
+        try:
+            line = self._indexes[index]
+            fd = line.trigger[subindex]
+        except IndexError:
+            return None
+        if fd is None or line.masked[subindex] or line.automasked:
+            return None
+        return fd
+
     def assigned(self, index: int, subindex: int) -> bool:
         try:
             return self._indexes[index].trigger[subindex] is not None

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
+from emulator import pollloop
 from emulator.vfio_user.backend import DeviceBackend
 from emulator.vfio_user.server import VfioUserServer
 
@@ -35,7 +36,7 @@ class ServerThread:
         self._tmpdir = None if path is not None else tempfile.mkdtemp(prefix="vfio-user-")
         self.path = path if path is not None else os.path.join(self._tmpdir or "", "vfio-user.sock")
         self.backend = backend
-        self.loop = asyncio.new_event_loop()
+        self.loop = pollloop.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)
         try:
             self.server = VfioUserServer(self.path, backend, self.loop, log, **server_kwargs)

@@ -1,0 +1,169 @@
+/*
+ * The shadow SQ tail poller in C (emulator/nvme/sqwait.py drives it): while
+ * the event loop has nothing else to do, watch the Shadow Doorbell buffer
+ * (NVMe Base 2.1 §5.1.7) of the polled I/O SQs, serve what appears with the
+ * fast path (ioq_run of cbind/ioq.c, compiled into the same module), write
+ * the CQ's interrupt eventfd, and return as soon as the loop has an event
+ * (its epoll fd is readable), its timeout passes, or an SQ needs Python.
+ *
+ * Python is not running while this runs (the event loop thread is in here,
+ * with the GIL released), so Python's queue state is only stale, never
+ * raced: the entries carry the ring indices in and out, and Python copies
+ * them back before any of its own code looks at the queues.
+ *
+ * An entry leaves the wait (stop != 0) when a command at its SQ head is one
+ * Python must run (ioq_batch.stop), when its shadow tail is out of range, or
+ * when its SQ has been empty for its idle spell (``idle_ns``): Python then
+ * runs the command, or arms the SQ's EventIdx (with its barrier and
+ * re-check), and decides what comes next.  A full CQ is not a stop: the
+ * entry re-reads the shadow CQ head until the host frees a slot.
+ *
+ * Between empty turns it spins for ``spin_ns`` after the last command seen,
+ * then naps ``nap_ns`` in epoll_pwait2 on the loop's epoll fd, so a socket
+ * event ends the nap at once (nanosleep where epoll_pwait2 is missing).
+ */
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+
+/* BEGIN CDEF: the interface, also read by cbind/ioq.py */
+/* One polled SQ and its CQ (the CQ has no other SQ): the fast path's batch
+ * struct, host addresses of the shadow SQ tail and shadow CQ head, the
+ * interrupt eventfd of the CQ's vector (written once per turn that posted). */
+struct sqw_entry {
+    struct ioq_batch *b;
+    uint64_t shadow_tail;
+    uint64_t shadow_head;
+    int32_t irq_fd;
+    uint32_t stop;       /* out: why it left the wait: 0 still in, SQW_* */
+    uint32_t sq_head, sq_tail, cq_head, cq_tail, cq_phase; /* in and out */
+    uint32_t pad;
+    uint64_t last_ns;    /* in and out: CLOCK_MONOTONIC of the last new command seen */
+    uint64_t idle_ns;    /* the idle spell: empty this long, the entry leaves (SQW_IDLE) */
+    uint64_t done, writes, read_bytes, write_bytes, sgls, irqs; /* out, added up */
+    uint64_t lat[24];    /* out: commands per latency bucket (cmdstats.py) */
+};
+
+/* Serve and wait; ``timeout_ns`` < 0: no timeout, 0: one turn.  Returns
+ * 0 timeout, 1 the epoll fd is readable, 2 an entry left the wait. */
+int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
+             uint64_t nap_ns);
+/* END CDEF */
+
+#define SQW_COMMAND 1 /* ioq_batch.stop of the command at the head + 16: Python runs it */
+#define SQW_IDLE 2    /* empty for the idle spell: Python arms the EventIdx */
+#define SQW_SHADOW 3  /* a shadow tail or head out of range: Python decides */
+#define SQW_STOP_BASE 16
+
+static inline uint32_t load_u32(uint64_t host)
+{
+    return __atomic_load_n((const uint32_t *)(uintptr_t)host, __ATOMIC_ACQUIRE);
+}
+
+static int loop_ready(int epfd, uint64_t wait_ns)
+{
+    struct epoll_event ev;
+    if (wait_ns == 0)
+        return epoll_wait(epfd, &ev, 1, 0) > 0;
+#ifdef SYS_epoll_pwait2
+    static int no_pwait2;
+    if (!no_pwait2) {
+        struct timespec ts = {(time_t)(wait_ns / 1000000000ull), (long)(wait_ns % 1000000000ull)};
+        long r = syscall(SYS_epoll_pwait2, epfd, &ev, 1, &ts, NULL, (size_t)8);
+        if (r >= 0)
+            return r > 0;
+        if (errno != ENOSYS)
+            return 0; /* EINTR: a turn, as if the nap ended */
+        no_pwait2 = 1;
+    }
+#endif
+    struct timespec ts = {0, (long)wait_ns};
+    nanosleep(&ts, NULL);
+    return epoll_wait(epfd, &ev, 1, 0) > 0;
+}
+
+/* One entry's turn: new commands served; 1 if it found any. */
+static int sqw_turn(struct sqw_entry *e, uint64_t now)
+{
+    struct ioq_batch *b = e->b;
+    uint32_t tail = load_u32(e->shadow_tail);
+    int found = 0;
+    if (tail >= b->sq_size) {
+        e->stop = SQW_SHADOW;
+        return 0;
+    }
+    if (tail != e->sq_tail) {
+        e->sq_tail = tail;
+        e->last_ns = now;
+        found = 1;
+    }
+    if (e->sq_head == e->sq_tail) {
+        if (now - e->last_ns >= e->idle_ns)
+            e->stop = SQW_IDLE;
+        return found;
+    }
+    if ((e->cq_tail + 1) % b->cq_size == e->cq_head) { /* full: has the host moved its head? */
+        uint32_t head = load_u32(e->shadow_head);
+        if (head >= b->cq_size) {
+            e->stop = SQW_SHADOW;
+            return found;
+        }
+        e->cq_head = head;
+    }
+    int done = ioq_serve(b, e->sq_head, e->sq_tail, e->cq_head, e->cq_tail, e->cq_phase, 1u << 30);
+    if (done > 0) {
+        e->sq_head = b->sq_head;
+        e->cq_tail = b->cq_tail;
+        e->cq_phase = b->cq_phase;
+        e->done += (uint64_t)done;
+        e->writes += b->writes;
+        e->read_bytes += b->read_bytes;
+        e->write_bytes += b->write_bytes;
+        e->sgls += b->sgls;
+        for (uint32_t i = 0; i < b->nlat; i++)
+            e->lat[b->lat_bucket[i]] += b->lat_count[i];
+        if (e->irq_fd >= 0) {
+            uint64_t one = 1;
+            if (write(e->irq_fd, &one, sizeof one) == (ssize_t)sizeof one || errno == EAGAIN)
+                e->irqs++; /* EAGAIN: the counter is full, the reader sees it nonzero anyway */
+        }
+        e->last_ns = now;
+        found = 1;
+    }
+    if (b->stop != IOQ_STOP_EMPTY && b->stop != IOQ_STOP_CQ_FULL)
+        e->stop = SQW_STOP_BASE + b->stop;
+    return found;
+}
+
+int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
+             uint64_t nap_ns)
+{
+    const uint64_t start = now_ns();
+    uint64_t last = start;
+    for (;;) {
+        uint64_t now = now_ns();
+        int left = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (e[i].stop)
+                continue;
+            if (sqw_turn(&e[i], now))
+                last = now;
+            if (e[i].stop)
+                left = 1;
+        }
+        if (left)
+            return 2;
+        if (timeout_ns == 0)
+            return 0;
+        now = now_ns();
+        if (timeout_ns > 0 && now - start >= (uint64_t)timeout_ns)
+            return 0;
+        uint64_t nap = 0;
+        if (now - last >= spin_ns) {
+            nap = nap_ns;
+            if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)
+                nap = start + (uint64_t)timeout_ns - now;
+        }
+        if (loop_ready(epfd, nap))
+            return 1;
+    }
+}

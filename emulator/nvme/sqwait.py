@@ -1,0 +1,246 @@
+"""The shadow SQ tail poller's turns in C, while the event loop waits.
+
+emulator/nvme/sqpoll.py decides which I/O SQs are polled (EventIdx 0xFFFFFFFF:
+the host rings only at a wrap of its tail) and when an idle spell ends.  Run
+in Python, a poll turn is an event-loop callback per turn, a guest-memory
+read per SQ and a nap; the command the host submits waits for all that, and
+the turns cost CPU whether they find something or not.
+
+Where the loop is an emulator.pollloop loop and the C fast path is in use,
+the turns run in C instead (``sqw_wait`` of cbind/sqwait.c): when the loop
+would block in ``select``, the ``Hub`` of that loop hands C one entry per
+polled SQ (the fast path's batch struct, the host addresses of the shadow SQ
+tail and shadow CQ head, the eventfd of the CQ's interrupt vector, the ring
+indices), and C reads the shadow tails, serves Reads and Writes exactly as
+the fast path does (cbind/ioq.c), writes the eventfd after each turn that
+posted, and returns when a socket or timer needs the loop, or an SQ needs
+Python (a command the fast path leaves to the normal path, an idle spell
+over, a shadow value out of range).  Between turns it spins for
+``SPIN_NS`` after the last command it saw, then naps ``NAP_NS`` in the
+loop's epoll, so a message ends the nap at once.
+
+While C runs, no Python code of this thread runs, so the queue state in
+Python is stale but never raced: right after ``sqw_wait`` returns (still
+inside ``select``, before any callback), ``_sync`` copies the ring indices
+back and adds up the counters (SMART, cmd_stats, SGL commands, allocation
+bitmap flags), as ``FastPath.run`` does.  What needs Python is scheduled as
+a callback of the same loop iteration.
+
+Which SQs go to C, decided anew at every wait (a turn of Python code may
+have changed anything): every polled SQ of a controller that can fetch, with
+shadow doorbells configured, that the fast path may serve now
+(``FastPath.c_batch``), whose CQ belongs to it alone, has interrupts enabled
+and no coalescing (Feature 08h 0, or the vector's coalescing disabled with
+Feature 09h), and whose vector has a direct eventfd (``direct_fd`` of the
+InterruptSink: MSI-X on, unmasked, nothing held back).  If any polled SQ of
+a controller does not qualify, that controller's turns run in Python as
+before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from bisect import bisect_right
+from typing import TYPE_CHECKING, Any
+
+from cbind import ioq
+from emulator import pollloop
+from emulator.nvme.cmdstats import LAT_BUCKETS
+
+if TYPE_CHECKING:
+    from emulator.nvme.controller import Controller
+    from emulator.nvme.sqpoll import SqPoller
+    from emulator.nvme.state import CQState, SQState
+
+log = logging.getLogger("nvme.sqwait")
+
+_FID_COALESCING = 0x08  # Interrupt Coalescing (Base 2.1 §5.1.25.1.8)
+_IVC_CD = 1 << 16  # Interrupt Vector Configuration: Coalescing Disable (Feature 09h)
+
+
+def _env_us(name: str, default: float) -> int:
+    try:
+        return int(float(os.environ.get(name, default)) * 1000)
+    except ValueError:
+        return int(default * 1000)
+
+
+# Spin this long after the last command seen before napping (0: always nap).
+SPIN_NS = _env_us("NVME_EMU_SQ_SPIN_US", 0)
+# A nap between empty turns (in epoll_pwait2: a socket event ends it at once).
+NAP_NS = _env_us("NVME_EMU_SQ_NAP_US", 20)
+# NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
+ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
+_SHADOW = ioq.SQW.get("shadow", 3) if ioq.LIB is not None else 3
+_STOP_BASE = ioq.SQW.get("stop_base", 16) if ioq.LIB is not None else 16
+
+
+class _Planned:
+    """One polled SQ handed to C for one wait."""
+    __slots__ = ("poller", "sq", "cq", "batch", "tail")
+
+    def __init__(self, poller: "SqPoller", sq: "SQState", cq: "CQState", batch: Any) -> None:
+        self.poller, self.sq, self.cq, self.batch, self.tail = poller, sq, cq, batch, sq.tail
+
+
+class Hub:
+    """The pollers of one event loop whose turns run in C (module text)."""
+
+    def __init__(self, selector: pollloop.WaitingSelector, loop: Any) -> None:
+        self.selector = selector
+        self.loop = loop
+        self.pollers: list["SqPoller"] = []
+        # Counters (not state): waits, their outcomes, SQs handed back to Python
+        self.waits = self.timeouts = self.events = self.returns = 0
+
+    def add(self, poller: "SqPoller") -> None:
+        if poller not in self.pollers:
+            self.pollers.append(poller)
+        self.selector.waiter = self.wait
+
+    def remove(self, poller: "SqPoller") -> None:
+        if poller in self.pollers:
+            self.pollers.remove(poller)
+
+    # -- the waiter ---------------------------------------------------------------
+    def wait(self, epfd: int, timeout: float | None) -> bool:
+        plan: list[_Planned] = []
+        turns = False  # Python turns scheduled: callbacks of this iteration, select must not block
+        for p in list(self.pollers):
+            got = _plan(p) if p.polled else None
+            if got is None:  # nothing polled, or not for C now: Python's turns (sqpoll)
+                self.remove(p)
+                p.python_turn()
+                turns = True
+                timeout = 0  # that turn is a callback of this loop iteration: one C turn only
+                continue
+            plan.extend(got)
+        if not self.pollers:
+            self.selector.waiter = None
+        if not plan:
+            return turns
+        entries = ioq.FFI.new("struct sqw_entry[]", len(plan))
+        for i, pl in enumerate(plan):
+            if not _fill(entries[i], pl):  # a shadow address outside the direct regions (rare)
+                for q in {x.poller for x in plan}:
+                    self.remove(q)
+                    q.python_turn()
+                return True
+        t = -1 if timeout is None else max(0, int(timeout * 1e9))
+        self.waits += 1
+        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS)
+        if rc == 0:
+            self.timeouts += 1
+        elif rc == 1:
+            self.events += 1
+        for i, pl in enumerate(plan):
+            self._sync(entries[i], pl)
+        return True
+
+    def _sync(self, e: Any, pl: _Planned) -> None:
+        """Copy back what C did to the queues of ``pl``; schedule what needs Python."""
+        sq, cq, p = pl.sq, pl.cq, pl.poller
+        ctrl = p.ctrl
+        sq.tail, sq.head = e.sq_tail, e.sq_head
+        cq.head, cq.tail, cq.phase = e.cq_head, e.cq_tail, e.cq_phase
+        if sq.tail != pl.tail:
+            p.found += (sq.tail - pl.tail) % sq.size
+            p.seen[sq.qid] = sq.tail
+        if sq.qid in p.polled:
+            p.polled[sq.qid] = e.last_ns
+        done = e.done
+        if done:
+            fast = ctrl.fast
+            writes = e.writes
+            fast._account(cq, done - writes, writes, e.read_bytes, e.write_bytes, 0, e.sgls)
+            latency = ctrl.cmd_stats.io.latency
+            for b, n in enumerate(ioq.FFI.unpack(e.lat, LAT_BUCKETS)):
+                if n:
+                    latency[b] += n
+            if writes and fast.c is not None:
+                fast.c.bitmap_flags()  # a bitmap written through, or a write-through failed
+            if not fast.completed["c"]:
+                log.info("ctrl %d: I/O fast path (c) serves Reads and Writes from the shadow SQ "
+                         "tail poller", ctrl.cntlid)
+            fast.completed["c"] += done
+        if e.stop:
+            self.returns += 1
+            idle = e.stop < _STOP_BASE  # idle spell over, or a shadow value out of range
+            self.loop.call_soon(p.c_returned, sq, idle)
+
+
+def _plan(p: "SqPoller") -> list[_Planned] | None:
+    """The polled SQs of ``p`` for C, or None if one of them is not for C now."""
+    ctrl = p.ctrl
+    if not ctrl.can_fetch() or p.shadow() is None or p.clock is not time.monotonic_ns:
+        return None  # (a test's clock: C keeps CLOCK_MONOTONIC, as time.monotonic_ns)
+    if ctrl._irq_due:
+        ctrl.flush_interrupts()  # C fires only what it posts itself
+    coalesce = ctrl.state.features.get(_FID_COALESCING, 0)
+    direct = getattr(ctrl.irq, "direct_fd", None)
+    if direct is None:
+        return None
+    out = []
+    for qid in p.polled:
+        sq = ctrl.sqs.get(qid)
+        if sq is None:
+            return None
+        got = ctrl.fast.c_batch(sq)
+        if got is None:
+            return None
+        cq = got[1]
+        if not cq.ien or (coalesce and not ctrl.state.ivc.get(cq.iv, 0) & _IVC_CD):
+            return None
+        if sum(1 for s in ctrl.sqs.values() if s.cqid == cq.qid) != 1:
+            return None  # a CQ shared with another SQ: its tail would have two owners
+        if direct(cq.iv) is None:
+            return None
+        out.append(_Planned(p, sq, cq, got[0]))
+    return out
+
+
+def _host(regions: Any, addr: int) -> int | None:
+    """Host address of the 4 bytes at IOVA ``addr`` inside one direct region, or None."""
+    i = bisect_right(regions.starts, addr) - 1
+    if i < 0 or addr + 4 > regions.ends[i] or regions.ctable is None:
+        return None
+    return int(regions.ctable[i].host) + addr - regions.starts[i]
+
+
+def _fill(e: Any, pl: _Planned) -> bool:
+    ctrl, sq, cq = pl.poller.ctrl, pl.sq, pl.cq
+    cfg = pl.poller.shadow()
+    regions = ctrl.fast.regions
+    if cfg is None or regions is None:
+        return False
+    tail = _host(regions, cfg[0] + 8 * sq.qid)  # stride 4 << CAP.DSTRD, DSTRD 0 (dbbuf.py)
+    head = _host(regions, cfg[0] + 8 * cq.qid + 4)
+    fd = ctrl.irq.direct_fd(cq.iv)  # type: ignore[union-attr]
+    if tail is None or head is None or fd is None:
+        return False
+    e.b = pl.batch
+    e.shadow_tail, e.shadow_head, e.irq_fd = tail, head, fd
+    e.sq_head, e.sq_tail, e.cq_head, e.cq_tail, e.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
+    last = pl.poller.polled.get(sq.qid, 0)
+    e.last_ns = last if last <= time.monotonic_ns() else 0
+    e.idle_ns = pl.poller.idle_ns
+    return True
+
+
+_hubs: "weakref.WeakKeyDictionary[Any, Hub]" = weakref.WeakKeyDictionary()
+
+
+def hub(ctrl: "Controller") -> Hub | None:
+    """The Hub of the controller's event loop, if its turns can run in C at all."""
+    if ioq.LIB is None or not ENABLED:
+        return None
+    loop = ctrl.scheduler
+    sel = pollloop.waiting_selector(loop)
+    if sel is None:
+        return None
+    h = _hubs.get(loop)
+    if h is None:
+        h = _hubs[loop] = Hub(sel, loop)
+    return h

@@ -1,0 +1,130 @@
+"""The shadow SQ tail poller's turns in C (emulator/nvme/sqwait.py, cbind/sqwait.c), over
+vfio-user on the real event loop: what C serves, what it hands back to Python, and that
+Python's view of the queues and counters is the one C left.  Outcomes only, no timing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from cbind import ioq
+from emulator.nvme import fastpath, sqpoll, sqwait
+from emulator.nvme.spec import IoOpcode
+from test_sq_polling import _wait  # (pytest puts this directory on sys.path)
+
+pytestmark = pytest.mark.skipif(ioq.LIB is None, reason="C fast path not built (needs cffi and a C "
+                                "compiler: bash scripts/setup)")
+
+POLL = 0xFFFFFFFF
+
+
+def _cfg(idle_us: int = 1_000_000, **extra: Any) -> dict[str, Any]:
+    ctrl = {"cntlid": 1, "type": "io", "sq_poll_idle_us": idle_us}
+    ctrl.update(extra)
+    return {"namespaces": [{"nsid": 1, "size": "16MiB", "lba_size": 512}], "controllers": [ctrl]}
+
+
+@pytest.fixture(autouse=True)
+def _c_path() -> Any:
+    old = fastpath.set_path("c")
+    yield
+    fastpath.set_path(old)
+
+
+def _stats(e: Any) -> tuple[int, int, int, dict[str, int]]:
+    ctrl = e.subsystem.controllers[1]
+
+    def get() -> tuple[int, int, int, dict[str, int]]:
+        p = sqpoll.existing(ctrl)
+        h = sqwait.hub(ctrl)
+        return (p.turns if p else 0, h.waits if h else 0, h.returns if h else 0,
+                dict(ctrl.fast.completed))
+    return e.call(get)
+
+
+def test_c_turns_serve_shadow_submissions(emu: Any) -> None:
+    """After the first doorbell, reads and writes are found in the shadow buffer and
+    served by C: no doorbell message, no Python poll turn, data and counters as usual."""
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok
+    assert _wait(lambda: h.event_idx(1) == POLL)
+    before = _stats(e)
+    data = bytes(range(256)) * 2
+    for i in range(40):  # wraps the 16-entry SQ twice: those wraps ring
+        assert h.write(1, i, data).ok
+        assert h.read(1, i, 1).data == data
+    turns, waits, _, done = _stats(e)
+    assert waits > before[1]
+    assert turns == before[0]  # no Python turn: C found them
+    assert done["c"] - before[3]["c"] >= 60
+    assert h.sq_mmio <= 1 + 81 // 15 + 1
+    ctrl = e.subsystem.controllers[1]
+    smart = e.call(lambda: (ctrl.stats["host_write_commands"], ctrl.stats["host_read_commands"]))
+    assert smart[0] >= 40 and smart[1] >= 41
+    # Python's view of the rings is the one C left: the SQ is empty, heads match
+    sq, cq = e.call(lambda: (vars(ctrl.sqs[1]).copy(), vars(ctrl.cqs[1]).copy()))
+    assert sq["head"] == sq["tail"] == h.queues[1].sq_tail
+
+
+def test_command_for_python_goes_back_and_polling_goes_on(emu: Any) -> None:
+    """A Flush and an out-of-range Read at the SQ head are not the fast path's: C hands the
+    SQ to Python, which runs them with their statuses, and C serves the next ones."""
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+    buf = h.mem.alloc(4096)
+    _, _, returns, _ = _stats(e)
+    for _ in range(5):
+        assert h.flush(1).ok
+        bad = h.submit(1, IoOpcode.READ, nsid=1, prp1=buf, cdw10=1 << 20, cdw12=0)  # past NSZE
+        c = h.wait(1, bad)
+        assert (c.sct, c.sc) == (0, 0x80)  # LBA Out of Range (NVM CS 1.2 Figure 13)
+        assert h.read(1, 3, 1).ok
+    assert _stats(e)[2] >= returns + 10
+    assert h.sq_mmio <= 2
+
+
+def test_idle_spell_in_c_rearms_and_next_submission_rings(emu: Any) -> None:
+    e = emu(_cfg(idle_us=20_000))
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    for i in range(10):
+        assert h.read(1, i, 1).ok
+    ctrl = e.subsystem.controllers[1]
+    _wait(lambda: h.event_idx(1) != POLL)
+    assert not e.call(lambda: sqpoll.existing(ctrl).active)
+    before = h.sq_mmio
+    assert h.read(1, 0, 1).ok
+    assert h.sq_mmio == before + 1
+
+
+def test_coalescing_keeps_the_turns_in_python(emu: Any) -> None:
+    """Interrupt coalescing (Feature 08h) is Python's to decide: the turns run there."""
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.set_features(0x08, 0x0103).ok  # aggregation threshold 4, time 1 (100 us)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+    t0, _, _, done0 = _stats(e)
+    for i in range(10):
+        assert h.read(1, i, 1).ok
+    turns, _, _, done = _stats(e)
+    assert turns > t0
+
+
+def test_many_bursts_around_the_idle_spell_all_complete(emu: Any) -> None:
+    e = emu(_cfg(idle_us=300))
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    buf = h.mem.alloc(4096)
+    for rnd in range(60):
+        cids = [h.submit(1, IoOpcode.READ, nsid=1, prp1=buf) for _ in range(1 + rnd % 7)]
+        for cid in cids:
+            assert h.wait(1, cid, timeout=10).ok
+        if rnd % 3 == 0:
+            time.sleep(300e-6 * (rnd % 7) / 3)
