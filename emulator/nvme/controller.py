@@ -17,8 +17,7 @@ import struct
 import time
 from functools import partial
 from time import perf_counter_ns
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 from emulator.memory import DmaError, GuestMemory
 from emulator.nvme import aer, dbbuf, fastgen, features, sanitize
@@ -27,13 +26,14 @@ from emulator.nvme.arbitration import Arbiter
 from emulator.nvme.cmdstats import CommandStats
 from emulator.nvme.config import ControllerConfig
 from emulator.nvme.fastpath import FastPath
-from emulator.nvme.interfaces import InterruptSink, Scheduler, TimerHandle
+from emulator.nvme.interfaces import InterruptSink, Scheduler
+from emulator.nvme.interrupts import Interrupts
 from emulator.nvme.prp import prp_segments
 from emulator.nvme.sgl import sgl_segments
 from emulator.nvme.spec import (
     CC_CSS_MASK, CC_CSS_SHIFT, CC_EN, CC_MPS_MASK, CC_MPS_SHIFT, CC_SHN_MASK, CC_SHN_SHIFT,
     CSTS_CFS, CSTS_RDY, CSTS_SHST_SHIFT, DOORBELL_BASE, MPS_MAX_LOG2, NVME_VERSION, REG_ACQ, REG_AQA,
-    FID, REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError,
+    REG_ASQ, REG_CC, REG_INTMC, REG_INTMS, SHST_COMPLETE, Command, Generic, NvmeError,
     generic, status_field,
 )
 from emulator.nvme.state import ControllerState, CQState, SQState
@@ -46,15 +46,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvme.ctrl")
 
 _REGS = struct.Struct("<QIIIIIIIIQQ")
-_FID_COALESCING = int(FID.INTERRUPT_COALESCING)
-
-@dataclass
-class _IrqState:
-    pending: int = 0  # CQEs posted since the last interrupt
-    timer: Optional[TimerHandle] = None
 
 
-class Controller:
+class Controller(Interrupts):
+    """One NVMe controller; its interrupt methods (flush_interrupts, note_posted, ...)
+    are in emulator/nvme/interrupts.py."""
+
     def __init__(self, config: ControllerConfig, tables: CommandTables, subsystem: "Subsystem",
                  irq: InterruptSink | None = None, scheduler: Scheduler | None = None) -> None:
         self.config = config
@@ -67,9 +64,7 @@ class Controller:
         self.state = ControllerState(cntlid=config.cntlid)
         self.sqs: dict[int, SQState] = {}
         self.cqs: dict[int, CQState] = {}
-        self._irq: dict[int, _IrqState] = {}
-        self._irq_due = False  # some _IrqState may have a pending count (flush_interrupts has work)
-        self._intx_pending = 0
+        super().__init__()  # Interrupts: pending counts, coalescing timers, held INTx vectors
         self.arbiter = Arbiter(self)  # bounded round-robin passes over the SQs with work
         self.resets = 0
         self.observers = Observers(list(tables.on_write), list(tables.on_reset),
@@ -219,10 +214,7 @@ class Controller:
 
     def controller_level_reset(self) -> None:
         """Controller Level Reset (§3.7.2): queues deleted, AERs dropped, features default."""
-        for st in self._irq.values():
-            if st.timer:
-                st.timer.cancel()
-        self._irq.clear()
+        self.drop_interrupts()
         self.arbiter.clear()
         self.resets += 1  # offloaded commands of before the reset are not completed
         self.sqs.clear()
@@ -470,14 +462,6 @@ class Controller:
         if posted:
             self.note_posted(cq.qid, posted)
 
-    def note_posted(self, cqid: int, posted: int) -> None:
-        """``posted`` CQEs went into CQ ``cqid``: flush_interrupts decides what to fire."""
-        st = self._irq.get(cqid)  # (no _IrqState made just to be thrown away: once per doorbell)
-        if st is None:
-            st = self._irq[cqid] = _IrqState()
-        st.pending += posted
-        self._irq_due = True
-
     def fatal(self, why: str) -> None:
         """A controller fatal status: an error no completion can report (Base 2.1 §3.1.4.6 CSTS.CFS).
 
@@ -542,74 +526,6 @@ class Controller:
     def data_from_host(self, cmd: Command, length: int) -> bytes:
         return b"".join(self.memory.read(addr, n)  # type: ignore[union-attr]
                         for addr, n in self.data_segments(cmd, length))
-
-    # ------------------------------------------------------------------ interrupts
-    def flush_interrupts(self) -> None:
-        """Signal the vectors of CQs that got entries, honouring coalescing (FID 08h/09h)."""
-        if not self._irq_due:
-            return  # no CQ has a pending count: nothing to decide
-        self._irq_due = due = False
-        coalesce = self.state.features.get(_FID_COALESCING, 0)
-        thr, atime = (coalesce & 0xFF) + 1, (coalesce >> 8) & 0xFF
-        for cqid, st in self._irq.items():
-            if not st.pending:
-                continue
-            cq = self.cqs.get(cqid)
-            if cq is None:
-                st.pending = 0
-                continue
-            if not cq.ien:
-                st.pending = 0
-                continue
-            disabled = cqid == 0 or bool(self.state.ivc.get(cq.iv, 0) & (1 << 16))
-            if disabled or coalesce == 0 or st.pending >= thr or self.scheduler is None:
-                self._fire(cq.iv)
-                st.pending = 0
-                if st.timer:
-                    st.timer.cancel()
-                    st.timer = None
-            else:
-                due = True  # still pending: decided again at the next flush
-                if st.timer is None:
-                    st.timer = self.scheduler.call_later(atime * 100e-6, self._coalesce_timeout, cqid)
-        if due:
-            self._irq_due = True
-
-    def rearm_interrupts(self) -> None:
-        """Signal every CQ holding entries the host has not consumed (TP4159 Resume)."""
-        for cq in self.cqs.values():
-            if cq.tail != cq.head:
-                self._irq.setdefault(cq.qid, _IrqState()).pending += 1
-                self._irq_due = True
-        self.flush_interrupts()
-
-    def _coalesce_timeout(self, cqid: int) -> None:
-        st = self._irq.get(cqid)
-        cq = self.cqs.get(cqid)
-        if st is None:
-            return
-        st.timer = None
-        if st.pending and cq is not None:
-            st.pending = 0
-            self._fire(cq.iv)
-
-    def _fire(self, vector: int) -> None:
-        if self.irq is None or self.state.suspended:
-            return
-        if self.state.regs.intms & (1 << vector) and not self.irq.msix_enabled():
-            self._intx_pending |= 1 << vector  # masked by INTMS: hold it
-            return
-        self.irq.fire(vector)
-
-    def _unmasked(self, bits: int) -> None:
-        due = self._intx_pending & bits
-        self._intx_pending &= ~bits
-        v = 0
-        while due:
-            if due & 1:
-                self._fire(v)
-            due >>= 1
-            v += 1
 
     # ------------------------------------------------------------------ state
     def snapshot(self) -> ControllerState:

@@ -434,7 +434,8 @@ def test_admin_commands_and_resets_between_fast_batches(emu: Any, path: str) -> 
     assert served(e)[path] >= 20
 
 
-# The normal-path code whose semantics the fast path repeats (emulator/nvme/fastpath.py).
+# The normal-path code whose semantics the fast path repeats (emulator/nvme/fastpath.py,
+# fastpath_py.py).
 # When one of these changes, check that the fast path still does the same (or hands the
 # command over), then update its hash here.
 MIRRORED = {
@@ -472,8 +473,8 @@ def _source_hash(name: str) -> str:
 
 def test_the_mirrored_normal_path_code_is_unchanged() -> None:
     changed = {n: _source_hash(n) for n, h in MIRRORED.items() if _source_hash(n) != h}
-    assert not changed, ("the fast path repeats what these do; check emulator/nvme/fastpath.py "
-                         f"and cbind/ioq.c against them, then update MIRRORED: {changed}")
+    assert not changed, ("the fast path repeats what these do; check emulator/nvme/fastpath.py, "
+                         f"fastpath_py.py and cbind/ioq.c against them, then update MIRRORED: {changed}")
 
 
 def test_a_write_after_a_sanitize_clears_gde(emu: Any, path: str) -> None:
