@@ -19,8 +19,12 @@
  * entry re-reads the shadow CQ head until the host frees a slot.
  *
  * Between empty turns it spins for ``spin_ns`` after the last command seen,
- * then naps ``nap_ns`` in epoll_pwait2 on the loop's epoll fd, so a socket
- * event ends the nap at once (nanosleep where epoll_pwait2 is missing).
+ * then naps in epoll_pwait2 on the loop's epoll fd, so a socket event ends
+ * the nap at once (nanosleep where epoll_pwait2 is missing).  The nap is
+ * ``nap_ns`` times the commands the last busy turn of an SQ served, at most
+ * ``nap_max_ns``: a host that submits one command at a time (queue depth 1)
+ * is answered soon, one that keeps many in flight gets its completions in
+ * larger batches, one interrupt each (a natural coalescing).
  */
 #include <sys/epoll.h>
 #include <sys/syscall.h>
@@ -46,7 +50,7 @@ struct sqw_entry {
 /* Serve and wait; ``timeout_ns`` < 0: no timeout, 0: one turn.  Returns
  * 0 timeout, 1 the epoll fd is readable, 2 an entry left the wait. */
 int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
-             uint64_t nap_ns);
+             uint64_t nap_ns, uint64_t nap_max_ns);
 /* END CDEF */
 
 #define SQW_COMMAND 1 /* ioq_batch.stop of the command at the head + 16: Python runs it */
@@ -81,7 +85,7 @@ static int loop_ready(int epfd, uint64_t wait_ns)
     return epoll_wait(epfd, &ev, 1, 0) > 0;
 }
 
-/* One entry's turn: new commands served; 1 if it found any. */
+/* One entry's turn: the commands it served, or 1 if it only saw new ones. */
 static int sqw_turn(struct sqw_entry *e, uint64_t now)
 {
     struct ioq_batch *b = e->b;
@@ -127,7 +131,7 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
                 e->irqs++; /* EAGAIN: the counter is full, the reader sees it nonzero anyway */
         }
         e->last_ns = now;
-        found = 1;
+        found = done;
     }
     if (b->stop != IOQ_STOP_EMPTY && b->stop != IOQ_STOP_CQ_FULL)
         e->stop = SQW_STOP_BASE + b->stop;
@@ -135,18 +139,24 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
 }
 
 int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
-             uint64_t nap_ns)
+             uint64_t nap_ns, uint64_t nap_max_ns)
 {
     const uint64_t start = now_ns();
-    uint64_t last = start;
+    uint64_t last = start, batch = 1;
     for (;;) {
         uint64_t now = now_ns();
         int left = 0;
         for (uint32_t i = 0; i < n; i++) {
             if (e[i].stop)
                 continue;
-            if (sqw_turn(&e[i], now))
+            int got = sqw_turn(&e[i], now);
+            if (got) {
+                if (last != now)
+                    batch = 0;
                 last = now;
+                if ((uint64_t)got > batch)
+                    batch = (uint64_t)got;
+            }
             if (e[i].stop)
                 left = 1;
         }
@@ -159,7 +169,9 @@ int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint
             return 0;
         uint64_t nap = 0;
         if (now - last >= spin_ns) {
-            nap = nap_ns;
+            nap = nap_ns * batch;
+            if (nap > nap_max_ns)
+                nap = nap_max_ns;
             if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)
                 nap = start + (uint64_t)timeout_ns - now;
         }

@@ -74,8 +74,9 @@ class ControllerConfig:
     doorbell_buffer: Optional[bool] = None
     # With shadow doorbells: poll a busy SQ's shadow tail (the host does not ring)
     # until this many microseconds pass without a new command; 0 = never poll,
-    # every submission rings (emulator/nvme/sqpoll.py, docs/doorbells.md).
-    sq_poll_idle_us: int = 0
+    # every submission rings; None = 1000 where the poll turns run in C, else 0
+    # (emulator/nvme/sqpoll.py, sqwait.py, docs/doorbells.md).
+    sq_poll_idle_us: Optional[int] = None
     socket: Optional[Path] = None  # where the runtime listens (the controller never looks)
 
     @property

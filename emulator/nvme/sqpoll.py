@@ -75,7 +75,7 @@ class SqPoller:
 
     def __init__(self, ctrl: "Controller") -> None:
         self.ctrl = ctrl
-        self.idle_ns = ctrl.config.sq_poll_idle_us * 1000
+        self.idle_ns = idle_us(ctrl) * 1000
         self.clock: Callable[[], int] = time.monotonic_ns  # tests replace it
         self.polled: dict[int, int] = {}  # SQ id -> clock of the last new command seen
         self.seen: dict[int, int] = {}  # polled SQ id -> its tail then
@@ -233,9 +233,24 @@ class SqPoller:
 _pollers: "weakref.WeakKeyDictionary[Controller, SqPoller]" = weakref.WeakKeyDictionary()
 
 
+# The idle spell where ``sq_poll_idle_us`` is not set and the turns run in C: longer than
+# a queue-depth-1 host's turnaround under TCG (200-400 us), so such a host never rings.
+AUTO_IDLE_US = 1000
+
+
+def idle_us(ctrl: "Controller") -> int:
+    """The controller's idle spell: ``sq_poll_idle_us``, or when it is not set (None)
+    AUTO_IDLE_US where the poll turns run in C (sqwait.hub), else 0 (no polling: Python
+    turns cost more than they save, docs/performance.md)."""
+    v = ctrl.config.sq_poll_idle_us
+    if v is None:
+        return AUTO_IDLE_US if sqwait.hub(ctrl) is not None else 0
+    return v
+
+
 def enabled(ctrl: "Controller") -> bool:
     """Polling configured (``sq_poll_idle_us``) and possible (an event loop to poll on)."""
-    return ctrl.config.sq_poll_idle_us > 0 and ctrl.scheduler is not None
+    return ctrl.scheduler is not None and idle_us(ctrl) > 0
 
 
 def poller(ctrl: "Controller") -> SqPoller:

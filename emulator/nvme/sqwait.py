@@ -69,8 +69,10 @@ def _env_us(name: str, default: float) -> int:
 
 # Spin this long after the last command seen before napping (0: always nap).
 SPIN_NS = _env_us("NVME_EMU_SQ_SPIN_US", 0)
-# A nap between empty turns (in epoll_pwait2: a socket event ends it at once).
-NAP_NS = _env_us("NVME_EMU_SQ_NAP_US", 20)
+# A nap between empty turns (in epoll_pwait2: a socket event ends it at once), times the
+# commands the last busy turn served, at most NAP_MAX_NS (cbind/sqwait.c).
+NAP_NS = _env_us("NVME_EMU_SQ_NAP_US", 50)
+NAP_MAX_NS = _env_us("NVME_EMU_SQ_NAP_MAX_US", 200)
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
 _SHADOW = ioq.SQW.get("shadow", 3) if ioq.LIB is not None else 3
@@ -130,7 +132,7 @@ class Hub:
                 return True
         t = -1 if timeout is None else max(0, int(timeout * 1e9))
         self.waits += 1
-        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS)
+        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS)
         if rc == 0:
             self.timeouts += 1
         elif rc == 1:

@@ -29,7 +29,8 @@ Schema (every key but ``nsid``, ``size`` and ``cntlid`` has a default)::
         doorbell_buffer: true # Doorbell Buffer Config; default: off on io controllers
                               # of a subsystem with an mmc, on otherwise
         sq_poll_idle_us: 1000 # with shadow doorbells: poll busy SQs' shadow tails until
-                              # this long without a new command; 0: off (docs/doorbells.md)
+                              # this long without a new command; 0: off; default: 1000
+                              # where the poll turns run in C, else 0 (docs/doorbells.md)
 
 Defaults chosen here: ``state_dir`` absent -> the default state directory
 (``$NVME_EMU_STATE_DIR``, else ``$XDG_STATE_HOME/nvme-emu``, else
@@ -126,7 +127,8 @@ class SubsystemConfig:
             "controllers": [{"cntlid": c.cntlid, "socket": str(c.socket), "type": c.type,
                              "namespaces": list(c.namespaces), "max_io_queues": c.max_io_queues,
                              "mqes": c.mqes, "mdts": c.mdts, "msix_vectors": c.msix_vectors,
-                             "sq_poll_idle_us": c.sq_poll_idle_us,
+                             **({} if c.sq_poll_idle_us is None
+                                else {"sq_poll_idle_us": c.sq_poll_idle_us}),
                              **({} if c.doorbell_buffer is None
                                 else {"doorbell_buffer": c.doorbell_buffer})}
                             for c in self.controllers],
@@ -297,7 +299,7 @@ def _controller(value: Any, path: str, state_dir: Path, nsids: tuple[int, ...]) 
         mdts=_int(_get(m, "mdts"), f"{path}.mdts", 1, 10),
         msix_vectors=_int(_get(m, "msix_vectors"), f"{path}.msix_vectors", 1, 2048),
         doorbell_buffer=_opt_bool(_get(m, "doorbell_buffer"), f"{path}.doorbell_buffer"),
-        sq_poll_idle_us=_int(_get(m, "sq_poll_idle_us"), f"{path}.sq_poll_idle_us", 0, 1_000_000),
+        sq_poll_idle_us=_opt_int(_get(m, "sq_poll_idle_us"), f"{path}.sq_poll_idle_us", 0, 1_000_000),
     )
 
 
@@ -374,6 +376,10 @@ def _int(value: Any, path: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ConfigError(path, f"must be in {lo}..{hi}, not {value}")
     return value
+
+
+def _opt_int(value: Any, path: str, lo: int, hi: int) -> int | None:
+    return None if value is None else _int(value, path, lo, hi)
 
 
 def _opt_bool(value: Any, path: str) -> bool | None:

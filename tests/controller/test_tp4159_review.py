@@ -166,7 +166,7 @@ def test_state_takes_shadow_heads_and_both_parts_agree(emu: Any) -> None:
 
 
 def test_a_suspended_controller_writes_no_eventidx(emu: Any) -> None:
-    e = emu(_with(doorbell_buffer=True))
+    e = emu(_with(doorbell_buffer=True, sq_poll_idle_us=0))  # not polled: EventIdx = processed tail
     s = _shadow_guest(e)
     m = MigrationHost(e.host(MMC))
     g = s.h

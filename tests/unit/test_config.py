@@ -144,7 +144,7 @@ def test_sq_poll_idle_us_round_trip() -> None:
     cfg = parse_config(data, Path("/cfg"))
     assert cfg.controllers[0].sq_poll_idle_us == 1500
     assert parse_config(cfg.to_dict(), Path("/x")) == cfg
-    assert parse_config(base(), Path("/cfg")).controllers[0].sq_poll_idle_us == 0  # off by default
+    assert parse_config(base(), Path("/cfg")).controllers[0].sq_poll_idle_us is None  # auto (sqpoll.idle_us)
 
 
 def test_mmc_only_subsystem() -> None:
