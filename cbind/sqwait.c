@@ -101,7 +101,7 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
         found = 1;
     }
     if (e->sq_head == e->sq_tail) {
-        if (now - e->last_ns >= e->idle_ns)
+        if (now >= e->last_ns && now - e->last_ns >= e->idle_ns)
             e->stop = SQW_IDLE;
         return found;
     }

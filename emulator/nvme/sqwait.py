@@ -96,6 +96,7 @@ class Hub:
         self.pollers: list["SqPoller"] = []
         # Counters (not state): waits, their outcomes, SQs handed back to Python
         self.waits = self.timeouts = self.events = self.returns = self.served = 0
+        self.broken = False  # a failure: never used again (wait)
 
     def add(self, poller: "SqPoller") -> None:
         if poller not in self.pollers:
@@ -108,6 +109,20 @@ class Hub:
 
     # -- the waiter ---------------------------------------------------------------
     def wait(self, epfd: int, timeout: float | None) -> bool:
+        """The WaitingSelector's waiter.  A failure here (a bug) must not leave polled SQs
+        unserved: the hub is given up and every poller goes back to Python turns."""
+        try:
+            return self._wait(epfd, timeout)
+        except Exception:
+            log.exception("shadow tail poll turns in C failed; they run in Python from now on")
+            self.broken = True
+            self.selector.waiter = None
+            for p in self.pollers:
+                p.python_turn()
+            self.pollers.clear()
+            return True
+
+    def _wait(self, epfd: int, timeout: float | None) -> bool:
         plan: list[_Planned] = []
         turns = False  # Python turns scheduled: callbacks of this iteration, select must not block
         for p in list(self.pollers):
@@ -226,8 +241,7 @@ def _fill(e: Any, pl: _Planned) -> bool:
     e.b = pl.batch
     e.shadow_tail, e.shadow_head, e.irq_fd = tail, head, fd
     e.sq_head, e.sq_tail, e.cq_head, e.cq_tail, e.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
-    last = pl.poller.polled.get(sq.qid, 0)
-    e.last_ns = last if last <= time.monotonic_ns() else 0
+    e.last_ns = min(pl.poller.polled.get(sq.qid, 0), time.monotonic_ns())
     e.idle_ns = pl.poller.idle_ns
     return True
 
@@ -246,4 +260,4 @@ def hub(ctrl: "Controller") -> Hub | None:
     h = _hubs.get(loop)
     if h is None:
         h = _hubs[loop] = Hub(sel, loop)
-    return h
+    return None if h.broken else h

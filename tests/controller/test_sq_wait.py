@@ -115,3 +115,22 @@ def test_coalescing_keeps_the_turns_in_python(emu: Any) -> None:
         assert h.read(1, i, 1).ok
     turns, _, _, done = _stats(e)
     assert turns > t0
+
+
+def test_a_failing_c_turn_hands_the_sqs_back_to_python(emu: Any, monkeypatch: Any) -> None:
+    """A bug in the hub (here: planning raises) must not strand a polled SQ whose host
+    no longer rings: the hub is given up and the turns go on in Python."""
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+
+    def boom(_p: Any) -> None:
+        raise RuntimeError("planted")
+    monkeypatch.setattr(sqwait, "_plan", boom)
+    for i in range(20):
+        assert h.read(1, i, 1).ok
+    ctrl = e.subsystem.controllers[1]
+    assert e.call(lambda: sqwait.hub(ctrl)) is None  # given up
+    assert _stats(e)[0] > 0  # Python turns served them
+    assert h.sq_mmio <= 3
