@@ -25,6 +25,18 @@
  * ``nap_max_ns``: a host that submits one command at a time (queue depth 1)
  * is answered soon, one that keeps many in flight gets its completions in
  * larger batches, one interrupt each (a natural coalescing).
+ *
+ * Interrupts: completions are signalled (an eventfd write for the CQ's
+ * vector) at once when the host has consumed every completion signalled
+ * before (its shadow CQ head reached ``signaled``, the CQ tail at the last
+ * interrupt): a host waiting for its one command (queue depth 1) is told
+ * without delay.  While the host is still working through completions it
+ * was told of, new ones are held, at most ``hold_ns`` (0: never held): its interrupt
+ * handler may see them in the same pass (Linux's reads on until the phase
+ * tag stops matching), and if it stops short of them, the next turn finds
+ * its head at ``signaled`` and signals them.  With many commands in flight
+ * this gives one interrupt per pass of the host instead of one per turn;
+ * the bound keeps a host that moves its head lazily from waiting long.
  */
 #include <sys/epoll.h>
 #include <sys/syscall.h>
@@ -40,7 +52,8 @@ struct sqw_entry {
     int32_t irq_fd;
     uint32_t stop;       /* out: why it left the wait: 0 still in, SQW_* */
     uint32_t sq_head, sq_tail, cq_head, cq_tail, cq_phase; /* in and out */
-    uint32_t pad;
+    uint32_t signaled;   /* in and out: the CQ tail at the last interrupt (see above) */
+    uint64_t held_ns;    /* in and out: since when completions are held, 0: none */
     uint64_t last_ns;    /* in and out: CLOCK_MONOTONIC of the last new command seen */
     uint64_t idle_ns;    /* the idle spell: empty this long, the entry leaves (SQW_IDLE) */
     uint64_t done, writes, read_bytes, write_bytes, sgls, irqs; /* out, added up */
@@ -50,7 +63,7 @@ struct sqw_entry {
 /* Serve and wait; ``timeout_ns`` < 0: no timeout, 0: one turn.  Returns
  * 0 timeout, 1 the epoll fd is readable, 2 an entry left the wait. */
 int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
-             uint64_t nap_ns, uint64_t nap_max_ns);
+             uint64_t nap_ns, uint64_t nap_max_ns, uint64_t hold_ns);
 /* END CDEF */
 
 #define SQW_COMMAND 1 /* ioq_batch.stop of the command at the head + 16: Python runs it */
@@ -85,6 +98,37 @@ static int loop_ready(int epfd, uint64_t wait_ns)
     return epoll_wait(epfd, &ev, 1, 0) > 0;
 }
 
+/* Signal the completions not signalled yet, or hold them (see above).  1 if held. */
+static int sqw_signal(struct sqw_entry *e, uint64_t now, uint64_t hold_ns)
+{
+    const uint32_t size = e->b->cq_size;
+    if (e->signaled == e->cq_tail)
+        return 0;
+    uint32_t head = load_u32(e->shadow_head);
+    if (head < size) {
+        uint32_t unseen = (e->cq_tail + size - head) % size;       /* the host has not read */
+        uint32_t unsignaled = (e->cq_tail + size - e->signaled) % size;
+        if (unseen == 0) { /* the host read them all already (in the pass for the last one) */
+            e->signaled = e->cq_tail;
+            e->held_ns = 0;
+            return 0;
+        }
+        if (hold_ns && unseen > unsignaled && (!e->held_ns || now - e->held_ns < hold_ns)) {
+            if (!e->held_ns) /* still reading completions it was told of */
+                e->held_ns = now;
+            return 1;
+        }
+    }
+    e->signaled = e->cq_tail;
+    e->held_ns = 0;
+    if (e->irq_fd >= 0) {
+        uint64_t one = 1;
+        if (write(e->irq_fd, &one, sizeof one) == (ssize_t)sizeof one || errno == EAGAIN)
+            e->irqs++; /* EAGAIN: the counter is full, the reader sees it nonzero anyway */
+    }
+    return 0;
+}
+
 /* One entry's turn: the commands it served, or 1 if it only saw new ones. */
 static int sqw_turn(struct sqw_entry *e, uint64_t now)
 {
@@ -101,7 +145,7 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
         found = 1;
     }
     if (e->sq_head == e->sq_tail) {
-        if (now >= e->last_ns && now - e->last_ns >= e->idle_ns)
+        if (now >= e->last_ns && now - e->last_ns >= e->idle_ns && e->signaled == e->cq_tail)
             e->stop = SQW_IDLE;
         return found;
     }
@@ -125,11 +169,6 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
         e->sgls += b->sgls;
         for (uint32_t i = 0; i < b->nlat; i++)
             e->lat[b->lat_bucket[i]] += b->lat_count[i];
-        if (e->irq_fd >= 0) {
-            uint64_t one = 1;
-            if (write(e->irq_fd, &one, sizeof one) == (ssize_t)sizeof one || errno == EAGAIN)
-                e->irqs++; /* EAGAIN: the counter is full, the reader sees it nonzero anyway */
-        }
         e->last_ns = now;
         found = done;
     }
@@ -139,17 +178,18 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
 }
 
 int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
-             uint64_t nap_ns, uint64_t nap_max_ns)
+             uint64_t nap_ns, uint64_t nap_max_ns, uint64_t hold_ns)
 {
     const uint64_t start = now_ns();
     uint64_t last = start, batch = 1;
     for (;;) {
         uint64_t now = now_ns();
-        int left = 0;
+        int left = 0, held = 0;
         for (uint32_t i = 0; i < n; i++) {
             if (e[i].stop)
                 continue;
             int got = sqw_turn(&e[i], now);
+            held |= sqw_signal(&e[i], now, hold_ns);
             if (got) {
                 if (last != now)
                     batch = 0;
@@ -169,7 +209,7 @@ int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint
             return 0;
         uint64_t nap = 0;
         if (now - last >= spin_ns) {
-            nap = nap_ns * batch;
+            nap = held ? nap_ns : nap_ns * batch; /* held completions: look again soon */
             if (nap > nap_max_ns)
                 nap = nap_max_ns;
             if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)

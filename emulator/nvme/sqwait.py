@@ -67,12 +67,17 @@ def _env_us(name: str, default: float) -> int:
         return int(default * 1000)
 
 
-# Spin this long after the last command seen before napping (0: always nap).
-SPIN_NS = _env_us("NVME_EMU_SQ_SPIN_US", 0)
+# Spin this long after the last command seen before napping (0: always nap).  A host
+# keeping many commands in flight submits again within it (docs/performance.md).
+SPIN_NS = _env_us("NVME_EMU_SQ_SPIN_US", 50)
 # A nap between empty turns (in epoll_pwait2: a socket event ends it at once), times the
 # commands the last busy turn served, at most NAP_MAX_NS (cbind/sqwait.c).
 NAP_NS = _env_us("NVME_EMU_SQ_NAP_US", 50)
 NAP_MAX_NS = _env_us("NVME_EMU_SQ_NAP_MAX_US", 200)
+# Completions posted while the host still reads ones it was told of may wait for its pass
+# to end, at most this long, before their interrupt (cbind/sqwait.c).  0 (the default):
+# every turn that posted signals; measured without a clear gain (docs/performance.md).
+HOLD_NS = _env_us("NVME_EMU_SQ_HOLD_US", 0)
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
 _SHADOW = ioq.SQW.get("shadow", 3) if ioq.LIB is not None else 3
@@ -147,7 +152,7 @@ class Hub:
                 return True
         t = -1 if timeout is None else max(0, int(timeout * 1e9))
         self.waits += 1
-        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS)
+        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS, HOLD_NS)
         if rc == 0:
             self.timeouts += 1
         elif rc == 1:
@@ -183,6 +188,9 @@ class Hub:
                          "tail poller", ctrl.cntlid)
             fast.completed["c"] += done
             self.served += done
+        if e.signaled != e.cq_tail:  # completions C held: Python signals them now
+            ctrl.note_posted(cq.qid, (e.cq_tail - e.signaled) % cq.size)
+            ctrl.flush_interrupts()
         if e.stop:
             self.returns += 1
             idle = e.stop < _STOP_BASE  # idle spell over, or a shadow value out of range
@@ -241,6 +249,7 @@ def _fill(e: Any, pl: _Planned) -> bool:
     e.b = pl.batch
     e.shadow_tail, e.shadow_head, e.irq_fd = tail, head, fd
     e.sq_head, e.sq_tail, e.cq_head, e.cq_tail, e.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
+    e.signaled = cq.tail  # Python signalled what it posted (_plan flushed)
     e.last_ns = min(pl.poller.polled.get(sq.qid, 0), time.monotonic_ns())
     e.idle_ns = pl.poller.idle_ns
     return True
