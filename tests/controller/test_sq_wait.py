@@ -134,3 +134,24 @@ def test_a_failing_c_turn_hands_the_sqs_back_to_python(emu: Any, monkeypatch: An
     assert e.call(lambda: sqwait.hub(ctrl)) is None  # given up
     assert _stats(e)[0] > 0  # Python turns served them
     assert h.sq_mmio <= 3
+
+
+@pytest.mark.parametrize("hold_us", [0, 200])
+def test_every_completion_is_signalled(emu: Any, monkeypatch: Any, hold_us: int) -> None:
+    """Whatever C posts is followed by an interrupt on the CQ's vector: at once, or with
+    the hold (NVME_EMU_SQ_HOLD_US) once the host read the completions it was told of or
+    the hold ran out, or by Python when C returns with completions held."""
+    monkeypatch.setattr(sqwait, "HOLD_NS", hold_us * 1000)
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+    while h.t.wait_irq(1, 0.05):  # the interrupts so far
+        pass
+    buf = h.mem.alloc(4096)
+    for rnd in range(30):
+        cids = [h.submit(1, IoOpcode.READ, nsid=1, prp1=buf) for _ in range(1 + rnd % 6)]
+        for cid in cids:
+            assert h.wait(1, cid).ok
+        assert h.t.wait_irq(1, 10.0)  # (an eventfd: several writes read as one)
+    assert h.sq_mmio <= 1 + 120 // 15 + 1
