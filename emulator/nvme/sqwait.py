@@ -16,8 +16,9 @@ the fast path does (cbind/ioq.c), writes the eventfd after each turn that
 posted, and returns when a socket or timer needs the loop, or an SQ needs
 Python (a command the fast path leaves to the normal path, an idle spell
 over, a shadow value out of range).  Between turns it spins for
-``SPIN_NS`` after the last command it saw, then naps ``NAP_NS`` in the
-loop's epoll, so a message ends the nap at once.
+``SPIN_NS`` after the last command it saw, then naps ``NAP_NS`` per command
+of the last busy turn (at most ``NAP_MAX_NS``) in the loop's epoll, so a
+message ends the nap at once.
 
 While C runs, no Python code of this thread runs, so the queue state in
 Python is stale but never raced: right after ``sqw_wait`` returns (still
