@@ -61,7 +61,7 @@ struct sqw_entry {
 };
 
 /* Serve and wait; ``timeout_ns`` < 0: no timeout, 0: one turn.  Returns
- * 0 timeout, 1 the epoll fd is readable, 2 an entry left the wait. */
+ * 0 timeout, 1 the epoll fd is readable (or a signal came), 2 an entry left the wait. */
 int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint64_t spin_ns,
              uint64_t nap_ns, uint64_t nap_max_ns, uint64_t hold_ns);
 /* END CDEF */
@@ -88,13 +88,16 @@ static int loop_ready(int epfd, uint64_t wait_ns)
         long r = syscall(SYS_epoll_pwait2, epfd, &ev, 1, &ts, NULL, (size_t)8);
         if (r >= 0)
             return r > 0;
+        if (errno == EINTR)
+            return 1; /* a signal: Python runs its handlers once it has the thread back */
         if (errno != ENOSYS)
-            return 0; /* EINTR: a turn, as if the nap ended */
+            return 0;
         no_pwait2 = 1;
     }
 #endif
     struct timespec ts = {0, (long)wait_ns};
-    nanosleep(&ts, NULL);
+    if (nanosleep(&ts, NULL) < 0 && errno == EINTR)
+        return 1;
     return epoll_wait(epfd, &ev, 1, 0) > 0;
 }
 
