@@ -69,8 +69,11 @@ def job_bytes(name: str) -> int:
 
 
 PATHS = ("c", "python", "off")
+# c-ring: the C fast path without the shadow SQ tail poller's turns in C (every
+# submission of a --shadow-doorbells host then rings, as before they existed);
+# poll: c and c-ring side by side
 PATH_SETS = {"c": ["c"], "python": ["python"], "off": ["off"], "both": ["c", "python"],
-             "all": ["c", "python", "off"]}
+             "all": ["c", "python", "off"], "c-ring": ["c-ring"], "poll": ["c", "c-ring"]}
 
 
 @dataclass
@@ -324,10 +327,13 @@ def child_env(path: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("NVME_EMU_NO_CBIND", None)
     env.pop("NVME_EMU_FASTPATH", None)
+    env.pop("NVME_EMU_SQ_WAIT", None)
     if path == "python":
         env["NVME_EMU_NO_CBIND"] = "1"
     elif path == "off":
         env["NVME_EMU_FASTPATH"] = "off"
+    elif path == "c-ring":
+        env["NVME_EMU_SQ_WAIT"] = "off"  # emulator/nvme/sqwait.py
     return env
 
 
@@ -390,7 +396,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host memory not sealed against shrinking (the guarded copy path)")
     p.add_argument("--path", choices=sorted(PATH_SETS), default="c",
                    help="the child's I/O fast path: c (python if C does not build), python, off "
-                        "(normal path only), both (c and python side by side), all")
+                        "(normal path only), both (c and python side by side), all; c-ring: c "
+                        "without the poll turns in C (with --shadow-doorbells every submission "
+                        "rings), poll: c and c-ring side by side")
     p.add_argument("--inproc", action="store_true",
                    help="also the fast path alone: Controller.run_sq on a full SQ in this process, "
                         "no messages (emulator/host/fastbench.py), per path")
@@ -405,7 +413,7 @@ def _format(results: list[JobResult], limits: dict[str, float]) -> str:
     head = f"{'job':<18}"
     for p in paths:
         label = f" [{p}]" if p else ""
-        head += (f"{'IOPS' + label:>16}{'emu µs/IO' + label:>18}{'usr/sys':>10}{'sleep/pre':>10}"
+        head += (f"{'IOPS' + label:>16} {'emu µs/IO' + label:>19}{'usr/sys':>10}{'sleep/pre':>10}"
                  f"{'gen µs/IO':>10}{'err':>5}")
     lines = [head]
     by = {(r.path, r.name): r for r in results}
@@ -415,7 +423,7 @@ def _format(results: list[JobResult], limits: dict[str, float]) -> str:
             r = by[(p, name)]
             split = f"{r.emu_user_us_per_io:.0f}/{r.emu_sys_us_per_io:.0f}"
             switches = f"{r.emu_sleeps_per_io:.2f}/{r.emu_preempted_per_io:.2f}"
-            line += (f"{r.iops:>16.0f}{r.emu_cpu_us_per_io:>18.1f}{split:>10}{switches:>10}"
+            line += (f"{r.iops:>16.0f} {r.emu_cpu_us_per_io:>19.1f}{split:>10}{switches:>10}"
                      f"{r.gen_cpu_us_per_io:>10.1f}{r.errors:>5}")
         lines.append(line)
     lines.append("physical limit on this machine (µs per call; net of a 1-byte call):")
@@ -487,7 +495,7 @@ def _available(paths: list[str]) -> list[str]:
     if "c" in paths and ioq.LIB is None:
         print(f"nvme-emu bench: C fast path not built ({build.why.get('ioq')}); python instead",
               file=sys.stderr)
-        paths = ["python" if p == "c" else p for p in paths]
+        paths = ["python" if p in ("c", "c-ring") else p for p in paths]
     return list(dict.fromkeys(paths))
 
 
