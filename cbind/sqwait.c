@@ -172,7 +172,7 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now)
         e->sgls += b->sgls;
         for (uint32_t i = 0; i < b->nlat; i++)
             e->lat[b->lat_bucket[i]] += b->lat_count[i];
-        e->last_ns = now;
+        e->last_ns = now_ns(); /* the idle spell counts from the end of the work */
         found = done;
     }
     if (b->stop != IOQ_STOP_EMPTY && b->stop != IOQ_STOP_CQ_FULL)
