@@ -66,10 +66,9 @@ int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint
              uint64_t nap_ns, uint64_t nap_max_ns, uint64_t hold_ns);
 /* END CDEF */
 
-#define SQW_COMMAND 1 /* ioq_batch.stop of the command at the head + 16: Python runs it */
 #define SQW_IDLE 2    /* empty for the idle spell: Python arms the EventIdx */
 #define SQW_SHADOW 3  /* a shadow tail or head out of range: Python decides */
-#define SQW_STOP_BASE 16
+#define SQW_STOP_BASE 16 /* + ioq_batch.stop: a command at the head Python runs */
 
 static inline uint32_t load_u32(uint64_t host)
 {

@@ -281,8 +281,9 @@ def snapshot() -> dict[str, Any]:
         hub = sqwait.hub(ctrl)
         if hub is not None:
             hubs.add(hub)
-    for hub in hubs:  # its turns in C: waits, ended by timeout / loop event, SQs handed back
-        for k in ("waits", "timeouts", "events", "returns"):
+    for hub in hubs:  # its turns in C: waits, ended by timeout / loop event, SQs handed back,
+        # eventfd writes from C
+        for k in ("waits", "timeouts", "events", "returns", "irqs"):
             counts[f"cwait.{k}"] = counts.get(f"cwait.{k}", 0) + getattr(hub, k)
         counts["io.cwait"] = counts.get("io.cwait", 0) + hub.served
     for gen, st in enumerate(gc.get_stats()):  # Python's garbage collector runs, per generation

@@ -297,10 +297,14 @@ class FastPath:
                 completed[path] += n
             return n
         except Exception:  # a bug here must not stop the controller: the normal path goes on
-            if not self._failed:
-                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", ctrl.cntlid)
-            self._failed = True
+            self._failure()
             return 0
+
+    def _failure(self) -> None:
+        """Log a failure of the fast path (the first one with its traceback)."""
+        if not self._failed:
+            log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
+        self._failed = True
 
     def _ready(self, sq: "SQState") -> "tuple[CQState, _Regions, int] | None":
         """(CQ, region table, lowest directly writable address) when the fast path may
@@ -349,9 +353,7 @@ class FastPath:
             cq, regions, min_write = ready
             return self.c.batch(self.ctrl, sq, cq, regions, min_write), cq
         except Exception:
-            if not self._failed:
-                log.exception("ctrl %d: I/O fast path failed; the normal path takes over", self.ctrl.cntlid)
-            self._failed = True
+            self._failure()
             return None
 
     # ------------------------------------------------------------------ shared

@@ -81,16 +81,18 @@ NAP_MAX_NS = _env_us("NVME_EMU_SQ_NAP_MAX_US", 200)
 HOLD_NS = _env_us("NVME_EMU_SQ_HOLD_US", 0)
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
-_SHADOW = ioq.SQW.get("shadow", 3) if ioq.LIB is not None else 3
 _STOP_BASE = ioq.SQW.get("stop_base", 16) if ioq.LIB is not None else 16
 
 
 class _Planned:
-    """One polled SQ handed to C for one wait."""
-    __slots__ = ("poller", "sq", "cq", "batch", "tail")
+    """One polled SQ handed to C for one wait: its queues and fast-path batch struct, the
+    host addresses of its shadow SQ tail and shadow CQ head, its CQ's interrupt eventfd."""
+    __slots__ = ("poller", "sq", "cq", "batch", "tail", "shadow_tail", "shadow_head", "irq_fd")
 
-    def __init__(self, poller: "SqPoller", sq: "SQState", cq: "CQState", batch: Any) -> None:
+    def __init__(self, poller: "SqPoller", sq: "SQState", cq: "CQState", batch: Any,
+                 shadow_tail: int, shadow_head: int, irq_fd: int) -> None:
         self.poller, self.sq, self.cq, self.batch, self.tail = poller, sq, cq, batch, sq.tail
+        self.shadow_tail, self.shadow_head, self.irq_fd = shadow_tail, shadow_head, irq_fd
 
 
 class Hub:
@@ -101,7 +103,7 @@ class Hub:
         self.loop = loop
         self.pollers: list["SqPoller"] = []
         # Counters (not state): waits, their outcomes, SQs handed back to Python
-        self.waits = self.timeouts = self.events = self.returns = self.served = 0
+        self.waits = self.timeouts = self.events = self.returns = self.served = self.irqs = 0
         self.broken = False  # a failure: never used again (wait)
 
     def add(self, poller: "SqPoller") -> None:
@@ -146,11 +148,7 @@ class Hub:
             return turns
         entries = ioq.FFI.new("struct sqw_entry[]", len(plan))
         for i, pl in enumerate(plan):
-            if not _fill(entries[i], pl):  # a shadow address outside the direct regions (rare)
-                for q in {x.poller for x in plan}:
-                    self.remove(q)
-                    q.python_turn()
-                return True
+            _fill(entries[i], pl)
         t = -1 if timeout is None else max(0, int(timeout * 1e9))
         self.waits += 1
         rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS, HOLD_NS)
@@ -173,6 +171,7 @@ class Hub:
             p.seen[sq.qid] = sq.tail
         if sq.qid in p.polled:
             p.polled[sq.qid] = e.last_ns
+        self.irqs += e.irqs
         done = e.done
         if done:
             fast = ctrl.fast
@@ -201,7 +200,8 @@ class Hub:
 def _plan(p: "SqPoller") -> list[_Planned] | None:
     """The polled SQs of ``p`` for C, or None if one of them is not for C now."""
     ctrl = p.ctrl
-    if not ctrl.can_fetch() or p.shadow() is None or p.clock is not time.monotonic_ns:
+    cfg = p.shadow()
+    if not ctrl.can_fetch() or cfg is None or p.clock is not time.monotonic_ns:
         return None  # (a test's clock: C keeps CLOCK_MONOTONIC, as time.monotonic_ns)
     if ctrl._irq_due:
         ctrl.flush_interrupts()  # C fires only what it posts itself
@@ -222,9 +222,13 @@ def _plan(p: "SqPoller") -> list[_Planned] | None:
             return None
         if sum(1 for s in ctrl.sqs.values() if s.cqid == cq.qid) != 1:
             return None  # a CQ shared with another SQ: its tail would have two owners
-        if direct(cq.iv) is None:
-            return None
-        out.append(_Planned(p, sq, cq, got[0]))
+        fd = direct(cq.iv)
+        regions = ctrl.fast.regions  # (the table c_batch just used)
+        tail = _host(regions, cfg[0] + 8 * sq.qid)  # stride 4 << CAP.DSTRD, DSTRD 0 (dbbuf.py)
+        head = _host(regions, cfg[0] + 8 * cq.qid + 4)
+        if fd is None or tail is None or head is None:
+            return None  # no direct eventfd, or a shadow buffer outside the direct regions
+        out.append(_Planned(p, sq, cq, got[0], tail, head, fd))
     return out
 
 
@@ -236,24 +240,14 @@ def _host(regions: Any, addr: int) -> int | None:
     return int(regions.ctable[i].host) + addr - regions.starts[i]
 
 
-def _fill(e: Any, pl: _Planned) -> bool:
-    ctrl, sq, cq = pl.poller.ctrl, pl.sq, pl.cq
-    cfg = pl.poller.shadow()
-    regions = ctrl.fast.regions
-    if cfg is None or regions is None:
-        return False
-    tail = _host(regions, cfg[0] + 8 * sq.qid)  # stride 4 << CAP.DSTRD, DSTRD 0 (dbbuf.py)
-    head = _host(regions, cfg[0] + 8 * cq.qid + 4)
-    fd = ctrl.irq.direct_fd(cq.iv)  # type: ignore[union-attr]
-    if tail is None or head is None or fd is None:
-        return False
+def _fill(e: Any, pl: _Planned) -> None:
+    sq, cq = pl.sq, pl.cq
     e.b = pl.batch
-    e.shadow_tail, e.shadow_head, e.irq_fd = tail, head, fd
+    e.shadow_tail, e.shadow_head, e.irq_fd = pl.shadow_tail, pl.shadow_head, pl.irq_fd
     e.sq_head, e.sq_tail, e.cq_head, e.cq_tail, e.cq_phase = sq.head, sq.tail, cq.head, cq.tail, cq.phase
     e.signaled = cq.tail  # Python signalled what it posted (_plan flushed)
     e.last_ns = min(pl.poller.polled.get(sq.qid, 0), time.monotonic_ns())
     e.idle_ns = pl.poller.idle_ns
-    return True
 
 
 _hubs: "weakref.WeakKeyDictionary[Any, Hub]" = weakref.WeakKeyDictionary()
