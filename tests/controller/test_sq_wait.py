@@ -155,3 +155,23 @@ def test_every_completion_is_signalled(emu: Any, monkeypatch: Any, hold_us: int)
             assert h.wait(1, cid).ok
         assert h.t.wait_irq(1, 10.0)  # (an eventfd: several writes read as one)
     assert h.sq_mmio <= 1 + 120 // 15 + 1
+
+
+def test_a_shadow_tail_out_of_range_goes_back_to_python(emu: Any) -> None:
+    """A host that writes a shadow SQ tail past its queue: C leaves the SQ to Python, which
+    ignores the value (as it does without polling) and re-arms the EventIdx at the tail it
+    processed; nothing is fetched, the process goes on, and later submissions complete."""
+    import struct
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+    db = h.shadow[0]
+    good = struct.unpack("<I", h.mem.read(db + 8, 4))[0]
+    h.mem.write(db + 8, struct.pack("<I", 999))  # SQ 1 tail, 999 >= 16 entries
+    ctrl = e.subsystem.controllers[1]
+    _wait(lambda: h.event_idx(1) == good)  # re-armed at the processed tail
+    assert e.call(lambda: ctrl.sqs[1].tail) == good
+    h.mem.write(db + 8, struct.pack("<I", good))
+    for i in range(5):
+        assert h.read(1, i, 1).ok
