@@ -67,18 +67,30 @@ for DEV in $QEMU $EMU; do  # fill the region so both read real data, not holes
     done
 done
 result filled 1
+cpu_busy() {  # the guest's busy and total jiffies since boot (/proc/stat, all CPUs)
+    awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat
+}
+dev_irqs() {  # dev_irqs /dev/nvmeXn1: interrupts taken by that controller's vectors so far
+    c=$(basename $1); c=${c%n1}
+    awk -v c="$c" '$NF ~ "^"c"q[0-9]+$" {for(i=2;i<NF;i++) if ($i ~ /^[0-9]+$/) s+=$i} END {print s+0}' /proc/interrupts
+}
 fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
     key=$1; fields=$2; shift 2
     result ${name}_${key}_go_$r 1  # the job starts (the host cuts CPU intervals and attaches tools here)
+    set -- $(cpu_busy) $(dev_irqs $DEV) "$@"; b0=$1; t0=$2; i0=$3; shift 3
     fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
         --runtime=@RUNTIME@ --ramp_time=1 --output-format=terse --terse-version=3 "$@" \
         > /tmp/job.out 2>&1
+    set -- $(cpu_busy) $(dev_irqs $DEV); b1=$1; t1=$2; i1=$3
     v=0
     for f in $fields; do
         x=$(cut -d';' -f$f /tmp/job.out | head -n1); case "$x" in ''|*[!0-9]*) x=0;; esac
         v=$((v + x))
     done
-    result ${name}_${key}_$r "$v"
+    result ${name}_${key}_$r "$v"  # first: the host cuts CPU intervals at the job's result
+    # guest CPU busy in per mille of the job's wall time, and the device's interrupts
+    [ $((t1 - t0)) -gt 0 ] && result ${name}_${key}_gbusy_$r $(((b1 - b0) * 1000 / (t1 - t0)))
+    result ${name}_${key}_girq_$r $((i1 - i0))
 }
 r=0
 while [ $r -lt @ROUNDS@ ]; do
@@ -136,6 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guest kernel command line, for diagnosis only (e.g. nvme.sgl_threshold=0: "
                         "Linux then never uses SGLs); the product is measured with a stock guest")
+    p.add_argument("--pin", choices=PIN_LAYOUTS, default=None,
+                   help="once the guest has booted, pin threads (diagnosis of placement): vcpu = "
+                        "QEMU's vCPU thread (its busiest) on the first CPU, every other QEMU and "
+                        "emulator thread on the others; split = all of QEMU on the first CPU, the "
+                        "emulator on the others")
+    p.add_argument("--raw", action="store_true", help="also print each round's figures")
     p.add_argument("--count", action="store_true",
                    help="count the emulator's messages, interrupts and fast/normal path commands "
                         "per I/O of each job (emulator/bench/iocount.py; costs CPU)")
@@ -145,13 +163,15 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               visible_writes: str = DEFAULT_MODE, jobs: list[str] | None = None,
               sq_poll_idle_us: int | None = None,
               counts: dict[str, dict[str, float]] | None = None,
-              attach: str | None = None, append: str = "") -> dict[str, float]:
+              attach: str | None = None, append: str = "", pin: str | None = None,
+              raw: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
     ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
 
     With ``counts`` (a dict), the emulator runs under emulator/bench/iocount.py and
     ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
-    ``filled``: boot and fill).  ``attach``, ``append``: see ``--attach``, ``--append``."""
+    ``filled``: boot and fill).  ``attach``, ``append``, ``pin``: see ``--attach``,
+    ``--append``, ``--pin``; ``raw`` (a dict) gets each round's figures."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -176,6 +196,9 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                          append=append)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
+            if pin:
+                g.wait_for("RESULT", "filled", timeout=300)
+                _pin(pin, g.pid, emu.pid)
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
             counter = None
             if counts is not None:
@@ -199,12 +222,51 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
     samples: dict[str, list[float]] = {}
     for k, v in res.results.items():
         key, _, rnd = k.rpartition("_")
+        if key.endswith(("_gbusy", "_girq")) and rnd.isdigit() and v:
+            samples.setdefault(key, []).append(float(v))  # guest-side: CPU busy ‰, interrupts
         if key.endswith(("_iops", "_kibs")) and rnd.isdigit() and v:
             samples.setdefault(key, []).append(float(v))
             if k in cpu.cpu and "emu" in cpu.cpu[k]:
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
+    if raw is not None:
+        raw.update(samples)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _threads(pid: int) -> dict[int, float]:
+    """Thread id -> CPU seconds so far, of process ``pid``'s threads."""
+    from emulator.guest.jobcpu import cpu_seconds
+    out = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        v = cpu_seconds(pid, int(t.name))
+        if v is not None:
+            out[int(t.name)] = v
+    return out
+
+
+PIN_LAYOUTS = ("vcpu", "split")
+
+
+def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
+    """Pin QEMU's and the emulator's threads (threads created later inherit it): ``vcpu``:
+    QEMU's busiest thread (its TCG vCPU, -smp 1) on the first allowed CPU, every other
+    thread on the rest; ``split``: QEMU on the first, the emulator on the rest."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))
+    if qemu is None or len(cpus) < 2:
+        return
+    busy = _threads(qemu)
+    vcpu = max(busy, key=lambda t: busy[t])
+    for pid in (qemu, emu):
+        if pid is None:
+            continue
+        for tid in _threads(pid):
+            first = tid == vcpu if layout == "vcpu" else pid == qemu
+            try:
+                os.sched_setaffinity(tid, cpus[:1] if first else cpus[1:])
+            except OSError:
+                pass  # a thread that just ended
 
 
 class _Attach:
@@ -327,16 +389,42 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
             us = 1e6 * r.get(f"cpu_emu_{key}", 0.0) / ios if ios else float("nan")
             line += f" {pct('emu'):9.0f} {us:7.0f} {pct('qemu'):7.1f}"
         out.append(line)
+    if runtime is not None and any(k.endswith("_gbusy") for k in r):
+        out.append(report_guest(r, runtime))
+    return "\n".join(out)
+
+
+def report_guest(r: dict[str, float], runtime: int) -> str:
+    """The guest's side of each job, per device: its vCPU busy in % of the job's wall time
+    (/proc/stat) and the device's interrupts per I/O (/proc/interrupts; I/Os estimated as
+    rate x (runtime + the 1 s ramp))."""
+    out = [f"{'guest side':36} {'busy % QEMU':>12} {'nvme-emu':>9} {'irq/IO QEMU':>12} {'nvme-emu':>9}"]
+    for key, label, _args in JOBS:
+        if f"qemu_{key}_gbusy" not in r and f"emu_{key}_gbusy" not in r:
+            continue
+        line = f"{label:36}"
+        busy = [r.get(f"{n}_{key}_gbusy", float("nan")) / 10 for n in ("qemu", "emu")]
+        irq = []
+        for n in ("qemu", "emu"):
+            ios = r.get(f"{n}_{key}", 0.0) * (runtime + 1) / (128 if key.endswith("kibs") else 1)
+            irq.append(r.get(f"{n}_{key}_girq", float("nan")) / ios if ios else float("nan"))
+        line += f" {busy[0]:12.1f} {busy[1]:9.1f} {irq[0]:12.3f} {irq[1]:9.3f}"
+        out.append(line)
     return "\n".join(out)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     counts: dict[str, dict[str, float]] | None = {} if args.count else None
+    raw: dict[str, list[float]] = {}
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
                   [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts, args.attach,
-                  args.append)
+                  args.append, args.pin, raw)
     print(report(r, args.runtime))
+    if args.raw:
+        for k, v in sorted(raw.items()):
+            if k.startswith(("emu_", "qemu_")) and k.endswith(("_iops", "_kibs")):
+                print(f"  {k:28} " + " ".join(f"{x:9.0f}" for x in v))
     if counts is not None:
         print(report_counts(counts))
         if args.workdir is not None:
@@ -344,6 +432,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
           f"{'guest kernel +' + repr(args.append) + '; ' if args.append else ''}"
+          f"{'pinned: ' + args.pin + '; ' if args.pin else ''}"
           f"{time.monotonic() - t0:.0f} s)")
     return 0
 

@@ -19,10 +19,11 @@ from typing import Callable, Mapping
 _TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of process ``pid`` (all its threads) in seconds; None if it is gone."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """utime + stime of process ``pid`` (all its threads), or of its thread ``tid``, in
+    seconds; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except OSError:
         return None

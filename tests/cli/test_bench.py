@@ -63,3 +63,26 @@ def test_guest_bench_job_lines_and_report() -> None:
     assert any("--rwmixread=70" in line and "--iodepth=8" in line for line in lines)
     table = guest_bench.report({"qemu_randread1_iops": 100.0, "emu_randread1_iops": 150.0})
     assert "QD1" in table and "1.50" in table and "QD32" not in table
+
+
+def test_guest_bench_reports_the_guest_side() -> None:
+    r = {"qemu_randread_iops": 5000.0, "emu_randread_iops": 7500.0,
+         "qemu_randread_iops_gbusy": 950.0, "emu_randread_iops_gbusy": 940.0,
+         "qemu_randread_iops_girq": 25000.0, "emu_randread_iops_girq": 15000.0}
+    table = guest_bench.report(r, runtime=4)
+    assert "guest side" in table
+    line = [s for s in table.splitlines() if s.startswith("fio 4 KiB randread QD32")][-1]
+    # busy in % of the job's wall time; interrupts per I/O over runtime + the 1 s ramp
+    assert line.split()[-4:] == ["95.0", "94.0", "1.000", "0.400"]
+    assert "guest side" not in guest_bench.report({"qemu_randread_iops": 1.0}, runtime=4)
+
+
+def test_guest_bench_shell_helpers_parse_proc() -> None:
+    """The guest script's /proc readers, run by this machine's sh and awk on its own /proc."""
+    body = guest_bench.BODY
+    funcs = body[body.index("cpu_busy() {"):body.index("fio_job() {")]
+    out = subprocess.run(["sh", "-c", funcs + "cpu_busy; dev_irqs /dev/nvme99n1"],
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    busy, total, irqs = out.stdout.split()
+    assert 0 < int(busy) <= int(total) and irqs == "0"
