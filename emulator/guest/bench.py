@@ -196,10 +196,14 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                          append=append)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
+            g.wait_for("RESULT", "filled", timeout=300)  # booted: the vCPU is QEMU's busiest thread
             if pin:
-                g.wait_for("RESULT", "filled", timeout=300)
                 _pin(pin, g.pid, emu.pid)
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
+            place = None
+            if g.pid is not None and emu.pid is not None:
+                placer = _Placement(g.pid, emu.pid).start()
+                place = JobSamples(g.result.results, placer.sample, zero=True).start()
             counter = None
             if counts is not None:
                 counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
@@ -210,6 +214,9 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
             finally:
                 cpu.stop()
+                if place is not None:
+                    place.stop()
+                    placer.stop()
                 if hooks is not None:
                     hooks.stop()
                 if counter is not None:
@@ -226,6 +233,9 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
             samples.setdefault(key, []).append(float(v))  # guest-side: CPU busy ‰, interrupts
         if key.endswith(("_iops", "_kibs")) and rnd.isdigit() and v:
             samples.setdefault(key, []).append(float(v))
+            d = place.delta.get(k, {}) if place is not None else {}
+            if d.get("place.samples"):
+                samples.setdefault(f"{key}_shared", []).append(100 * d["place.shared"] / d["place.samples"])
             if k in cpu.cpu and "emu" in cpu.cpu[k]:
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
@@ -267,6 +277,41 @@ def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
                 os.sched_setaffinity(tid, cpus[:1] if first else cpus[1:])
             except OSError:
                 pass  # a thread that just ended
+
+
+class _Placement:
+    """Where QEMU's vCPU thread and the emulator's loop thread run: every ``period`` s the
+    CPU each last ran on (/proc/PID/task/TID/stat, field 39); ``sample`` returns the
+    samples so far and how many found both on the same CPU (for JobSamples)."""
+
+    def __init__(self, qemu: int, emu: int, period: float = 0.005) -> None:
+        busy = _threads(qemu)
+        self.paths = (f"/proc/{qemu}/task/{max(busy, key=lambda t: busy[t])}/stat",
+                      f"/proc/{emu}/task/{emu}/stat")
+        self.counts = {"place.samples": 0.0, "place.shared": 0.0}
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-placement")
+
+    def start(self) -> "_Placement":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sample(self) -> dict[str, float]:
+        return dict(self.counts)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                cpus = [open(p, "rb").read().rsplit(b")", 1)[1].split()[36] for p in self.paths]
+            except (OSError, IndexError):
+                continue
+            self.counts["place.samples"] += 1
+            self.counts["place.shared"] += cpus[0] == cpus[1]
 
 
 class _Attach:
@@ -397,8 +442,10 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
 def report_guest(r: dict[str, float], runtime: int) -> str:
     """The guest's side of each job, per device: its vCPU busy in % of the job's wall time
     (/proc/stat) and the device's interrupts per I/O (/proc/interrupts; I/Os estimated as
-    rate x (runtime + the 1 s ramp))."""
-    out = [f"{'guest side':36} {'busy % QEMU':>12} {'nvme-emu':>9} {'irq/IO QEMU':>12} {'nvme-emu':>9}"]
+    rate x (runtime + the 1 s ramp)); during the nvme-emu job, how often QEMU's vCPU thread
+    and the emulator's loop thread were found on the same host CPU (shared %)."""
+    out = [f"{'guest side':36} {'busy % QEMU':>12} {'nvme-emu':>9} {'irq/IO QEMU':>12} {'nvme-emu':>9}"
+           f" {'shared %':>9}"]
     for key, label, _args in JOBS:
         if f"qemu_{key}_gbusy" not in r and f"emu_{key}_gbusy" not in r:
             continue
@@ -409,6 +456,7 @@ def report_guest(r: dict[str, float], runtime: int) -> str:
             ios = r.get(f"{n}_{key}", 0.0) * (runtime + 1) / (128 if key.endswith("kibs") else 1)
             irq.append(r.get(f"{n}_{key}_girq", float("nan")) / ios if ios else float("nan"))
         line += f" {busy[0]:12.1f} {busy[1]:9.1f} {irq[0]:12.3f} {irq[1]:9.3f}"
+        line += f" {r.get(f'emu_{key}_shared', float('nan')):9.0f}"
         out.append(line)
     return "\n".join(out)
 
@@ -423,7 +471,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(report(r, args.runtime))
     if args.raw:
         for k, v in sorted(raw.items()):
-            if k.startswith(("emu_", "qemu_")) and k.endswith(("_iops", "_kibs")):
+            if k.startswith(("emu_", "qemu_")) and k.endswith(("_iops", "_kibs", "_shared")):
                 print(f"  {k:28} " + " ".join(f"{x:9.0f}" for x in v))
     if counts is not None:
         print(report_counts(counts))
