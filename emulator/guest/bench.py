@@ -7,7 +7,10 @@ runs the same fio jobs on each, in one run:
 - 128 KiB sequential read and write, QD4 (a 1 MiB request would exceed our MDTS split)
 - 4 KiB random 70 % read / 30 % write at QD8 (IOPS of both directions summed)
 
-(``JOBS`` below is the one list; ``--jobs`` picks some of them.)
+(``JOBS`` below is the one list; ``--jobs`` picks some of them.)  Each job runs on
+one device and right after on the other (the order alternates from round to round),
+so the two runs of a pair are seconds apart: the machine's speed drifts by up to 2x
+over tens of seconds here (docs/performance.md), and a pair shares the drift.
 
 Prints a table with the emulator/QEMU ratio, and what each job cost the emulator
 process: its CPU in % of one core while it served the job, CPU µs per I/O (I/Os
@@ -92,15 +95,18 @@ fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per dev
     [ $((t1 - t0)) -gt 0 ] && result ${name}_${key}_gbusy_$r $(((b1 - b0) * 1000 / (t1 - t0)))
     result ${name}_${key}_girq_$r $((i1 - i0))
 }
+job() {  # job KEY "FIELDS" FIO-ARGS...: the job on both devices, one right after the other
+    for name in $ORDER; do
+        [ $name = emu ] && DEV=$EMU || DEV=$QEMU
+        fio_job "$@"
+    done
+}
 r=0
 while [ $r -lt @ROUNDS@ ]; do
   r=$((r + 1))
   # alternate the order from round to round
   [ $((r % 2)) -eq 1 ] && ORDER="qemu emu" || ORDER="emu qemu"
-  for name in $ORDER; do
-    [ $name = emu ] && DEV=$EMU || DEV=$QEMU
 @JOBS@
-  done
 done
 """
 
@@ -125,7 +131,7 @@ def _job_lines(keys: list[str]) -> str:
     for key, _label, fio_args in JOBS:
         if key in keys:
             fields = "7 48" if key.endswith("_kibs") else "8 49"
-            lines.append(f'    fio_job {key} "{fields}" {fio_args}')
+            lines.append(f'  job {key} "{fields}" {fio_args}')
     return "\n".join(lines)
 
 
@@ -236,6 +242,11 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
             d = place.delta.get(k, {}) if place is not None else {}
             if d.get("place.samples"):
                 samples.setdefault(f"{key}_shared", []).append(100 * d["place.shared"] / d["place.samples"])
+            if place is not None and place.wall.get(k):  # the vCPU waiting for a host CPU, %
+                samples.setdefault(f"{key}_vwait", []).append(
+                    d.get("place.vcpu_wait_ns", 0.0) / 1e7 / place.wall[k])
+                samples.setdefault(f"{key}_vrun", []).append(  # and running, %
+                    d.get("place.vcpu_run_ns", 0.0) / 1e7 / place.wall[k])
             if k in cpu.cpu and "emu" in cpu.cpu[k]:
                 samples.setdefault(f"cpu_{key}", []).append(cpu.cpu[k]["emu"])
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
@@ -282,13 +293,16 @@ def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
 class _Placement:
     """Where QEMU's vCPU thread and the emulator's loop thread run: every ``period`` s the
     CPU each last ran on (/proc/PID/task/TID/stat, field 39); ``sample`` returns the
-    samples so far and how many found both on the same CPU (for JobSamples)."""
+    samples so far, how many found both on the same CPU, and the vCPU thread's time spent
+    runnable but waiting for a CPU (schedstat's run delay, ns), for JobSamples."""
 
     def __init__(self, qemu: int, emu: int, period: float = 0.005) -> None:
         busy = _threads(qemu)
         self.paths = (f"/proc/{qemu}/task/{max(busy, key=lambda t: busy[t])}/stat",
                       f"/proc/{emu}/task/{emu}/stat")
-        self.counts = {"place.samples": 0.0, "place.shared": 0.0}
+        self.schedstat = f"/proc/{qemu}/task/{max(busy, key=lambda t: busy[t])}/schedstat"
+        self.counts = {"place.samples": 0.0, "place.shared": 0.0, "place.vcpu_run_ns": 0.0,
+                       "place.vcpu_wait_ns": 0.0}
         self.period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-placement")
@@ -302,6 +316,12 @@ class _Placement:
         self._thread.join(5)
 
     def sample(self) -> dict[str, float]:
+        try:  # schedstat: time on a CPU, time runnable but waiting, ns
+            run, wait = open(self.schedstat).read().split()[:2]
+            self.counts["place.vcpu_run_ns"] = float(run)
+            self.counts["place.vcpu_wait_ns"] = float(wait)
+        except (OSError, IndexError, ValueError):
+            pass
         return dict(self.counts)
 
     def _run(self) -> None:
@@ -370,7 +390,7 @@ COUNT_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("regs", ("write.bar0.regs", "read.bar0.regs")),
     ("msix", ("write.bar0.msix_table", "read.bar0.msix_table", "write.bar0.pba", "read.bar0.pba")),
     ("cfg", ("write.config", "read.config")),
-    ("irq", ("irq.eventfd",)),
+    ("irq", ("irq.eventfd", "cwait.irqs")),
     ("recvmsg", ("sys.recvmsg",)),
     ("wakeups", ("loop.readable",)),
     ("fast", ("io.fast",)),
@@ -393,7 +413,7 @@ def report_counts(counts: dict[str, dict[str, float]]) -> str:
     for key, d in counts.items():
         if "_go_" in key:
             continue  # between a job's end and the next job's start
-        ios = d.get("io.fast", 0) + d.get("io.normal", 0)
+        ios = d.get("io.fast", 0) + d.get("io.normal", 0) + d.get("io.cwait", 0)  # (C turns' apart)
         if not ios and not any(d.values()):
             continue
         line = f"{key:22} {ios:7.0f}"
@@ -406,7 +426,7 @@ def report_counts(counts: dict[str, dict[str, float]]) -> str:
         if extra:
             notes.append(f"{key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(extra.items())))
     out.append("(per I/O; I/Os = I/O commands completed; msgs = vfio-user messages received; "
-               "SQdb/CQdb = I/O queue doorbell writes; irq = eventfd writes)")
+               "SQdb/CQdb = I/O queue doorbell writes; irq = eventfd writes, C's turns included)")
     return "\n".join(out + notes)
 
 
@@ -443,9 +463,12 @@ def report_guest(r: dict[str, float], runtime: int) -> str:
     """The guest's side of each job, per device: its vCPU busy in % of the job's wall time
     (/proc/stat) and the device's interrupts per I/O (/proc/interrupts; I/Os estimated as
     rate x (runtime + the 1 s ramp)); during the nvme-emu job, how often QEMU's vCPU thread
-    and the emulator's loop thread were found on the same host CPU (shared %)."""
+    and the emulator's loop thread were found on the same host CPU (shared %); per device,
+    the time QEMU's vCPU thread was runnable but waited for a host CPU, and the time it
+    ran, in % of the job (the rest it slept: the guest idle, or QEMU's lock)."""
     out = [f"{'guest side':36} {'busy % QEMU':>12} {'nvme-emu':>9} {'irq/IO QEMU':>12} {'nvme-emu':>9}"
-           f" {'shared %':>9}"]
+           f" {'shared %':>9} {'vCPU wait % QEMU':>17} {'nvme-emu':>9} {'vCPU run % QEMU':>16}"
+           f" {'nvme-emu':>9}"]
     for key, label, _args in JOBS:
         if f"qemu_{key}_gbusy" not in r and f"emu_{key}_gbusy" not in r:
             continue
@@ -457,6 +480,8 @@ def report_guest(r: dict[str, float], runtime: int) -> str:
             irq.append(r.get(f"{n}_{key}_girq", float("nan")) / ios if ios else float("nan"))
         line += f" {busy[0]:12.1f} {busy[1]:9.1f} {irq[0]:12.3f} {irq[1]:9.3f}"
         line += f" {r.get(f'emu_{key}_shared', float('nan')):9.0f}"
+        line += f" {r.get(f'qemu_{key}_vwait', float('nan')):17.1f} {r.get(f'emu_{key}_vwait', float('nan')):9.1f}"
+        line += f" {r.get(f'qemu_{key}_vrun', float('nan')):16.1f} {r.get(f'emu_{key}_vrun', float('nan')):9.1f}"
         out.append(line)
     return "\n".join(out)
 
@@ -471,7 +496,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(report(r, args.runtime))
     if args.raw:
         for k, v in sorted(raw.items()):
-            if k.startswith(("emu_", "qemu_")) and k.endswith(("_iops", "_kibs", "_shared")):
+            if k.startswith(("emu_", "qemu_")):
                 print(f"  {k:28} " + " ".join(f"{x:9.0f}" for x in v))
     if counts is not None:
         print(report_counts(counts))

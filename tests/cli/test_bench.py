@@ -69,13 +69,16 @@ def test_guest_bench_reports_the_guest_side() -> None:
     r = {"qemu_randread_iops": 5000.0, "emu_randread_iops": 7500.0,
          "qemu_randread_iops_gbusy": 950.0, "emu_randread_iops_gbusy": 940.0,
          "qemu_randread_iops_girq": 25000.0, "emu_randread_iops_girq": 15000.0,
-         "emu_randread_iops_shared": 12.0}
+         "emu_randread_iops_shared": 12.0, "qemu_randread_iops_vwait": 1.5,
+         "emu_randread_iops_vwait": 7.25, "qemu_randread_iops_vrun": 90.0,
+         "emu_randread_iops_vrun": 89.0}
     table = guest_bench.report(r, runtime=4)
     assert "guest side" in table
     line = [s for s in table.splitlines() if s.startswith("fio 4 KiB randread QD32")][-1]
     # busy in % of the job's wall time; interrupts per I/O over runtime + the 1 s ramp; the
     # vCPU and the emulator's loop on one host CPU in % of the samples
-    assert line.split()[-5:] == ["95.0", "94.0", "1.000", "0.400", "12"]
+    # vCPU thread waiting for a host CPU, and running, in % of the job
+    assert line.split()[-9:] == ["95.0", "94.0", "1.000", "0.400", "12", "1.5", "7.2", "90.0", "89.0"]
     assert "guest side" not in guest_bench.report({"qemu_randread_iops": 1.0}, runtime=4)
 
 
