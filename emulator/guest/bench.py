@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,8 +42,8 @@ import yaml
 
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
-from emulator.guest.jobcpu import JobCpu, JobSamples
-from emulator.guest.qemu import Guest, GuestSpec, QemuNvme, VfioUserDevice
+from emulator.guest.jobcpu import JobCpu, JobSamples, Ticker, cpu_seconds
+from emulator.guest.qemu import Guest, GuestError, GuestSpec, QemuNvme, VfioUserDevice
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
 SIZE = 256 << 20
@@ -202,7 +202,10 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                          append=append)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
-            g.wait_for("RESULT", "filled", timeout=300)  # booted: the vCPU is QEMU's busiest thread
+            try:  # booted: the vCPU is QEMU's busiest thread
+                g.wait_for("RESULT", "filled", timeout=300)
+            except GuestError as e:
+                raise SystemExit(f"benchmark guest failed before its jobs: {e}; {g.result.summary()}")
             if pin:
                 _pin(pin, g.pid, emu.pid)
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
@@ -257,7 +260,6 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
 
 def _threads(pid: int) -> dict[int, float]:
     """Thread id -> CPU seconds so far, of process ``pid``'s threads."""
-    from emulator.guest.jobcpu import cpu_seconds
     out = {}
     for t in Path(f"/proc/{pid}/task").iterdir():
         v = cpu_seconds(pid, int(t.name))
@@ -266,19 +268,26 @@ def _threads(pid: int) -> dict[int, float]:
     return out
 
 
+def _busiest_thread(pid: int) -> int:
+    """The thread of ``pid`` with the most CPU time: once the guest has booted, QEMU's
+    TCG vCPU thread (-smp 1)."""
+    busy = _threads(pid)
+    return max(busy, key=lambda t: busy[t])
+
+
 PIN_LAYOUTS = ("vcpu", "split")
 
 
 def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
     """Pin QEMU's and the emulator's threads (threads created later inherit it): ``vcpu``:
-    QEMU's busiest thread (its TCG vCPU, -smp 1) on the first allowed CPU, every other
-    thread on the rest; ``split``: QEMU on the first, the emulator on the rest."""
-    import os
+    QEMU's vCPU thread on the first allowed CPU, every other thread on the rest;
+    ``split``: QEMU on the first, the emulator on the rest."""
     cpus = sorted(os.sched_getaffinity(0))
     if qemu is None or len(cpus) < 2:
+        print(f"bench: --pin needs QEMU running and 2 CPUs (allowed: {cpus}); not pinned",
+              file=sys.stderr)
         return
-    busy = _threads(qemu)
-    vcpu = max(busy, key=lambda t: busy[t])
+    vcpu = _busiest_thread(qemu)
     for pid in (qemu, emu):
         if pid is None:
             continue
@@ -290,30 +299,19 @@ def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
                 pass  # a thread that just ended
 
 
-class _Placement:
+class _Placement(Ticker):
     """Where QEMU's vCPU thread and the emulator's loop thread run: every ``period`` s the
     CPU each last ran on (/proc/PID/task/TID/stat, field 39); ``sample`` returns the
-    samples so far, how many found both on the same CPU, and the vCPU thread's time spent
-    runnable but waiting for a CPU (schedstat's run delay, ns), for JobSamples."""
+    samples so far, how many found both on the same CPU, and the vCPU thread's time on a
+    CPU and time runnable but waiting for one (schedstat, ns), for JobSamples."""
 
     def __init__(self, qemu: int, emu: int, period: float = 0.005) -> None:
-        busy = _threads(qemu)
-        self.paths = (f"/proc/{qemu}/task/{max(busy, key=lambda t: busy[t])}/stat",
-                      f"/proc/{emu}/task/{emu}/stat")
-        self.schedstat = f"/proc/{qemu}/task/{max(busy, key=lambda t: busy[t])}/schedstat"
+        super().__init__(period, "bench-placement")
+        vcpu = f"/proc/{qemu}/task/{_busiest_thread(qemu)}"
+        self.paths = (f"{vcpu}/stat", f"/proc/{emu}/task/{emu}/stat")
+        self.schedstat = f"{vcpu}/schedstat"
         self.counts = {"place.samples": 0.0, "place.shared": 0.0, "place.vcpu_run_ns": 0.0,
                        "place.vcpu_wait_ns": 0.0}
-        self.period = period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-placement")
-
-    def start(self) -> "_Placement":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def sample(self) -> dict[str, float]:
         try:  # schedstat: time on a CPU, time runnable but waiting, ns
@@ -324,48 +322,40 @@ class _Placement:
             pass
         return dict(self.counts)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                cpus = [open(p, "rb").read().rsplit(b")", 1)[1].split()[36] for p in self.paths]
-            except (OSError, IndexError):
-                continue
-            self.counts["place.samples"] += 1
-            self.counts["place.shared"] += cpus[0] == cpus[1]
+    def tick(self) -> None:
+        try:
+            cpus = [open(p, "rb").read().rsplit(b")", 1)[1].split()[36] for p in self.paths]
+        except (OSError, IndexError):
+            return
+        self.counts["place.samples"] += 1
+        self.counts["place.shared"] += cpus[0] == cpus[1]
 
 
-class _Attach:
+class _Attach(Ticker):
     """Starts ``command`` (formatted) whenever the guest says an nvme-emu job starts."""
 
     def __init__(self, results: dict[str, str], command: str, pid: int | None, seconds: int,
                  workdir: Path) -> None:
+        super().__init__(0.01, "bench-attach")
         self.results, self.command, self.pid, self.seconds, self.workdir = results, command, pid, seconds, workdir
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-attach")
-
-    def start(self) -> "_Attach":
-        self._thread.start()
-        return self
+        self._seen: set[str] = set()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().stop()
         for p in self.procs:
             try:
                 p.wait(self.seconds + 30)
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def _run(self) -> None:
-        seen: set[str] = set()
-        while not self._stop.wait(0.01):
-            for k in [k for k in list(self.results) if k not in seen]:
-                seen.add(k)
-                if k.startswith("emu_") and "_go_" in k:
-                    job = k.replace("_go", "")
-                    cmd = self.command.format(pid=self.pid, job=job, seconds=self.seconds, workdir=self.workdir)
-                    self.procs.append(subprocess.Popen(cmd, shell=True))
+    def tick(self) -> None:
+        for k in [k for k in list(self.results) if k not in self._seen]:
+            self._seen.add(k)
+            if k.startswith("emu_") and "_go_" in k:
+                job = k.replace("_go", "")
+                cmd = self.command.format(pid=self.pid, job=job, seconds=self.seconds, workdir=self.workdir)
+                self.procs.append(subprocess.Popen(cmd, shell=True))
 
 
 def _iocount(control: Path) -> Callable[[], dict[str, float]]:

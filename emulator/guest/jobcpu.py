@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Self
 
 _TCK = os.sysconf("SC_CLK_TCK")
 
@@ -30,7 +30,36 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TCK  # fields 14 and 15 of proc(5)
 
 
-class JobSamples:
+class Ticker:
+    """A daemon thread that calls ``begin()`` once, then ``tick()`` every ``period``
+    seconds until ``stop()`` (the bench's samplers and watchers)."""
+
+    def __init__(self, period: float, name: str) -> None:
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def begin(self) -> None:
+        """Runs in the thread before the first tick."""
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        self.begin()
+        while not self._stop.wait(self.period):
+            self.tick()
+
+
+class JobSamples(Ticker):
     """Per result key: the change of each sampled figure since the previous result
     (``delta[key][name]``) and the wall seconds in between (``wall[key]``).
 
@@ -40,36 +69,27 @@ class JobSamples:
 
     def __init__(self, results: Mapping[str, str], sample: Callable[[], Mapping[str, float]],
                  period: float = 0.02, zero: bool = False) -> None:
+        super().__init__(period, "job-samples")
         self.results = results
         self.sample = sample
-        self.period = period
         self.zero = zero
         self.delta: dict[str, dict[str, float]] = {}
         self.wall: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="job-samples")
 
-    def start(self) -> "JobSamples":
-        self._thread.start()
-        return self
+    def begin(self) -> None:
+        self._seen: set[str] = set(self.results)
+        self._last, self._t_last = self.sample(), time.monotonic()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        seen: set[str] = set(self.results)
-        last, t_last = self.sample(), time.monotonic()
-        while not self._stop.wait(self.period):
-            new = [k for k in list(self.results) if k not in seen]
-            if not new:
-                continue
-            now, t = self.sample(), time.monotonic()
-            for k in new:  # several at once: the first takes the interval, the others nothing
-                seen.add(k)
-                self.delta[k] = {n: now[n] - last.get(n, 0 if self.zero else now[n]) for n in now}
-                self.wall[k] = t - t_last
-                last, t_last = now, t
+    def tick(self) -> None:
+        new = [k for k in list(self.results) if k not in self._seen]
+        if not new:
+            return
+        now, t = self.sample(), time.monotonic()
+        for k in new:  # several at once: the first takes the interval, the others nothing
+            self._seen.add(k)
+            self.delta[k] = {n: now[n] - self._last.get(n, 0 if self.zero else now[n]) for n in now}
+            self.wall[k] = t - self._t_last
+            self._last, self._t_last = now, t
 
 
 class JobCpu(JobSamples):

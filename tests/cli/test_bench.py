@@ -91,3 +91,19 @@ def test_guest_bench_shell_helpers_parse_proc() -> None:
     assert out.returncode == 0, out.stderr
     busy, total, irqs = out.stdout.split()
     assert 0 < int(busy) <= int(total) and irqs == "0"
+
+
+def test_guest_bench_placement_sampler_reads_proc() -> None:
+    """The placement sampler on this process (as both 'QEMU' and 'emulator'): its main
+    thread is always on its own CPU, and schedstat gives it some run time."""
+    import os
+    import time
+    p = guest_bench._Placement(os.getpid(), os.getpid(), period=0.002).start()
+    deadline = time.monotonic() + 10
+    while p.counts["place.samples"] < 3 and time.monotonic() < deadline:
+        sum(range(10000))  # keep the main thread running a little
+        time.sleep(0.002)
+    p.stop()
+    got = p.sample()
+    assert got["place.samples"] >= 3 and got["place.shared"] == got["place.samples"]
+    assert got["place.vcpu_run_ns"] > 0
