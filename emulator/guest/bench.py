@@ -255,7 +255,31 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 samples.setdefault(f"wall_{key}", []).append(cpu.wall[k])
     if raw is not None:
         raw.update(samples)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    out = {k: statistics.median(v) for k, v in samples.items()}
+    out.update(paired(res.results, keys))
+    return out
+
+
+def paired(results: dict[str, str], keys: list[str]) -> dict[str, float]:
+    """Each round's ratio nvme-emu / QEMU nvme (the two runs of a round are back to back,
+    so they share the machine's drift): ``pair_KEY`` their median, ``pairlo_KEY`` and
+    ``pairhi_KEY`` the lowest and highest."""
+    out: dict[str, float] = {}
+    for key in keys:
+        ratios = []
+        for k, v in results.items():
+            head, _, rnd = k.rpartition("_")
+            if head == f"emu_{key}" and rnd.isdigit() and v:
+                q = results.get(f"qemu_{key}_{rnd}")
+                try:
+                    if q and float(q) > 0:
+                        ratios.append(float(v) / float(q))
+                except ValueError:
+                    continue
+        if ratios:
+            out[f"pair_{key}"] = statistics.median(ratios)
+            out[f"pairlo_{key}"], out[f"pairhi_{key}"] = min(ratios), max(ratios)
+    return out
 
 
 def _threads(pid: int) -> dict[int, float]:
@@ -423,7 +447,7 @@ def report_counts(counts: dict[str, dict[str, float]]) -> str:
 def report(r: dict[str, float], runtime: int | None = None) -> str:
     """The table; with ``runtime``, the emulator's CPU columns too: % of a core during the
     nvme-emu job, µs per I/O of it, % of a core during the QEMU job (the emulator idle)."""
-    head = f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7}"
+    head = f"{'job':36} {'QEMU nvme':>12} {'nvme-emu':>12} {'ratio':>7} {'paired':>7} {'range':>11}"
     if runtime is not None:
         head += f" {'emu CPU %':>9} {'µs/IO':>7} {'idle %':>7}"
     out = [head]
@@ -437,6 +461,9 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
             ios = ios / 128  # 128 KiB per I/O
         ratio = e / q if q else float("nan")
         line = f"{label:36} {q:12.1f} {e:12.1f} {ratio:7.2f}"
+        nan = float("nan")
+        line += (f" {r.get(f'pair_{key}', nan):7.2f}"
+                 f" {r.get(f'pairlo_{key}', nan):5.2f}-{r.get(f'pairhi_{key}', nan):<5.2f}")
         if runtime is not None:
             def pct(name: str) -> float:
                 wall = r.get(f"wall_{name}_{key}", 0.0)

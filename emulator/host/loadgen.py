@@ -163,7 +163,7 @@ def preadv_4k_us(path: Path, n: int = 100_000) -> tuple[float, float]:
 def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], depth: int,
             seconds: float, nsid: int, lba_size: int, ns_lbas: int, bs: int = PAGE,
             seed: int = 1, cq_doorbell_every: int = 1, batch: int = 1,
-            irq_wait: bool = False, sgl: int = 0) -> JobResult:
+            irq_wait: bool = False, sgl: int = 0, think_us: float = 0.0) -> JobResult:
     """Keep ``depth`` commands outstanding on each queue for ``seconds``.
 
     The CQ head doorbell is rung once per ``cq_doorbell_every`` batches of
@@ -179,7 +179,9 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
     polling the CQs.  ``sgl`` describes each buffer with an SGL (PSDT 01b, Base 2.1
     §4.1.2): 1 a Data Block descriptor in DPTR, N > 1 a Last Segment descriptor
     pointing to a list of N Data Blocks (what Linux sends for 128 KiB); 0 PRPs (with
-    a PRP list past two pages)."""
+    a PRP list past two pages).  ``think_us``: a queue resubmits only that long (a busy
+    wait) after it found its completions, as a guest whose kernel and application take
+    their time between a completion and the next command."""
     t = host.t
     assert isinstance(t, VfioUserTransport)
     client = t.client
@@ -295,6 +297,10 @@ def run_job(host: NvmeHost, pid: int, name: str, opc: int, queues: list[int], de
                 outstanding -= len(free)  # finished, never resubmitted
                 free.clear()
             elif len(free) >= batch:
+                if think_us:
+                    until = time.perf_counter() + think_us / 1e6
+                    while time.perf_counter() < until:
+                        pass
                 for cid in free:
                     submit(q, bufs, cid)
                 free.clear()
@@ -389,6 +395,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sleep on the interrupt eventfds when no completion is there, instead of "
                         "polling the CQs (the emulator then wakes its peer for every completion, "
                         "as with QEMU)")
+    p.add_argument("--think-us", type=float, default=0.0, metavar="US",
+                   help="resubmit only this long after the completions were found (a busy wait): "
+                        "a guest's turnaround between a completion and its next command")
     p.add_argument("--sgl", type=int, default=0, metavar="N",
                    help="describe the data with SGLs: 1 one Data Block descriptor, N > 1 a Last Segment "
                         "list of N Data Blocks (0: PRPs)")
@@ -522,7 +531,8 @@ def _run_path(args: argparse.Namespace, jobs: list[tuple[str, int, int, int]], p
         results = [run_job(host, pid, name, opc, list(range(1, nq + 1)), qd, args.seconds,
                            1, args.lba_size, ns_lbas,
                            cq_doorbell_every=args.cq_doorbell_every if qd == 1 else 1,
-                           batch=args.batch, irq_wait=args.irq_wait, bs=job_bytes(name), sgl=args.sgl)
+                           batch=args.batch, irq_wait=args.irq_wait, bs=job_bytes(name), sgl=args.sgl,
+                           think_us=args.think_us)
                    for name, opc, nq, qd in jobs]
         host.close()
         for r in results:

@@ -79,6 +79,9 @@ class SqPoller:
         self.clock: Callable[[], int] = time.monotonic_ns  # tests replace it
         self.polled: dict[int, int] = {}  # SQ id -> clock of the last new command seen
         self.seen: dict[int, int] = {}  # polled SQ id -> its tail then
+        # polled SQ id -> (when C's turn left it empty, the host's usual gap after that,
+        # its tail then): the arrival estimate of cbind/sqwait.c, kept between waits
+        self.arrival: dict[int, tuple[int, int, int]] = {}
         self.armed: dict[int, int] = {}  # SQ id -> the tail its EventIdx was armed at
         self._handle: Any = None  # the scheduled turn, or None
         self._gen = 0  # a turn scheduled before stop() does nothing (a scheduler may not cancel)

@@ -79,6 +79,10 @@ NAP_MAX_NS = _env_us("NVME_EMU_SQ_NAP_MAX_US", 200)
 # to end, at most this long, before their interrupt (cbind/sqwait.c).  0 (the default):
 # every turn that posted signals; measured without a clear gain (docs/performance.md).
 HOLD_NS = _env_us("NVME_EMU_SQ_HOLD_US", 0)
+# The arrival estimate (cbind/sqwait.c): once a host's usual gap between a completion
+# that emptied its SQ and its next command is known, nap until this long before the
+# next is due, then spin until it comes (or 4 times this long after).  0: off.
+EARLY_NS = _env_us("NVME_EMU_SQ_EARLY_US", 20)
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
 _STOP_BASE = ioq.SQW.get("stop_base", 16) if ioq.LIB is not None else 16
@@ -151,7 +155,8 @@ class Hub:
             _fill(entries[i], pl)
         t = -1 if timeout is None else max(0, int(timeout * 1e9))
         self.waits += 1
-        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS, HOLD_NS)
+        rc = ioq.LIB.sqw_wait(entries, len(plan), epfd, t, SPIN_NS, NAP_NS, NAP_MAX_NS, HOLD_NS,
+                                 EARLY_NS)
         if rc == 0:
             self.timeouts += 1
         elif rc == 1:
@@ -171,6 +176,8 @@ class Hub:
             p.seen[sq.qid] = sq.tail
         if sq.qid in p.polled:
             p.polled[sq.qid] = e.last_ns
+        # the arrival estimate; when the SQ emptied only while C keeps it (see _fill)
+        p.arrival[sq.qid] = (e.empty_ns if not e.stop else 0, e.gap_ns, sq.tail)
         self.irqs += e.irqs
         done = e.done
         if done:
@@ -248,6 +255,10 @@ def _fill(e: Any, pl: _Planned) -> None:
     e.signaled = cq.tail  # Python signalled what it posted (_plan flushed)
     e.last_ns = min(pl.poller.polled.get(sq.qid, 0), time.monotonic_ns())
     e.idle_ns = pl.poller.idle_ns
+    empty, gap, tail = pl.poller.arrival.get(sq.qid, (0, 0, -1))
+    e.gap_ns = gap
+    # when a turn of C left the SQ empty: only if nothing has happened to it since
+    e.empty_ns = empty if tail == sq.tail and sq.head == sq.tail else 0
 
 
 _hubs: "weakref.WeakKeyDictionary[Any, Hub]" = weakref.WeakKeyDictionary()

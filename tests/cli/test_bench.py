@@ -65,6 +65,20 @@ def test_guest_bench_job_lines_and_report() -> None:
     assert "QD1" in table and "1.50" in table and "QD32" not in table
 
 
+def test_guest_bench_pairs_each_round() -> None:
+    """The paired ratio: each round's two runs (back to back) divided, then the median."""
+    res = {"emu_randread1_iops_1": "200", "qemu_randread1_iops_1": "100",
+           "emu_randread1_iops_2": "90", "qemu_randread1_iops_2": "100",
+           "emu_randread1_iops_3": "120", "qemu_randread1_iops_3": "100",
+           "emu_randread1_iops_gbusy_1": "900", "qemu_randread1_iops_4": "100",
+           "emu_randread_iops_1": "x", "qemu_randread_iops_1": "0"}
+    p = guest_bench.paired(res, ["randread1_iops", "randread_iops", "seqread_kibs"])
+    assert p == {"pair_randread1_iops": 1.2, "pairlo_randread1_iops": 0.9,
+                 "pairhi_randread1_iops": 2.0}
+    table = guest_bench.report({"qemu_randread1_iops": 100.0, "emu_randread1_iops": 120.0, **p})
+    assert "1.20    1.20  0.90-2.00" in table
+
+
 def test_guest_bench_reports_the_guest_side() -> None:
     r = {"qemu_randread_iops": 5000.0, "emu_randread_iops": 7500.0,
          "qemu_randread_iops_gbusy": 950.0, "emu_randread_iops_gbusy": 940.0,

@@ -175,3 +175,32 @@ def test_a_shadow_tail_out_of_range_goes_back_to_python(emu: Any) -> None:
     h.mem.write(db + 8, struct.pack("<I", good))
     for i in range(5):
         assert h.read(1, i, 1).ok
+
+
+@pytest.mark.parametrize("early_us", [0, 20])
+def test_a_host_with_a_turnaround_gets_an_arrival_estimate(emu: Any, monkeypatch: Any,
+                                                          early_us: int) -> None:
+    """A host that takes its time between a completion and its next command (a guest's
+    kernel and application do) gets an arrival estimate, kept between waits: C naps until
+    shortly before the next command is due (NVME_EMU_SQ_EARLY_US; 0: the usual naps).
+    Whatever the estimate, every command is served without a doorbell: one that comes
+    much sooner than expected, and one that comes much later."""
+    monkeypatch.setattr(sqwait, "EARLY_NS", early_us * 1000)
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    assert h.read(1, 0, 1).ok and _wait(lambda: h.event_idx(1) == POLL)
+    ctrl = e.subsystem.controllers[1]
+    turns = _stats(e)[0]
+    for i in range(30):
+        assert h.read(1, i, 1).ok
+        time.sleep(0.0003)
+    empty, gap, tail = e.call(lambda: sqpoll.existing(ctrl).arrival.get(1, (0, 0, -1)))
+    assert gap > 0 and tail == h.queues[1].sq_tail
+    for i in range(30):  # sooner: at once
+        assert h.read(1, i, 1).ok
+    for i in range(5):  # later: past any estimate (sqwait.c SQW_EXPECT_MAX_NS)
+        time.sleep(0.005)
+        assert h.read(1, i, 1).ok
+    assert h.sq_mmio <= 1 + 66 // 15 + 1  # the wraps of the 16-entry SQ
+    assert _stats(e)[0] == turns  # no Python turn: C served them all
