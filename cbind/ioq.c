@@ -81,6 +81,9 @@ struct ioq_batch {
      * read_bytes, write_bytes, bitmap flags (bit 0 some ns dirty, bit 1 some
      * ns stale), sgls, nlat, then nlat (bucket, count) pairs; 7 + 2 * 24 words */
     uint64_t *out;
+    /* stop (IOQ_STOP_LIMIT) before a command once this many bytes moved, 0: no limit
+     * (the poll turns of cbind/sqwait.c set it for their own calls) */
+    uint64_t byte_limit;
 };
 
 int ioq_run(struct ioq_batch *b);
@@ -113,25 +116,7 @@ int ioq_serve(struct ioq_batch *b, uint32_t sq_head, uint32_t sq_tail, uint32_t 
 #define IOQ_IOV_MAX 1024
 #define LAT_BUCKETS 24
 
-static inline uint32_t le32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof v);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap32(v);
-#endif
-    return v;
-}
-
-static inline uint64_t le64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
+/* le32, le64: cbind/le.h, in front of this file */
 
 /* Host address of [addr, addr+len) if it lies inside one region (and that
  * region is writable when ``write``), else NULL. */
@@ -371,7 +356,8 @@ int ioq_run(struct ioq_batch *b)
     }
     b->stop = IOQ_STOP_EMPTY;
     while (b->sq_head != b->sq_tail) {
-        if (b->done >= b->limit) {
+        if (b->done >= b->limit
+            || (b->byte_limit && b->read_bytes + b->write_bytes >= b->byte_limit)) {
             b->stop = IOQ_STOP_LIMIT;
             break;
         }

@@ -32,8 +32,9 @@ from typing import Any
 from cbind import build
 
 
-# ioq.c, then sqwait.c (the shadow tail poller, built on ioq.c's statics): one module
-FILES = ("ioq.c", "sqwait.c")
+# le.h (shared loads), ioq.c, then sqwait.c (the shadow tail poller, built on ioq.c's
+# statics): one module
+FILES = ("le.h", "ioq.c", "sqwait.c")
 
 
 def _read_source() -> str:

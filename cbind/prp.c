@@ -7,16 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
-/* A PRP entry is a little-endian qword (§4.1.1, PRP Entry layout). */
-static inline uint64_t prp_le64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
+/* A PRP entry is a little-endian qword (§4.1.1, PRP Entry layout): le64 of
+ * cbind/le.h, in front of this file. */
 
 /*
  * raw:       n PRP entries as read from one PRP list page (no chain pointer)
@@ -39,7 +31,7 @@ int64_t prp_list_merge(const char *raw, size_t n, uint64_t page_size,
     size_t k = 0;
 
     for (size_t i = 0; i < n; i++) {
-        uint64_t e = prp_le64(p + 8 * i);
+        uint64_t e = le64(p + 8 * i);
         uint64_t take = remaining < page_size ? remaining : page_size;
 
         if (e & mask)

@@ -34,7 +34,8 @@ int64_t prp_list_merge(const char *raw, size_t n, uint64_t page_size,
 
 def _read_source() -> str:
     try:
-        return Path(__file__).with_name("prp.c").read_text()
+        here = Path(__file__)
+        return here.with_name("le.h").read_text() + "\n" + here.with_name("prp.c").read_text()
     except OSError as e:
         build.why["prp"] = f"no C source: {e}"
         return ""

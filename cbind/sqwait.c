@@ -70,6 +70,7 @@ struct sqw_entry {
     uint64_t idle_ns;    /* the idle spell: empty this long, the entry leaves (SQW_IDLE) */
     uint64_t empty_ns;   /* in and out: when a turn that served left the SQ empty, 0: not so */
     uint64_t gap_ns;     /* in and out: how soon the host submits again after that (estimate) */
+    uint64_t turn_bytes; /* a turn stops after this much data, signals, and the next goes on */
     uint64_t done, writes, read_bytes, write_bytes, sgls, irqs; /* out, added up */
     uint64_t lat[24];    /* out: commands per latency bucket (cmdstats.py) */
 };
@@ -241,7 +242,9 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now, uint64_t napped, uint64_t
         }
         e->cq_head = head;
     }
+    b->byte_limit = e->turn_bytes;
     int done = ioq_serve(b, e->sq_head, e->sq_tail, e->cq_head, e->cq_tail, e->cq_phase, 1u << 30);
+    b->byte_limit = 0; /* (the batch struct is the fast path's too) */
     if (done > 0) {
         e->sq_head = b->sq_head;
         e->cq_tail = b->cq_tail;
@@ -258,7 +261,7 @@ static int sqw_turn(struct sqw_entry *e, uint64_t now, uint64_t napped, uint64_t
         if (e->sq_head == e->sq_tail)
             e->empty_ns = e->last_ns; /* the host's next command is due in about gap_ns */
     }
-    if (b->stop != IOQ_STOP_EMPTY && b->stop != IOQ_STOP_CQ_FULL)
+    if (b->stop != IOQ_STOP_EMPTY && b->stop != IOQ_STOP_CQ_FULL && b->stop != IOQ_STOP_LIMIT)
         e->stop = SQW_STOP_BASE + b->stop;
     return found;
 }

@@ -83,6 +83,13 @@ HOLD_NS = _env_us("NVME_EMU_SQ_HOLD_US", 0)
 # that emptied its SQ and its next command is known, nap until this long before the
 # next is due, then spin until it comes (or 4 times this long after).  0: off.
 EARLY_NS = _env_us("NVME_EMU_SQ_EARLY_US", 20)
+# A turn moves at most about this much data before it signals what it posted (the next
+# turn goes on at once): the host hears of a 128 KiB command's completion before the
+# next command's copy, not after the whole batch's.  0: no limit.
+try:
+    TURN_BYTES = int(float(os.environ.get("NVME_EMU_SQ_TURN_KIB", 64)) * 1024)
+except ValueError:
+    TURN_BYTES = 64 << 10
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
 _STOP_BASE = ioq.SQW.get("stop_base", 16) if ioq.LIB is not None else 16
@@ -255,6 +262,7 @@ def _fill(e: Any, pl: _Planned) -> None:
     e.signaled = cq.tail  # Python signalled what it posted (_plan flushed)
     e.last_ns = min(pl.poller.polled.get(sq.qid, 0), time.monotonic_ns())
     e.idle_ns = pl.poller.idle_ns
+    e.turn_bytes = TURN_BYTES
     empty, gap, tail = pl.poller.arrival.get(sq.qid, (0, 0, -1))
     e.gap_ns = gap
     # when a turn of C left the SQ empty: only if nothing has happened to it since

@@ -204,3 +204,32 @@ def test_a_host_with_a_turnaround_gets_an_arrival_estimate(emu: Any, monkeypatch
         assert h.read(1, i, 1).ok
     assert h.sq_mmio <= 1 + 66 // 15 + 1  # the wraps of the 16-entry SQ
     assert _stats(e)[0] == turns  # no Python turn: C served them all
+
+
+@pytest.mark.parametrize("turn_kib", [0, 64])
+def test_large_commands_are_signalled_one_by_one(emu: Any, monkeypatch: Any, turn_kib: int) -> None:
+    """A turn stops after NVME_EMU_SQ_TURN_KIB of data, signals what it posted and the
+    next turn goes on at once: four 128 KiB reads submitted together get an interrupt
+    each (0: one for the turn), and C serves them all without handing the SQ back."""
+    monkeypatch.setattr(sqwait, "TURN_BYTES", turn_kib * 1024)
+    e = emu(_cfg())
+    h = e.host(1, qsize=16)
+    assert h.enable_shadow_doorbells().ok
+    data = bytes(range(256)) * 512  # 128 KiB
+    assert h.write(1, 0, data).ok and _wait(lambda: h.event_idx(1) == POLL)
+    ctrl = e.subsystem.controllers[1]
+    hub = e.call(lambda: sqwait.hub(ctrl))
+    _, _, returns, _ = _stats(e)
+    irqs = e.call(lambda: hub.irqs)
+    bufs = [h.mem.alloc(len(data)) for _ in range(4)]
+    cids = []
+    for buf in bufs:
+        prp1, prp2, _lists = h.build_prps(buf, len(data))
+        cids.append(h.submit(1, IoOpcode.READ, nsid=1, prp1=prp1, prp2=prp2, cdw12=255, ring=False))
+    h.ring_sq(1)  # one tail update for the four
+    for cid in cids:
+        assert h.wait(1, cid).ok
+    assert all(h.mem.read(buf, len(data)) == data for buf in bufs)
+    signalled = e.call(lambda: hub.irqs) - irqs
+    assert signalled >= (4 if turn_kib else 1)
+    assert _stats(e)[2] == returns
