@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def _job_lines(keys: list[str]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     p.add_argument("--rounds", type=int, default=3, help="rounds (order alternates); medians are reported")
-    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the images, logs and tool outputs here (default: a scratch directory "
+                        "under /tmp, removed at the end unless the guest failed or --attach ran)")
     p.add_argument("--visible-writes", choices=MODES, default=DEFAULT_MODE,
                    help="the emulator's --visible-writes mode (all: every device write as a DMA_WRITE)")
     p.add_argument("--jobs", default=",".join(k for k, _l, _a in JOBS),
@@ -205,7 +208,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
             try:  # booted: the vCPU is QEMU's busiest thread
                 g.wait_for("RESULT", "filled", timeout=300)
             except GuestError as e:
-                raise SystemExit(f"benchmark guest failed before its jobs: {e}; {g.result.summary()}")
+                raise SystemExit(f"benchmark guest failed before its jobs: {e}; {g.result.summary()} "
+                                 f"(logs in {wd})")
             if pin:
                 _pin(pin, g.pid, emu.pid)
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
@@ -234,7 +238,9 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
     finally:
         emu.stop()
     if not res.ok:
-        raise SystemExit(f"benchmark guest failed: {res.summary()}")
+        raise SystemExit(f"benchmark guest failed: {res.summary()} (logs in {wd})")
+    if workdir is None and not attach:  # its own scratch directory (128 MiB images): gone
+        shutil.rmtree(wd, ignore_errors=True)
     samples: dict[str, list[float]] = {}
     for k, v in res.results.items():
         key, _, rnd = k.rpartition("_")
