@@ -303,15 +303,13 @@ int sqw_wait(struct sqw_entry *e, uint32_t n, int epfd, int64_t timeout_ns, uint
         int64_t expect = held || !early_ns ? -1 : sqw_expect(e, n, now, nap_max_ns, early_ns);
         if (expect > 0) {
             nap = (uint64_t)expect; /* no command is due before then */
-            if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)
-                nap = start + (uint64_t)timeout_ns - now;
         } else if (expect < 0 && now - last >= spin_ns) {
             nap = held ? nap_ns : nap_ns * batch; /* held completions: look again soon */
             if (nap > nap_max_ns)
                 nap = nap_max_ns;
-            if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)
-                nap = start + (uint64_t)timeout_ns - now;
         }
+        if (timeout_ns > 0 && nap > start + (uint64_t)timeout_ns - now)
+            nap = start + (uint64_t)timeout_ns - now;
         if (loop_ready(epfd, nap))
             return 1;
         napped = nap ? now_ns() - now : 0;

@@ -180,6 +180,7 @@ class SqPoller:
         self.polled.clear()
         self.armed.clear()
         self.seen.clear()
+        self.arrival.clear()
         self._gen += 1
         if isinstance(self._handle, sqwait.Hub):
             self._handle.remove(self)

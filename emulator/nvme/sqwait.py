@@ -61,11 +61,13 @@ _FID_COALESCING = 0x08  # Interrupt Coalescing (Base 2.1 §5.1.25.1.8)
 _IVC_CD = 1 << 16  # Interrupt Vector Configuration: Coalescing Disable (Feature 09h)
 
 
-def _env_us(name: str, default: float) -> int:
+def _env_us(name: str, default: float, unit: int = 1000) -> int:
+    """Environment knob ``name`` (a number, default ``default``) times ``unit`` (µs -> ns
+    by default); not a number: the default."""
     try:
-        return int(float(os.environ.get(name, default)) * 1000)
+        return int(float(os.environ.get(name, default)) * unit)
     except ValueError:
-        return int(default * 1000)
+        return int(default * unit)
 
 
 # Spin this long after the last command seen before napping (0: always nap).  A host
@@ -86,10 +88,7 @@ EARLY_NS = _env_us("NVME_EMU_SQ_EARLY_US", 20)
 # A turn moves at most about this much data before it signals what it posted (the next
 # turn goes on at once): the host hears of a 128 KiB command's completion before the
 # next command's copy, not after the whole batch's.  0: no limit.
-try:
-    TURN_BYTES = int(float(os.environ.get("NVME_EMU_SQ_TURN_KIB", 64)) * 1024)
-except ValueError:
-    TURN_BYTES = 64 << 10
+TURN_BYTES = _env_us("NVME_EMU_SQ_TURN_KIB", 64, 1024)
 # NVME_EMU_SQ_WAIT=off: the turns stay in Python (comparisons, benchmarks)
 ENABLED = os.environ.get("NVME_EMU_SQ_WAIT", "").strip().lower() not in ("off", "0", "no")
 _STOP_BASE = ioq.SQW.get("stop_base", 16) if ioq.LIB is not None else 16
