@@ -41,6 +41,7 @@ from typing import Callable
 
 import yaml
 
+from emulator.guest import kprof
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
 from emulator.guest.jobcpu import JobCpu, JobSamples, Ticker, cpu_seconds
@@ -78,10 +79,12 @@ dev_irqs() {  # dev_irqs /dev/nvmeXn1: interrupts taken by that controller's vec
     c=$(basename $1); c=${c%n1}
     awk -v c="$c" '$NF ~ "^"c"q[0-9]+$" {for(i=2;i<NF;i++) if ($i ~ /^[0-9]+$/) s+=$i} END {print s+0}' /proc/interrupts
 }
+@KPROF@
 fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per device and round
     key=$1; fields=$2; shift 2
     result ${name}_${key}_go_$r 1  # the job starts (the host cuts CPU intervals and attaches tools here)
     set -- $(cpu_busy) $(dev_irqs $DEV) "$@"; b0=$1; t0=$2; i0=$3; shift 3
+    kprof_reset
     fio --name=$key --filename=$DEV --ioengine=libaio --direct=1 --size=64m --time_based \
         --runtime=@RUNTIME@ --ramp_time=1 --output-format=terse --terse-version=3 "$@" \
         > /tmp/job.out 2>&1
@@ -95,6 +98,7 @@ fio_job() {  # fio_job KEY "TERSE FIELDS TO SUM" FIO-ARGS...: one result per dev
     # guest CPU busy in per mille of the job's wall time, and the device's interrupts
     [ $((t1 - t0)) -gt 0 ] && result ${name}_${key}_gbusy_$r $(((b1 - b0) * 1000 / (t1 - t0)))
     result ${name}_${key}_girq_$r $((i1 - i0))
+    kprof_dump ${name}_${key}_$r
 }
 job() {  # job KEY "FIELDS" FIO-ARGS...: the job on both devices, one right after the other
     for name in $ORDER; do
@@ -151,9 +155,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the configuration's default")
     p.add_argument("--attach", default=None, metavar="COMMAND",
                    help="a shell command started when each nvme-emu job starts, formatted with {pid} "
-                        "(the emulator), {job}, {seconds} (the job's run time with its ramp) and {workdir}; "
-                        "e.g. 'py-spy record -p {pid} -d {seconds} -r 300 -f raw --nonblocking "
-                        "-o {workdir}/{job}.txt'")
+                        "(the emulator), {qemu} (QEMU), {device} (emu or qemu), {job}, {seconds} (the job's "
+                        "run time with its ramp) and {workdir}; e.g. 'py-spy record -p {pid} -d {seconds} "
+                        "-r 300 -f raw --nonblocking -o {workdir}/{job}.txt'")
+    p.add_argument("--attach-both", action="store_true",
+                   help="start --attach at the jobs on QEMU's disk too (to profile QEMU itself for both "
+                        "devices, e.g. 'perf record -p {qemu} -o {workdir}/{job}.perf -- sleep {seconds}')")
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guest kernel command line, for diagnosis only (e.g. nvme.sgl_threshold=0: "
                         "Linux then never uses SGLs); the product is measured with a stock guest")
@@ -162,6 +169,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "QEMU's vCPU thread (its busiest) on the first CPU, every other QEMU and "
                         "emulator thread on the others; split = all of QEMU on the first CPU, the "
                         "emulator on the others")
+    p.add_argument("--kprofile", type=int, default=None, metavar="SHIFT",
+                   help="boot the guest with profile=SHIFT (the kernel's tick profiler, buckets of "
+                        "2^SHIFT bytes; 6 is plenty) and print, per job, the guest kernel functions whose "
+                        "µs per I/O differ most between the devices (emulator/guest/kprof.py)")
     p.add_argument("--raw", action="store_true", help="also print each round's figures")
     p.add_argument("--count", action="store_true",
                    help="count the emulator's messages, interrupts and fast/normal path commands "
@@ -173,14 +184,16 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               sq_poll_idle_us: int | None = None,
               counts: dict[str, dict[str, float]] | None = None,
               attach: str | None = None, append: str = "", pin: str | None = None,
-              raw: dict[str, list[float]] | None = None) -> dict[str, float]:
+              raw: dict[str, list[float]] | None = None, attach_both: bool = False,
+              kprofile: int | None = None, kprof_out: list[str] | None = None) -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
     ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
 
     With ``counts`` (a dict), the emulator runs under emulator/bench/iocount.py and
     ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
-    ``filled``: boot and fill).  ``attach``, ``append``, ``pin``: see ``--attach``,
-    ``--append``, ``--pin``; ``raw`` (a dict) gets each round's figures."""
+    ``filled``: boot and fill).  ``attach``, ``append``, ``pin``, ``attach_both``: see
+    ``--attach``, ``--append``, ``--pin``, ``--attach-both``; ``raw`` (a dict) gets each round's figures;
+    with ``kprofile`` (``--kprofile``), ``kprof_out`` (a list) gets the kernel profile's report."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -198,11 +211,12 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                           command=[sys.executable, "-m", module, "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
-        body = BODY.replace("@JOBS@", _job_lines(keys))
+        body = BODY.replace("@JOBS@", _job_lines(keys)).replace("@KPROF@", kprof.GUEST_SH)
         spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)],
-                         append=append)
+                         append=" ".join(a for a in (append, f"profile={kprofile}" if kprofile is not None
+                                                               else "") if a))
         with Guest(env, spec, wd / "guest") as g:
             g.start()
             try:  # booted: the vCPU is QEMU's busiest thread
@@ -222,9 +236,11 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
             hooks = None
             if attach:
-                hooks = _Attach(g.result.results, attach, emu.pid, runtime + 1, wd).start()
+                hooks = _Attach(g.result.results, attach, {"pid": emu.pid, "qemu": g.pid}, runtime + 1, wd,
+                                ("emu", "qemu") if attach_both else ("emu",)).start()
             try:
-                res = g.wait(timeout=120 + 3 * len(keys) * (runtime + 2) * rounds, check=False)
+                per_job = runtime + 2 + (60 if kprofile is not None else 0)  # the profile's dump: slow
+                res = g.wait(timeout=120 + 3 * len(keys) * per_job * rounds, check=False)
             finally:
                 cpu.stop()
                 if place is not None:
@@ -239,6 +255,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
         emu.stop()
     if not res.ok:
         raise SystemExit(f"benchmark guest failed: {res.summary()} (logs in {wd})")
+    if kprofile is not None and kprof_out is not None:
+        kprof_out.append(kprof.report(kprof.load(g.console_log), kprof.ios_of(res.results, runtime)))
     if workdir is None and not attach:  # its own scratch directory (128 MiB images): gone
         shutil.rmtree(wd, ignore_errors=True)
     samples: dict[str, list[float]] = {}
@@ -362,12 +380,14 @@ class _Placement(Ticker):
 
 
 class _Attach(Ticker):
-    """Starts ``command`` (formatted) whenever the guest says an nvme-emu job starts."""
+    """Starts ``command`` (formatted) whenever the guest says a job on one of ``devices``
+    starts (``emu``: nvme-emu's disk, ``qemu``: QEMU's)."""
 
-    def __init__(self, results: dict[str, str], command: str, pid: int | None, seconds: int,
-                 workdir: Path) -> None:
+    def __init__(self, results: dict[str, str], command: str, pids: dict[str, int | None], seconds: int,
+                 workdir: Path, devices: tuple[str, ...] = ("emu",)) -> None:
         super().__init__(0.01, "bench-attach")
-        self.results, self.command, self.pid, self.seconds, self.workdir = results, command, pid, seconds, workdir
+        self.results, self.command, self.pids, self.seconds, self.workdir = results, command, pids, seconds, workdir
+        self.devices = devices
         self.procs: list[subprocess.Popen[bytes]] = []
         self._seen: set[str] = set()
 
@@ -382,9 +402,11 @@ class _Attach(Ticker):
     def tick(self) -> None:
         for k in [k for k in list(self.results) if k not in self._seen]:
             self._seen.add(k)
-            if k.startswith("emu_") and "_go_" in k:
+            device = k.partition("_")[0]
+            if device in self.devices and "_go_" in k:
                 job = k.replace("_go", "")
-                cmd = self.command.format(pid=self.pid, job=job, seconds=self.seconds, workdir=self.workdir)
+                cmd = self.command.format(job=job, seconds=self.seconds, workdir=self.workdir, device=device,
+                                          **self.pids)
                 self.procs.append(subprocess.Popen(cmd, shell=True))
 
 
@@ -513,10 +535,13 @@ def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     counts: dict[str, dict[str, float]] | None = {} if args.count else None
     raw: dict[str, list[float]] = {}
+    kprof_out: list[str] = []
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
                   [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts, args.attach,
-                  args.append, args.pin, raw)
+                  args.append, args.pin, raw, args.attach_both, args.kprofile, kprof_out)
     print(report(r, args.runtime))
+    for text in kprof_out:
+        print(text)
     if args.raw:
         for k, v in sorted(raw.items()):
             if k.startswith(("emu_", "qemu_")):
@@ -528,6 +553,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"(one TCG guest, -smp 1, both disks in the same run; median of {args.rounds} rounds "
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
           f"{'guest kernel +' + repr(args.append) + '; ' if args.append else ''}"
+          f"{'kernel profile=' + str(args.kprofile) + '; ' if args.kprofile is not None else ''}"
           f"{'pinned: ' + args.pin + '; ' if args.pin else ''}"
           f"{time.monotonic() - t0:.0f} s)")
     return 0

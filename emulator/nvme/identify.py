@@ -82,7 +82,10 @@ def identify_controller(ctrl: "Controller", cmd: Command) -> bytes:
     b[64:72] = _ascii(sub.firmware or FIRMWARE_REVISION, 8)
     b[72] = 6  # RAB
     b[73:76] = IEEE_OUI
-    b[76] = 0x2  # CMIC: the NVM subsystem may contain two or more controllers
+    # CMIC bit 1 (Base 2.1 §5.1.13.2.1, Figure 312): the NVM subsystem may contain two or
+    # more controllers; cleared, it contains only this one.  Linux puts every namespace of a
+    # CMIC bit 1 subsystem behind a multipath head disk, an extra block layer pass per I/O.
+    b[76] = 0x2 if len(sub.controllers) > 1 else 0
     b[77] = cfg.mdts
     _put(b, 78, "H", cfg.cntlid)
     _put(b, 80, "I", NVME_VERSION)

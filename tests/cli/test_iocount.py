@@ -141,7 +141,8 @@ def test_pyspy_top_self_and_total(tmp_path: Path) -> None:
 
 def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> None:
     results: dict[str, str] = {"qemu_randread1_iops_go_1": "1"}
-    hooks = guest_bench._Attach(results, "echo {pid} {seconds} > {workdir}/{job}.out", 42, 4, tmp_path).start()
+    hooks = guest_bench._Attach(results, "echo {pid} {seconds} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
+                                4, tmp_path).start()
     results["emu_randread1_iops_go_1"] = "1"
     for _ in range(500):
         if (tmp_path / "emu_randread1_iops_1.out").exists():
@@ -150,6 +151,23 @@ def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> No
     hooks.stop()
     assert (tmp_path / "emu_randread1_iops_1.out").read_text().split() == ["42", "4"]
     assert not list(tmp_path.glob("qemu_*"))
+
+
+def test_attach_both_runs_the_command_at_the_jobs_on_qemus_disk_too(tmp_path: Path) -> None:
+    results: dict[str, str] = {}
+    hooks = guest_bench._Attach(results, "echo {device} {qemu} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
+                                4, tmp_path, ("emu", "qemu")).start()
+    results["qemu_seqread_kibs_go_1"] = "1"
+    results["emu_seqread_kibs_go_1"] = "1"
+    results["qemu_seqread_kibs_1"] = "500"  # a result, not a job's start
+    for _ in range(500):
+        if len(list(tmp_path.glob("*.out"))) == 2:
+            break
+        hooks._stop.wait(0.01)
+    hooks.stop()
+    assert (tmp_path / "qemu_seqread_kibs_1.out").read_text().split() == ["qemu", "7"]
+    assert (tmp_path / "emu_seqread_kibs_1.out").read_text().split() == ["emu", "7"]
+    assert len(list(tmp_path.glob("*.out"))) == 2
 
 
 def test_hops_cuts_qd1_cycles_from_syscall_events() -> None:

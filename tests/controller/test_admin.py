@@ -25,6 +25,18 @@ def test_identify_controller(emu):
     assert idc[768:800].rstrip(b"\0").decode().startswith("nqn.")
 
 
+def test_cmic_multi_controller_bit_follows_the_subsystem(emu):
+    """CMIC bit 1 (Base 2.1 Figure 312): set when the NVM subsystem has two or more
+    controllers, cleared for a one-controller subsystem (Linux then puts no multipath
+    head disk in front of its namespaces)."""
+    assert emu(TWO).host(cntlid=7).identify(cns=1)[76] == 0
+    two_ctrls = dict(TWO, controllers=[{"cntlid": 7, "type": "io", "max_io_queues": 4},
+                                       {"cntlid": 8, "type": "io", "max_io_queues": 4}])
+    e = emu(two_ctrls)
+    assert e.host(cntlid=7).identify(cns=1)[76] == 0x2
+    assert e.host(cntlid=8).identify(cns=1)[76] == 0x2
+
+
 def test_identify_namespaces(emu):
     h = emu(TWO).host(cntlid=7)
     ids = h.identify(cns=2)
