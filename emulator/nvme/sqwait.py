@@ -63,10 +63,18 @@ _IVC_CD = 1 << 16  # Interrupt Vector Configuration: Coalescing Disable (Feature
 
 def _env_us(name: str, default: float, unit: int = 1000) -> int:
     """Environment knob ``name`` (a number, default ``default``) times ``unit`` (µs -> ns
-    by default); not a number: the default."""
+    by default); not a finite number of at least 0: the default, with a warning (the C
+    waits take unsigned times)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return int(default * unit)
     try:
-        return int(float(os.environ.get(name, default)) * unit)
-    except ValueError:
+        value = float(raw)
+        if value < 0:
+            raise ValueError("negative")
+        return int(value * unit)
+    except (ValueError, OverflowError):  # OverflowError: inf
+        log.warning("%s=%r is not a number of at least 0; using %s", name, raw, default)
         return int(default * unit)
 
 
