@@ -131,6 +131,27 @@ JOBS: list[tuple[str, str, str]] = [
 ]
 
 
+def job_ios(key: str, figure: float, runtime: int) -> float:
+    """I/Os of one fio run of job ``key`` from its figure (IOPS, or KiB/s of 128 KiB I/Os
+    for a ``_kibs`` job): rate x (runtime + fio's 1 s ramp, which runs too)."""
+    return figure * (runtime + 1) / (128 if key.endswith("_kibs") else 1)
+
+
+def ios_of(results: dict[str, str], runtime: int) -> dict[str, float]:
+    """I/Os of each ``device_job`` (e.g. ``emu_seqread_kibs``) summed over its rounds, from
+    the guest's results (``device_job_ROUND``); a figure that is not a number is skipped."""
+    out: dict[str, float] = {}
+    for k, v in results.items():
+        head, _, rnd = k.rpartition("_")
+        if not rnd.isdigit() or not head.endswith(("_iops", "_kibs")):
+            continue
+        try:
+            out[head] = out.get(head, 0.0) + job_ios(head, float(v), runtime)
+        except ValueError:
+            continue
+    return out
+
+
 def _job_lines(keys: list[str]) -> str:
     lines = []
     for key, _label, fio_args in JOBS:
@@ -256,7 +277,7 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
     if not res.ok:
         raise SystemExit(f"benchmark guest failed: {res.summary()} (logs in {wd})")
     if kprofile is not None and kprof_out is not None:
-        kprof_out.append(kprof.report(kprof.load(g.console_log), kprof.ios_of(res.results, runtime)))
+        kprof_out.append(kprof.report(kprof.load(g.console_log), ios_of(res.results, runtime)))
     if workdir is None and not attach:  # its own scratch directory (128 MiB images): gone
         shutil.rmtree(wd, ignore_errors=True)
     samples: dict[str, list[float]] = {}
@@ -483,10 +504,9 @@ def report(r: dict[str, float], runtime: int | None = None) -> str:
         if f"qemu_{key}" not in r and f"emu_{key}" not in r:
             continue
         q, e = r.get(f"qemu_{key}", 0.0), r.get(f"emu_{key}", 0.0)
-        ios = e * (runtime + 1) if runtime is not None else 0.0  # fio's 1 s ramp runs too
+        ios = job_ios(key, e, runtime) if runtime is not None else 0.0
         if key.endswith("kibs"):
             q, e = q / 1024, e / 1024
-            ios = ios / 128  # 128 KiB per I/O
         ratio = e / q if q else float("nan")
         line = f"{label:36} {q:12.1f} {e:12.1f} {ratio:7.2f}"
         nan = float("nan")
@@ -521,7 +541,7 @@ def report_guest(r: dict[str, float], runtime: int) -> str:
         busy = [r.get(f"{n}_{key}_gbusy", float("nan")) / 10 for n in ("qemu", "emu")]
         irq = []
         for n in ("qemu", "emu"):
-            ios = r.get(f"{n}_{key}", 0.0) * (runtime + 1) / (128 if key.endswith("kibs") else 1)
+            ios = job_ios(key, r.get(f"{n}_{key}", 0.0), runtime)
             irq.append(r.get(f"{n}_{key}_girq", float("nan")) / ios if ios else float("nan"))
         line += f" {busy[0]:12.1f} {busy[1]:9.1f} {irq[0]:12.3f} {irq[1]:9.3f}"
         line += f" {r.get(f'emu_{key}_shared', float('nan')):9.0f}"

@@ -112,24 +112,5 @@ def report(prof: dict[str, dict[str, int]], ios: dict[str, float], hz: int = 250
     return "\n".join(out)
 
 
-def ios_of(results: dict[str, str], runtime: int) -> dict[str, float]:
-    """I/Os of each ``device_job`` summed over its rounds, from the fio figures (IOPS,
-    or KiB/s of 128 KiB I/Os for a ``_kibs`` job) over the profiled run time (ramp
-    included: the profile is reset before fio starts)."""
-    out: dict[str, float] = {}
-    for k, v in results.items():
-        head, _, rnd = k.rpartition("_")
-        if not rnd.isdigit() or not head.endswith(("_iops", "_kibs")) or head.endswith("_go"):
-            continue
-        try:
-            rate = float(v)
-        except ValueError:
-            continue
-        if head.endswith("_kibs"):
-            rate /= 128
-        out[head] = out.get(head, 0.0) + rate * (runtime + 1)
-    return out
-
-
 def load(console_log: Path) -> dict[str, dict[str, int]]:
     return parse(console_log.read_text(errors="replace"))

@@ -1,7 +1,7 @@
 """The guest kernel profile's console lines read back and reported (emulator/guest/kprof.py)."""
 from __future__ import annotations
 
-from emulator.guest import kprof
+from emulator.guest import bench, kprof
 
 CONSOLE = """\
 @@RESULT qemu_seqread_kibs_1=51200
@@ -33,7 +33,7 @@ def test_ios_of_counts_each_runs_ios_over_its_profiled_time() -> None:
     results = {"emu_seqread_kibs_1": "51200", "emu_seqread_kibs_2": "25600",
                "emu_seqread_kibs_go_1": "1", "emu_seqread_kibs_gbusy_1": "900",
                "qemu_randread_iops_1": "1000", "qemu_randread_iops_2": "x"}
-    ios = kprof.ios_of(results, runtime=4)
+    ios = bench.ios_of(results, runtime=4)
     assert ios == {"emu_seqread_kibs": (400 + 200) * 5, "qemu_randread_iops": 1000 * 5}
 
 
