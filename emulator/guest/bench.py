@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,10 @@ from typing import Callable
 
 import yaml
 
-from emulator.guest import kprof
+from emulator.guest import benchwatch, kprof, tcgprof
 from emulator.guest.emuproc import EmulatorProcess
 from emulator.guest.env import GuestEnv
-from emulator.guest.jobcpu import JobCpu, JobSamples, Ticker, cpu_seconds
+from emulator.guest.jobcpu import JobCpu, JobSamples
 from emulator.guest.qemu import Guest, GuestError, GuestSpec, QemuNvme, VfioUserDevice
 from emulator.vfio_user.dmawrite import DEFAULT_MODE, MODES
 
@@ -113,8 +111,21 @@ while [ $r -lt @ROUNDS@ ]; do
   [ $((r % 2)) -eq 1 ] && ORDER="qemu emu" || ORDER="emu qemu"
 @JOBS@
 done
+@KALLSYMS@
 """
 
+
+# --insn: the guest's kernel symbols, for the host to name the functions it counted, go
+# to a spare area of QEMU's disk (fio uses its first 64 MiB); tcgprof.read_kallsyms reads them.
+KALLSYMS_SH = f"""
+cat /proc/kallsyms | grep ' [tTwW] ' > /tmp/kallsyms
+dd if=/tmp/kallsyms of=$QEMU bs=1M seek={tcgprof.KALLSYMS_OFFSET >> 20} oflag=direct conv=sync 2>/dev/null
+result kallsyms $(wc -l < /tmp/kallsyms)
+"""
+
+
+# --insn counts from this long after fio starts (its start-up and 1 s ramp) to its end.
+INSN_LEAD = 2.0
 
 # (result key, table label, fio arguments).  fio terse v3 fields (fio's HOWTO, "Terse
 # output"): 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS; a key ending in
@@ -152,6 +163,20 @@ def ios_of(results: dict[str, str], runtime: int) -> dict[str, float]:
     return out
 
 
+def round_rates(results: dict[str, str]) -> dict[str, float]:
+    """I/Os per second of each fio run (``device_job_ROUND``) from its figure (IOPS, or KiB/s
+    of 128 KiB I/Os); not numbers: skipped."""
+    out: dict[str, float] = {}
+    for k, v in results.items():
+        head, _, rnd = k.rpartition("_")
+        if rnd.isdigit() and head.endswith(("_iops", "_kibs")):
+            try:
+                out[k] = float(v) / (128 if head.endswith("_kibs") else 1)
+            except ValueError:
+                continue
+    return out
+
+
 def _job_lines(keys: list[str]) -> str:
     lines = []
     for key, _label, fio_args in JOBS:
@@ -185,7 +210,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guest kernel command line, for diagnosis only (e.g. nvme.sgl_threshold=0: "
                         "Linux then never uses SGLs); the product is measured with a stock guest")
-    p.add_argument("--pin", choices=PIN_LAYOUTS, default=None,
+    p.add_argument("--pin", choices=benchwatch.PIN_LAYOUTS, default=None,
                    help="once the guest has booted, pin threads (diagnosis of placement): vcpu = "
                         "QEMU's vCPU thread (its busiest) on the first CPU, every other QEMU and "
                         "emulator thread on the others; split = all of QEMU on the first CPU, the "
@@ -194,6 +219,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="boot the guest with profile=SHIFT (the kernel's tick profiler, buckets of "
                         "2^SHIFT bytes; 6 is plenty) and print, per job, the guest kernel functions whose "
                         "µs per I/O differ most between the devices (emulator/guest/kprof.py)")
+    p.add_argument("--insn", action="store_true",
+                   help="count the guest's instructions per I/O with a TCG plugin (built with cc) and "
+                        "report them by kernel area and function, with the vCPU's ns per instruction, "
+                        "for both devices (emulator/guest/tcgprof.py)")
     p.add_argument("--raw", action="store_true", help="also print each round's figures")
     p.add_argument("--count", action="store_true",
                    help="count the emulator's messages, interrupts and fast/normal path commands "
@@ -206,7 +235,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
               counts: dict[str, dict[str, float]] | None = None,
               attach: str | None = None, append: str = "", pin: str | None = None,
               raw: dict[str, list[float]] | None = None, attach_both: bool = False,
-              kprofile: int | None = None, kprof_out: list[str] | None = None) -> dict[str, float]:
+              kprofile: int | None = None, reports: list[str] | None = None,
+              insn: bool = False) -> dict[str, float]:
     """Medians over the rounds: ``{emu,qemu}_KEY`` (the fio figure) and, per device run,
     ``cpu_{emu,qemu}_KEY`` (emulator CPU seconds) and ``wall_{emu,qemu}_KEY`` (seconds).
 
@@ -214,7 +244,8 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
     ``counts`` gets its counters' change per guest result (``{emu,qemu}_KEY_ROUND``,
     ``filled``: boot and fill).  ``attach``, ``append``, ``pin``, ``attach_both``: see
     ``--attach``, ``--append``, ``--pin``, ``--attach-both``; ``raw`` (a dict) gets each round's figures;
-    with ``kprofile`` (``--kprofile``), ``kprof_out`` (a list) gets the kernel profile's report."""
+    with ``kprofile`` (``--kprofile``) or ``insn`` (``--insn``), ``reports`` (a list) gets the
+    kernel profile's or the instruction count's report."""
     keys = jobs or [k for k, _l, _a in JOBS]
     env = GuestEnv.load()
     wd = workdir or Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -232,12 +263,16 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                           command=[sys.executable, "-m", module, "serve", "--visible-writes", visible_writes])
     emu.start()
     try:
-        body = BODY.replace("@JOBS@", _job_lines(keys)).replace("@KPROF@", kprof.GUEST_SH)
+        body = (BODY.replace("@JOBS@", _job_lines(keys)).replace("@KPROF@", kprof.GUEST_SH)
+                .replace("@KALLSYMS@", KALLSYMS_SH if insn else ""))
+        plugin_sock = wd / "tcgprof.sock"
+        extra = tcgprof.qemu_args(tcgprof.build(wd), plugin_sock) if insn else []
         spec = GuestSpec(init=body.replace("@RUNTIME@", str(runtime)).replace("@ROUNDS@", str(rounds)),
                          vfio_user=[VfioUserDevice(emu.sockets[0])],
                          qemu_nvme=[QemuNvme(wd / "qemu.img", serial="QEMUBENCH", size=SIZE)],
                          append=" ".join(a for a in (append, f"profile={kprofile}" if kprofile is not None
-                                                               else "") if a))
+                                                               else "") if a),
+                         extra_args=extra)
         with Guest(env, spec, wd / "guest") as g:
             g.start()
             try:  # booted: the vCPU is QEMU's busiest thread
@@ -246,18 +281,20 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 raise SystemExit(f"benchmark guest failed before its jobs: {e}; {g.result.summary()} "
                                  f"(logs in {wd})")
             if pin:
-                _pin(pin, g.pid, emu.pid)
+                benchwatch.pin(pin, g.pid, emu.pid)
             cpu = JobCpu(g.result.results, {"emu": lambda: emu.pid}).start()
             place = None
             if g.pid is not None and emu.pid is not None:
-                placer = _Placement(g.pid, emu.pid).start()
+                placer = benchwatch.Placement(g.pid, emu.pid).start()
                 place = JobSamples(g.result.results, placer.sample, zero=True).start()
             counter = None
             if counts is not None:
                 counter = JobSamples(g.result.results, _iocount(wd / "state" / "control.sock"), zero=True).start()
+            insns = (tcgprof.Sampler(g.result.results, tcgprof.Client(plugin_sock), lead=INSN_LEAD).start()
+                     if insn else None)
             hooks = None
             if attach:
-                hooks = _Attach(g.result.results, attach, {"pid": emu.pid, "qemu": g.pid}, runtime + 1, wd,
+                hooks = benchwatch.Attach(g.result.results, attach, {"pid": emu.pid, "qemu": g.pid}, runtime + 1, wd,
                                 ("emu", "qemu") if attach_both else ("emu",)).start()
             try:
                 per_job = runtime + 2 + (60 if kprofile is not None else 0)  # the profile's dump: slow
@@ -272,12 +309,18 @@ def run_bench(runtime: int, workdir: Path | None = None, rounds: int = 3,
                 if counter is not None:
                     counter.stop()
                     counts.update(counter.delta)
+                if insns is not None:
+                    insns.stop()
+                    insns.client.close()
     finally:
         emu.stop()
     if not res.ok:
         raise SystemExit(f"benchmark guest failed: {res.summary()} (logs in {wd})")
-    if kprofile is not None and kprof_out is not None:
-        kprof_out.append(kprof.report(kprof.load(g.console_log), ios_of(res.results, runtime)))
+    if kprofile is not None and reports is not None:
+        reports.append(kprof.report(kprof.load(g.console_log), ios_of(res.results, runtime)))
+    if insns is not None and reports is not None:
+        syms = tcgprof.Symbols(tcgprof.read_kallsyms(wd / "qemu.img"))
+        reports.append(tcgprof.report(tcgprof.fold(insns, syms, round_rates(res.results))))
     if workdir is None and not attach:  # its own scratch directory (128 MiB images): gone
         shutil.rmtree(wd, ignore_errors=True)
     samples: dict[str, list[float]] = {}
@@ -325,110 +368,6 @@ def paired(results: dict[str, str], keys: list[str]) -> dict[str, float]:
             out[f"pair_{key}"] = statistics.median(ratios)
             out[f"pairlo_{key}"], out[f"pairhi_{key}"] = min(ratios), max(ratios)
     return out
-
-
-def _threads(pid: int) -> dict[int, float]:
-    """Thread id -> CPU seconds so far, of process ``pid``'s threads."""
-    out = {}
-    for t in Path(f"/proc/{pid}/task").iterdir():
-        v = cpu_seconds(pid, int(t.name))
-        if v is not None:
-            out[int(t.name)] = v
-    return out
-
-
-def _busiest_thread(pid: int) -> int:
-    """The thread of ``pid`` with the most CPU time: once the guest has booted, QEMU's
-    TCG vCPU thread (-smp 1)."""
-    busy = _threads(pid)
-    return max(busy, key=lambda t: busy[t])
-
-
-PIN_LAYOUTS = ("vcpu", "split")
-
-
-def _pin(layout: str, qemu: int | None, emu: int | None) -> None:
-    """Pin QEMU's and the emulator's threads (threads created later inherit it): ``vcpu``:
-    QEMU's vCPU thread on the first allowed CPU, every other thread on the rest;
-    ``split``: QEMU on the first, the emulator on the rest."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if qemu is None or len(cpus) < 2:
-        print(f"bench: --pin needs QEMU running and 2 CPUs (allowed: {cpus}); not pinned",
-              file=sys.stderr)
-        return
-    vcpu = _busiest_thread(qemu)
-    for pid in (qemu, emu):
-        if pid is None:
-            continue
-        for tid in _threads(pid):
-            first = tid == vcpu if layout == "vcpu" else pid == qemu
-            try:
-                os.sched_setaffinity(tid, cpus[:1] if first else cpus[1:])
-            except OSError:
-                pass  # a thread that just ended
-
-
-class _Placement(Ticker):
-    """Where QEMU's vCPU thread and the emulator's loop thread run: every ``period`` s the
-    CPU each last ran on (/proc/PID/task/TID/stat, field 39); ``sample`` returns the
-    samples so far, how many found both on the same CPU, and the vCPU thread's time on a
-    CPU and time runnable but waiting for one (schedstat, ns), for JobSamples."""
-
-    def __init__(self, qemu: int, emu: int, period: float = 0.005) -> None:
-        super().__init__(period, "bench-placement")
-        vcpu = f"/proc/{qemu}/task/{_busiest_thread(qemu)}"
-        self.paths = (f"{vcpu}/stat", f"/proc/{emu}/task/{emu}/stat")
-        self.schedstat = f"{vcpu}/schedstat"
-        self.counts = {"place.samples": 0.0, "place.shared": 0.0, "place.vcpu_run_ns": 0.0,
-                       "place.vcpu_wait_ns": 0.0}
-
-    def sample(self) -> dict[str, float]:
-        try:  # schedstat: time on a CPU, time runnable but waiting, ns
-            run, wait = open(self.schedstat).read().split()[:2]
-            self.counts["place.vcpu_run_ns"] = float(run)
-            self.counts["place.vcpu_wait_ns"] = float(wait)
-        except (OSError, IndexError, ValueError):
-            pass
-        return dict(self.counts)
-
-    def tick(self) -> None:
-        try:
-            cpus = [open(p, "rb").read().rsplit(b")", 1)[1].split()[36] for p in self.paths]
-        except (OSError, IndexError):
-            return
-        self.counts["place.samples"] += 1
-        self.counts["place.shared"] += cpus[0] == cpus[1]
-
-
-class _Attach(Ticker):
-    """Starts ``command`` (formatted) whenever the guest says a job on one of ``devices``
-    starts (``emu``: nvme-emu's disk, ``qemu``: QEMU's)."""
-
-    def __init__(self, results: dict[str, str], command: str, pids: dict[str, int | None], seconds: int,
-                 workdir: Path, devices: tuple[str, ...] = ("emu",)) -> None:
-        super().__init__(0.01, "bench-attach")
-        self.results, self.command, self.pids, self.seconds, self.workdir = results, command, pids, seconds, workdir
-        self.devices = devices
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._seen: set[str] = set()
-
-    def stop(self) -> None:
-        super().stop()
-        for p in self.procs:
-            try:
-                p.wait(self.seconds + 30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-    def tick(self) -> None:
-        for k in [k for k in list(self.results) if k not in self._seen]:
-            self._seen.add(k)
-            device = k.partition("_")[0]
-            if device in self.devices and "_go_" in k:
-                job = k.replace("_go", "")
-                cmd = self.command.format(job=job, seconds=self.seconds, workdir=self.workdir, device=device,
-                                          **self.pids)
-                self.procs.append(subprocess.Popen(cmd, shell=True))
 
 
 def _iocount(control: Path) -> Callable[[], dict[str, float]]:
@@ -555,12 +494,12 @@ def run_cli(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     counts: dict[str, dict[str, float]] | None = {} if args.count else None
     raw: dict[str, list[float]] = {}
-    kprof_out: list[str] = []
+    reports: list[str] = []
     r = run_bench(args.runtime, args.workdir, args.rounds, args.visible_writes,
                   [k for k in args.jobs.split(",") if k], args.sq_poll_idle_us, counts, args.attach,
-                  args.append, args.pin, raw, args.attach_both, args.kprofile, kprof_out)
+                  args.append, args.pin, raw, args.attach_both, args.kprofile, reports, args.insn)
     print(report(r, args.runtime))
-    for text in kprof_out:
+    for text in reports:
         print(text)
     if args.raw:
         for k, v in sorted(raw.items()):
@@ -574,6 +513,7 @@ def run_cli(args: argparse.Namespace) -> int:
           f"of {args.runtime} s, order alternating; --visible-writes {args.visible_writes}; "
           f"{'guest kernel +' + repr(args.append) + '; ' if args.append else ''}"
           f"{'kernel profile=' + str(args.kprofile) + '; ' if args.kprofile is not None else ''}"
+          f"{'TCG instruction counts; ' if args.insn else ''}"
           f"{'pinned: ' + args.pin + '; ' if args.pin else ''}"
           f"{time.monotonic() - t0:.0f} s)")
     return 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from emulator.guest import bench as guest_bench
+from emulator.guest import benchwatch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,7 +113,7 @@ def test_guest_bench_placement_sampler_reads_proc() -> None:
     thread is always on its own CPU, and schedstat gives it some run time."""
     import os
     import time
-    p = guest_bench._Placement(os.getpid(), os.getpid(), period=0.002).start()
+    p = benchwatch.Placement(os.getpid(), os.getpid(), period=0.002).start()
     deadline = time.monotonic() + 10
     while p.counts["place.samples"] < 3 and time.monotonic() < deadline:
         sum(range(10000))  # keep the main thread running a little

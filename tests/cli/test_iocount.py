@@ -13,6 +13,7 @@ import yaml
 from emulator.bench import iocount
 from emulator.control import ControlClient
 from emulator.guest import bench as guest_bench
+from emulator.guest import benchwatch
 from emulator.guest.jobcpu import JobSamples
 from emulator.host.loadgen import connect
 from emulator.nvme.spec import IoOpcode
@@ -141,7 +142,7 @@ def test_pyspy_top_self_and_total(tmp_path: Path) -> None:
 
 def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> None:
     results: dict[str, str] = {"qemu_randread1_iops_go_1": "1"}
-    hooks = guest_bench._Attach(results, "echo {pid} {seconds} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
+    hooks = benchwatch.Attach(results, "echo {pid} {seconds} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
                                 4, tmp_path).start()
     results["emu_randread1_iops_go_1"] = "1"
     for _ in range(500):
@@ -155,7 +156,7 @@ def test_attach_runs_a_command_when_an_emulator_job_starts(tmp_path: Path) -> No
 
 def test_attach_both_runs_the_command_at_the_jobs_on_qemus_disk_too(tmp_path: Path) -> None:
     results: dict[str, str] = {}
-    hooks = guest_bench._Attach(results, "echo {device} {qemu} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
+    hooks = benchwatch.Attach(results, "echo {device} {qemu} > {workdir}/{job}.out", {"pid": 42, "qemu": 7},
                                 4, tmp_path, ("emu", "qemu")).start()
     results["qemu_seqread_kibs_go_1"] = "1"
     results["emu_seqread_kibs_go_1"] = "1"
