@@ -24,6 +24,10 @@ doorbells, registers, MSI-X table, config space), eventfd interrupts, ``recvmsg`
 and the I/O commands the fast path served or left to the normal path, with the reason
 (SGL, FUA, ...).  The wrappers cost CPU: the timing columns of a ``--count`` run are not
 comparable with those of a run without it.
+
+``--insn`` loads a TCG plugin into QEMU (emulator/guest/tcgprof.py) and prints, per job and
+device, the guest's instructions per I/O by kernel area and function and the vCPU's host
+ns per guest instruction: exact counts, for where a guest I/O's cost goes.
 """
 from __future__ import annotations
 

@@ -154,6 +154,7 @@ class Sampler(Ticker):
         self.cpu_ns: dict[str, int] = {}
         self.wall: dict[str, float] = {}
         self._due: float | None = None
+        self.gone = False
 
     def begin(self) -> None:
         self._seen = set(self.results)
@@ -161,6 +162,14 @@ class Sampler(Ticker):
         self._t = time.monotonic()
 
     def tick(self) -> None:
+        if self.gone:
+            return
+        try:
+            self._tick()
+        except OSError:  # QEMU has gone (the guest's end): nothing more to count
+            self.gone = True
+
+    def _tick(self) -> None:
         new = [k for k in list(self.results) if k not in self._seen]
         if not new:
             if self._due is not None and time.monotonic() >= self._due:  # the lead is over

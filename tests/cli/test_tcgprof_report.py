@@ -131,3 +131,14 @@ def test_sampler_cuts_at_results_and_restarts_after_the_lead() -> None:
     idx, cnt = s.delta["emu_randread_iops_1"]
     assert dict(zip(idx.tolist(), cnt.tolist())) == {1: 11, 2: 6} and s.cpu_ns["emu_randread_iops_1"] == 40
     assert len(s.delta["emu_randread_iops_gbusy_1"][0]) == 0  # a second result at once: nothing
+
+
+def test_sampler_stops_quietly_when_qemu_is_gone() -> None:
+    results: dict[str, str] = {}
+    s = tcgprof.Sampler(results, _FakeClient([(0, [0])]))  # one snapshot, then StopIteration
+    s.begin()
+    s.client.snapshot = lambda: (_ for _ in ()).throw(ConnectionError("gone"))  # type: ignore[method-assign]
+    results["emu_randread_iops_1"] = "1"
+    s.tick()
+    assert s.gone and "emu_randread_iops_1" not in s.delta
+    s.tick()  # no more tries
