@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import re
 import shutil
 import socket
@@ -80,6 +81,10 @@ def build(outdir: Path, cc: str | None = None) -> Path:
 
 
 def qemu_args(plugin: Path, sock: Path) -> list[str]:
+    """QEMU's ``-plugin`` arguments: the plugin answers on ``sock`` (a UNIX socket path:
+    at most 107 bytes; a longer one would be cut short by the plugin)."""
+    if len(os.fsencode(str(sock))) > 107:
+        raise ValueError(f"tcgprof socket path too long for a UNIX socket: {sock}")
     return ["-plugin", f"{plugin},sock={sock}"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from emulator.guest import tcgprof
 from emulator.guest.bench import round_rates
@@ -142,3 +143,9 @@ def test_sampler_stops_quietly_when_qemu_is_gone() -> None:
     s.tick()
     assert s.gone and "emu_randread_iops_1" not in s.delta
     s.tick()  # no more tries
+
+
+def test_qemu_args_refuse_a_socket_path_too_long(tmp_path: Path) -> None:
+    assert tcgprof.qemu_args(Path("/x/p.so"), Path("/tmp/s.sock")) == ["-plugin", "/x/p.so,sock=/tmp/s.sock"]
+    with pytest.raises(ValueError, match="too long"):
+        tcgprof.qemu_args(Path("/x/p.so"), tmp_path / ("d" * 120) / "s.sock")
