@@ -33,6 +33,8 @@ if [ -r /proc/profile ]; then  # booted with profile=SHIFT (bench --kprofile)
                    a = ("0x" substr($1, 9)) + 0 - 2147483648; if (a >= 0) printf "%d %s\n", a, $3 }' \
         | sort -n > /tmp/ksyms
     [ "$(head -n1 /tmp/ksyms | cut -d' ' -f1)" = "$(tail -n1 /tmp/ksyms | cut -d' ' -f1)" ] && { echo "KPROF-ERROR /proc/kallsyms shows no addresses"; head -n2 /tmp/ksyms; tail -n2 /tmp/ksyms; rm /tmp/ksyms; }
+elif grep -q 'profile=' /proc/cmdline; then
+    echo "KPROF-ERROR no /proc/profile: this kernel was built without CONFIG_PROFILING"
 fi
 kstat() {  # cpu time by kind (USER_HZ), context switches and interrupts since boot
     awk '/^cpu / { print "user", $2 + $3; print "system", $4; print "idle", $5; print "iowait", $6
@@ -84,6 +86,9 @@ def report(prof: dict[str, dict[str, int]], ios: dict[str, float], hz: int = 250
            top: int = 20) -> str:
     """Per job, the kernel functions with the largest difference in µs per I/O between
     the two devices (``ios``: I/Os of each ``device_job`` over all its rounds)."""
+    if not prof:
+        return ("kernel profile: none on the guest's console (a kernel without CONFIG_PROFILING has "
+                "no /proc/profile; the console log's KPROF-ERROR lines say why)")
     out = []
     jobs = sorted({k.partition("_")[2] for k in prof})
     for job in jobs:

@@ -48,3 +48,10 @@ def test_report_puts_the_largest_differences_first() -> None:
     assert user.split()[1:] == ["200.0", "300.0", "+100.0"]  # USER_HZ 100: 10 ms a jiffy
     ctxt = next(x for x in lines if x.strip().startswith("ctxt"))
     assert ctxt.split()[-3:] == ["0.80", "1.20", "+0.40"]
+
+
+def test_report_says_so_when_the_guest_printed_no_profile() -> None:
+    # a guest kernel without CONFIG_PROFILING has no /proc/profile: no KPROF lines at all
+    text = kprof.report(kprof.parse("KPROF-ERROR no /proc/profile: this kernel was built without "
+                                    "CONFIG_PROFILING\n"), {"emu_seqread_kibs": 10.0})
+    assert "CONFIG_PROFILING" in text and "KPROF-ERROR" in text
