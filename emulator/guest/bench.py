@@ -146,38 +146,39 @@ JOBS: list[tuple[str, str, str]] = [
 ]
 
 
+def job_rate(key: str, figure: float) -> float:
+    """I/Os per second of job ``key`` from its fio figure (IOPS, or KiB/s of 128 KiB I/Os
+    for a ``_kibs`` job)."""
+    return figure / (128 if key.endswith("_kibs") else 1)
+
+
 def job_ios(key: str, figure: float, runtime: int) -> float:
-    """I/Os of one fio run of job ``key`` from its figure (IOPS, or KiB/s of 128 KiB I/Os
-    for a ``_kibs`` job): rate x (runtime + fio's 1 s ramp, which runs too)."""
-    return figure * (runtime + 1) / (128 if key.endswith("_kibs") else 1)
+    """I/Os of one fio run of job ``key`` from its figure: rate x (runtime + fio's 1 s
+    ramp, which runs too)."""
+    return job_rate(key, figure) * (runtime + 1)
+
+
+def round_rates(results: dict[str, str]) -> dict[str, float]:
+    """I/Os per second of each fio run (``device_job_ROUND``) from the guest's results;
+    a figure that is not a number is skipped."""
+    out: dict[str, float] = {}
+    for k, v in results.items():
+        head, _, rnd = k.rpartition("_")
+        if rnd.isdigit() and head.endswith(("_iops", "_kibs")):
+            try:
+                out[k] = job_rate(head, float(v))
+            except ValueError:
+                continue
+    return out
 
 
 def ios_of(results: dict[str, str], runtime: int) -> dict[str, float]:
     """I/Os of each ``device_job`` (e.g. ``emu_seqread_kibs``) summed over its rounds, from
     the guest's results (``device_job_ROUND``); a figure that is not a number is skipped."""
     out: dict[str, float] = {}
-    for k, v in results.items():
-        head, _, rnd = k.rpartition("_")
-        if not rnd.isdigit() or not head.endswith(("_iops", "_kibs")):
-            continue
-        try:
-            out[head] = out.get(head, 0.0) + job_ios(head, float(v), runtime)
-        except ValueError:
-            continue
-    return out
-
-
-def round_rates(results: dict[str, str]) -> dict[str, float]:
-    """I/Os per second of each fio run (``device_job_ROUND``) from its figure (IOPS, or KiB/s
-    of 128 KiB I/Os); not numbers: skipped."""
-    out: dict[str, float] = {}
-    for k, v in results.items():
-        head, _, rnd = k.rpartition("_")
-        if rnd.isdigit() and head.endswith(("_iops", "_kibs")):
-            try:
-                out[k] = float(v) / (128 if head.endswith("_kibs") else 1)
-            except ValueError:
-                continue
+    for k, rate in round_rates(results).items():
+        head = k.rpartition("_")[0]
+        out[head] = out.get(head, 0.0) + rate * (runtime + 1)
     return out
 
 
